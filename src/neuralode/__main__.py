@@ -1,0 +1,5 @@
+import sys
+
+from neuralode.cli import main
+
+sys.exit(main())

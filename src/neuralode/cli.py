@@ -1,0 +1,49 @@
+"""The ``neuralode`` command line: a thin layer over the experiment modules.
+
+Each module in :data:`COMMAND_MODULES` has ``register(commands, train)`` that adds its sub-commands
+(``commands``: top-level, ``train``: under ``neuralode train``) and sets ``func`` on each parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMAND_MODULES = (
+    "neuralode.experiments.spiral",
+    "neuralode.experiments.mnist",
+    "neuralode.experiments.cnf",
+    "neuralode.experiments.latent",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuralode",
+        description="Neural ODEs in PyTorch: the paper's experiments, each one command.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    train_parser = commands.add_parser("train", help="train a model (see `neuralode train -h`)")
+    train = train_parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that experiment is not part of this install
+                continue
+            raise
+        module.register(commands, train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result = args.func(args)
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
