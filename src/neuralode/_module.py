@@ -1,0 +1,89 @@
+"""``NeuralODE``: an ``nn.Module`` that integrates a vector-field module, with a choice of gradient method."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuralode._stats import SolveStats, record_stats
+
+__all__ = ["GRADIENT_METHODS", "NeuralODE"]
+
+GRADIENT_METHODS = ("direct", "adjoint", "checkpoint")
+
+
+class NeuralODE(nn.Module):
+    """Integrate ``func`` (an ``nn.Module`` with ``forward(t, y)``) from ``t[0]`` to ``t[-1]``.
+
+    Args:
+        func: the vector field; its parameters are trained.
+        t: output times, 1-D, strictly monotonic (default ``(0, 1)``). Can be overridden per call.
+        method: solver name (see ``neuralode.SOLVERS``); default ``"dopri5"``.
+        rtol, atol: forward tolerances.
+        adjoint_rtol, adjoint_atol: backward tolerances (adjoint only); default the forward ones.
+        options, adjoint_options: solver options dicts, as for ``odeint``/``odeint_adjoint``.
+        gradient: ``"direct"`` (backprop through the solver, the paper's RK-Net), ``"adjoint"``
+            (O(1) memory, the paper's ODE-Net), or ``"checkpoint"`` (exact discrete gradient at
+            O(checkpoints) memory).
+        only_last: return only the state at ``t[-1]`` instead of the whole trajectory.
+
+    Shapes: ``forward(y0)`` returns ``(len(t), *y0.shape)``, or ``y0.shape`` when ``only_last``.
+    After each forward, ``last_stats`` holds the solve's :class:`SolveStats`; its ``.backward`` fills in
+    when the backward pass runs.
+    """
+
+    def __init__(
+        self,
+        func: nn.Module,
+        t: torch.Tensor | Sequence[float] = (0.0, 1.0),
+        *,
+        method: str = "dopri5",
+        rtol: float = 1e-3,
+        atol: float = 1e-3,
+        adjoint_rtol: float | None = None,
+        adjoint_atol: float | None = None,
+        options: dict[str, Any] | None = None,
+        adjoint_options: dict[str, Any] | None = None,
+        gradient: str = "direct",
+        only_last: bool = False,
+    ):
+        super().__init__()
+        if gradient not in GRADIENT_METHODS:
+            raise ValueError(f"gradient={gradient!r} is not a gradient method; expected one of {GRADIENT_METHODS}")
+        if not isinstance(func, nn.Module):
+            raise TypeError(f"func must be an nn.Module, got {type(func).__name__}")
+        self.func = func
+        self.register_buffer("t", torch.as_tensor(t, dtype=torch.float64), persistent=False)
+        self.method, self.rtol, self.atol = method, rtol, atol
+        self.adjoint_rtol, self.adjoint_atol = adjoint_rtol, adjoint_atol
+        self.options, self.adjoint_options = options, adjoint_options
+        self.gradient, self.only_last = gradient, only_last
+        self.last_stats: SolveStats = SolveStats(backward=SolveStats())
+
+    def forward(self, y0: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        from neuralode import odeint, odeint_adjoint
+
+        t = self.t if t is None else t
+        with record_stats() as stats:
+            if self.gradient == "adjoint":
+                ys = odeint_adjoint(
+                    self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
+                    adjoint_rtol=self.adjoint_rtol, adjoint_atol=self.adjoint_atol,
+                    adjoint_options=self.adjoint_options,
+                )
+            elif self.gradient == "checkpoint":
+                from neuralode import odeint_checkpoint
+
+                ys = odeint_checkpoint(
+                    self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options
+                )
+            else:
+                ys = odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
+        self.last_stats = stats
+        return ys[-1] if self.only_last else ys
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, rtol={self.rtol}, atol={self.atol}, gradient={self.gradient!r}"
