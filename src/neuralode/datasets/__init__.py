@@ -1,0 +1,1 @@
+"""Datasets of the paper's experiments, built on torch only."""
