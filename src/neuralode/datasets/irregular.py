@@ -54,9 +54,7 @@ class IrregularBatch:
         return self.mask.sum(dim=1)
 
     @classmethod
-    def from_ragged(
-        cls, times: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
-    ) -> IrregularBatch:
+    def from_ragged(cls, times: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> IrregularBatch:
         """Build a batch from per-sample ``times[b]`` ``(n_b,)`` and ``values[b]`` ``(n_b, D)``.
 
         Times of one sample must be distinct; they need not be sorted. The union is taken over all

@@ -259,7 +259,13 @@ class LatentODE(nn.Module):
             self.encoder: nn.Module = RNNEncoder(obs_dim, latent_dim, enc_hidden, cell=enc_cell)
         else:
             self.encoder = ODERNNEncoder(
-                obs_dim, latent_dim, enc_hidden, method=encoder_method, rtol=rtol, atol=atol, gradient=gradient
+                obs_dim,
+                latent_dim,
+                enc_hidden,
+                method=encoder_method,
+                rtol=rtol,
+                atol=atol,
+                gradient=gradient,
             )
         self.dynamics = LatentDynamics(latent_dim, dyn_hidden, dyn_layers)
         self.decoder = _mlp([latent_dim, dec_hidden, obs_dim], nn.ReLU)
@@ -316,7 +322,9 @@ class LatentODE(nn.Module):
         return self.decode(zs[0] if self.poisson else zs)
 
     # -- objective ---------------------------------------------------------------------------------
-    def elbo(self, times, values, mask, t0=None, t_end=None, kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    def elbo(
+        self, times, values, mask, t0=None, t_end=None, kl_weight: float = 1.0
+    ) -> dict[str, torch.Tensor]:
         """One-sample ELBO per sample and its parts (all ``(B,)``): ``elbo``, ``loglik``, ``kl`` and, with
         ``poisson``, ``poisson_loglik``; ``loss`` is the batch mean of ``−(loglik + w·poisson − kl_weight·kl)``
         (a scalar); ``pred`` ``(B, T, D)`` are the decoded means at ``times``."""
@@ -334,7 +342,9 @@ class LatentODE(nn.Module):
                 zs = zs[:, :-1]
             log_lam = torch.log(self.intensity(zs).squeeze(-1) + 1e-8)  # (B, T)
             lam_int_t0 = 0.0  # Λ(t0) = 0 by construction
-            out["poisson_loglik"] = (log_lam * mask.to(log_lam.dtype)).sum(1) - (lam_int[:, -1, 0] - lam_int_t0)
+            out["poisson_loglik"] = (log_lam * mask.to(log_lam.dtype)).sum(1) - (
+                lam_int[:, -1, 0] - lam_int_t0
+            )
         else:
             zs = self.latent_trajectory(z0, t0, times)
         pred = self.decode(zs)

@@ -26,7 +26,13 @@ class RNNBaseline(nn.Module):
     obs_std: the fixed std of the Gaussian likelihood."""
 
     def __init__(
-        self, obs_dim: int = 2, hidden: int = 25, *, cell: str = "gru", time_input: bool = True, obs_std: float = 0.3
+        self,
+        obs_dim: int = 2,
+        hidden: int = 25,
+        *,
+        cell: str = "gru",
+        time_input: bool = True,
+        obs_std: float = 0.3,
     ):
         super().__init__()
         if obs_std <= 0:
