@@ -238,8 +238,20 @@ def test_cli_train_resume_and_table2(tmp_path):
         assert math.isfinite(m[key])
     assert (out / "fig8_reconstructions.png").exists() and (out / "fig9_traversal.png").exists()
     cfg = json.loads((out / "config.json").read_text())
-    assert main(["train", "latent", "--obs", "10", "--iters", "4", "--out", str(out), "--rtol", "1e-2", "--resume",
-                 *small]) == 0  # fmt: skip
+    again = [
+        "train",
+        "latent",
+        "--obs",
+        "10",
+        "--iters",
+        "4",
+        "--out",
+        str(out),
+        "--rtol",
+        "1e-2",
+        "--resume",
+    ]
+    assert main([*again, *small]) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [2, 4] and cfg["obs"] == 10
 

@@ -62,7 +62,8 @@ class IrregularBatch:
         """
         if len(times) != len(values) or len(times) == 0:
             raise ValueError(
-                f"times and values must be non-empty lists of equal length, got {len(times)} and {len(values)}"
+                "times and values must be non-empty lists of equal length, "
+                f"got {len(times)} and {len(values)}"
             )
         dims = {v.shape[-1] for v in values}
         if len(dims) != 1 or any(v.dim() != 2 for v in values):

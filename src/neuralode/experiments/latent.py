@@ -266,8 +266,9 @@ def train(cfg: LatentConfig, out: str | Path, *, resume: bool = False) -> dict[s
         done = it + 1
         if done % cfg.eval_every == 0 or done == cfg.iters:
             last = evaluate(model, cfg, data)
-            row = {"iteration": done, "loss": loss, "nfe_train": stats.nfe, "nfe_train_backward": stats.backward.nfe,
-                   "lr": sched.get_last_lr()[0], "time_s": time.perf_counter() - t_start, **last}  # fmt: skip
+            row = {"iteration": done, "loss": loss, "nfe_train": stats.nfe,
+                   "nfe_train_backward": stats.backward.nfe, "lr": sched.get_last_lr()[0],
+                   "time_s": time.perf_counter() - t_start, **last}  # fmt: skip
             if cfg.model == "latent-ode":
                 row["elbo"] = float(out_d["elbo"].detach().mean())
                 row["kl"] = float(out_d["kl"].detach().mean())
@@ -339,7 +340,7 @@ def make_plots(model, cfg: LatentConfig, data: SpiralData, folder: Path) -> list
             ax.plot(*full[k, :n_ctx].T, color="tab:blue", lw=1.5, label="reconstruction")
             ax.plot(*back[k].T, color="tab:green", lw=1.2, ls="--", label="backwards")
         else:
-            b, one = p["batch"], p["one_step"]
+            one = p["one_step"]
             v = one["target_valid"][k].cpu()
             ax.plot(*one["pred"][k].cpu()[v].T, ".", color="tab:blue", ms=4, label="one-step")
         ax.plot(*full[k, n_ctx:].T, color="tab:red", lw=1.5, label="extrapolation")
@@ -442,8 +443,8 @@ def run_table2(
                     shutil.copy(folder / png, out / f"{Path(png).stem}_{model}_obs{n}.png")
     text = format_table2(results, base, obs_list)
     (out / "table2.md").write_text(text)
-    (out / "table2.json").write_text(json.dumps({m: {str(n): r for n, r in v.items()} for m, v in results.items()},
-                                                indent=2) + "\n")  # fmt: skip
+    as_json = {m: {str(n): r for n, r in v.items()} for m, v in results.items()}
+    (out / "table2.json").write_text(json.dumps(as_json, indent=2) + "\n")
     print(text)
     return text
 
@@ -473,8 +474,10 @@ def format_table2(results: dict[str, dict[int, dict]], base: LatentConfig, obs_l
     lines += ["", "Interpolation RMSE vs clean truth (latent ODE: all 100 window points; RNN: one-step-ahead "
               "at observed points), wall time per run:", "", head, sep]  # fmt: skip
     for m, res in results.items():
-        cells = [f"{res[n]['rmse_interpolation']:.4f} ({res[n]['wall_time_s'] / 60:.1f} min)" if n in res else "—"
-                 for n in obs_list]  # fmt: skip
+        cells = [
+            f"{res[n]['rmse_interpolation']:.4f} ({res[n]['wall_time_s'] / 60:.1f} min)" if n in res else "—"
+            for n in obs_list
+        ]
         lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -509,7 +512,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _config_from(args: argparse.Namespace, **extra) -> LatentConfig:
     return LatentConfig(
         noise_std=args.noise_std, n_spirals=args.n_spirals, n_train=args.n_train, data_seed=args.data_seed,
-        latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden, rnn_hidden=args.rnn_hidden,
+        latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden,
+        rnn_hidden=args.rnn_hidden,
         rnn_time_input=not args.no_time_input, poisson=args.poisson, obs_std=args.obs_std, method=args.method,
         rtol=args.rtol, atol=args.atol, gradient=args.gradient, iters=args.iters, lr=args.lr,
         batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed, threads=args.threads,
@@ -521,8 +525,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from(args, model=args.model, obs=args.obs)
     out = args.out or f"runs/latent/{cfg.model}-obs{cfg.obs}"
     metrics = train(cfg, out, resume=args.resume)
-    print(json.dumps({k: metrics[k] for k in ("rmse_extrapolation", "rmse_extrapolation_noisy",
-                                                 "rmse_interpolation", "wall_time_s")}, indent=2))  # fmt: skip
+    keys = ("rmse_extrapolation", "rmse_extrapolation_noisy", "rmse_interpolation", "wall_time_s")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     return 0
 
 

@@ -24,6 +24,7 @@ carried as an extra ODE state ``Λ`` in a tuple state ``(z, Λ)`` in the same so
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -67,7 +68,7 @@ def pack_observations(
     """Left-align each sample's observations: returns ``obs_t (B, N)``, ``obs_x (B, N, D)``,
     ``valid (B, N)`` with ``N = max_b n_b``, in increasing time. Padding entries have
     ``obs_t = pad_time``, ``obs_x = 0`` and ``valid = False``."""
-    B, T = mask.shape
+    B = mask.shape[0]
     n = mask.sum(dim=1)
     N = max(int(n.max()), 1) if B else 1  # one host sync per batch, outside any solve
     # Stable sort puts observed entries (key 0) first, in time order.
@@ -81,7 +82,7 @@ def pack_observations(
 
 def _mlp(sizes: list[int], act: type[nn.Module]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(act())
@@ -326,7 +327,8 @@ class LatentODE(nn.Module):
         self, times, values, mask, t0=None, t_end=None, kl_weight: float = 1.0
     ) -> dict[str, torch.Tensor]:
         """One-sample ELBO per sample and its parts (all ``(B,)``): ``elbo``, ``loglik``, ``kl`` and, with
-        ``poisson``, ``poisson_loglik``; ``loss`` is the batch mean of ``−(loglik + w·poisson − kl_weight·kl)``
+        ``poisson``, ``poisson_loglik``; ``loss`` is the batch mean of
+        ``−(loglik + w·poisson − kl_weight·kl)``
         (a scalar); ``pred`` ``(B, T, D)`` are the decoded means at ``times``."""
         _check_obs(times, values, mask)
         t0 = times[0] if t0 is None else torch.as_tensor(t0, dtype=times.dtype)

@@ -79,7 +79,7 @@ class RNNBaseline(nn.Module):
         nxt_valid = torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1)
         first = targets[0].to(obs_t.dtype)
         next_t = torch.where(nxt_valid, torch.cat([obs_t[:, 1:], obs_t[:, -1:]], dim=1), first)
-        preds, h = self._run(obs_t, obs_x, valid, next_t)
+        _, h = self._run(obs_t, obs_x, valid, next_t)
         y = self.head(h)
         out = [y]
         t_prev = targets[0]
