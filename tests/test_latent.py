@@ -72,13 +72,19 @@ def test_spirals_protocol():
     assert (d.obs_mask.sum(1) == 7).all() and not d.obs_mask[:, 100:].any()
     assert set(d.train_idx.tolist()).isdisjoint(d.test_idx.tolist()) and len(d.test_idx) == 10
     again = make_spirals(cfg)
-    torch.testing.assert_close(d.noisy, again.noisy)
+    torch.testing.assert_close(d.noisy, again.noisy, equal_nan=True)
     assert torch.equal(d.obs_mask, again.obs_mask)
     more = make_spirals(cfg, n_obs=50)  # same spirals and noise, only the observation pattern changes
-    torch.testing.assert_close(d.noisy, more.noisy)
+    torch.testing.assert_close(d.noisy, more.noisy, equal_nan=True)
     assert (more.obs_mask.sum(1) == 50).all()
-    std = (d.noisy - d.clean).std()
+    std = (d.noisy - d.clean)[:, :100].std()
     assert 0.25 < float(std) < 0.35
+    # Training spirals are 100-step windows whose futures are unused (NaN); test spirals have all 200 steps,
+    # and no test point lies beyond the grid range the training windows cover.
+    assert d.noisy[d.train_idx, 100:].isnan().all() and not d.noisy[d.train_idx, :100].isnan().any()
+    assert not d.clean[d.test_idx].isnan().any()
+    assert int(d.starts[d.test_idx].max()) + 200 <= cfg.start_max + 200
+    assert int(d.starts[d.train_idx].max()) + 100 <= cfg.start_max + 200
     b = d.observed("train")
     assert b.values.shape[0] == 30 and b.times.numel() <= 100
     with pytest.raises(ValueError, match="n_obs"):

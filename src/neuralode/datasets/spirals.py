@@ -7,12 +7,17 @@ The recipe (every number is a field of :class:`SpiralConfig`):
 * Counter-clockwise spiral (Archimedean): ``r = a + b θ``, ``x = (r cos θ + 5, r sin θ)``.
   Clockwise spiral (hyperbolic): ``θ' = θ_max + 1 − θ``, ``r = a + 50 b / θ'``,
   ``x = (r cos θ' − 5, r sin θ')``. Defaults ``a = 0``, ``b = 0.3``.
-* Each spiral is a window of ``window = 200`` consecutive grid points starting at a uniformly random
-  index in ``[0, start_max]`` (``start_max = 250`` keeps the clockwise radius ≤ 5.2, the same scale as
-  the counter-clockwise one). All windows share the time stamps ``t_i = i · θ_max / (n_grid − 1)``,
-  ``i = 0..199`` (the dynamics are time-invariant, so this is legal); ``t`` runs over [0, 7.5].
-* Exactly half of the ``n_spirals`` spirals turn each way; order shuffled; the first ``n_train`` are the
+* Exactly half of the ``n_spirals`` spirals turn each way; a fixed random ``n_train`` of them are the
   training set, the rest the test set (fixed by ``seed``).
+* A test spiral is a window of ``window = 200`` consecutive grid points starting at a uniformly random
+  index in ``[0, start_max]``; ``start_max = 250`` keeps every point at grid index ≤ 449, where the
+  clockwise radius is ≤ 5.2, the scale of the counter-clockwise one. A training spiral is a window of
+  ``n_context = 100`` points (the paper's length) starting uniformly in ``[0, start_max + window −
+  n_context]``, so the training windows cover the same grid range [0, 449] as the test windows, their
+  futures included: extrapolation asks for the future of a spiral never seen, not for a part of the
+  curve family no training spiral ever reached. Points 100..199 of training spirals are NaN (unused).
+  All windows share the time stamps ``t_i = i · θ_max / (n_grid − 1)``, ``i = 0..199`` (the dynamics
+  are time-invariant, so this is legal); ``t`` runs over [0, 7.5].
 * I.i.d. Gaussian noise of std ``noise_std`` (default 0.3, torchdiffeq's value; the paper does not
   give one) on both coordinates of every point.
 * Protocol of Table 2: each spiral is observed at ``n_obs`` distinct grid indices drawn uniformly
@@ -93,6 +98,7 @@ class SpiralData:
         clean: ``(n_spirals, window, 2)`` noise-free points.
         noisy: ``(n_spirals, window, 2)`` points with noise (what models see).
         clockwise: ``(n_spirals,)`` bool direction.
+        starts: ``(n_spirals,)`` grid index of each window's first point.
         obs_mask: ``(n_spirals, window)`` bool: the ``n_obs`` observed indices, all in the first
             ``n_context``.
         train_idx, test_idx: ``(n_train,)``, ``(n_spirals − n_train,)`` index tensors.
@@ -103,6 +109,7 @@ class SpiralData:
     clean: torch.Tensor
     noisy: torch.Tensor
     clockwise: torch.Tensor
+    starts: torch.Tensor
     obs_mask: torch.Tensor
     train_idx: torch.Tensor
     test_idx: torch.Tensor
@@ -139,13 +146,20 @@ def make_spirals(config: SpiralConfig | None = None, **overrides) -> SpiralData:
     clockwise = torch.zeros(n, dtype=torch.bool)
     clockwise[: n // 2] = True
     clockwise = clockwise[torch.randperm(n, generator=gen)]
-    starts = torch.randint(0, cfg.start_max + 1, (n,), generator=gen)
-    grid = torch.linspace(0.0, cfg.theta_max, cfg.n_grid, dtype=torch.float64)
-    theta = grid[starts.unsqueeze(1) + torch.arange(cfg.window)]  # (n, window)
-    clean = spiral_points(theta, clockwise.unsqueeze(1), cfg).float()
-    noisy = clean + cfg.noise_std * torch.randn(clean.shape, generator=gen)
     perm = torch.randperm(n, generator=gen)
     train_idx, test_idx = perm[: cfg.n_train].sort().values, perm[cfg.n_train :].sort().values
+    is_train = torch.zeros(n, dtype=torch.bool)
+    is_train[train_idx] = True
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    last_start = torch.where(is_train, cfg.start_max + cfg.window - cfg.n_context, cfg.start_max)
+    starts = (u * (last_start + 1)).floor().long()
+    grid_k = (starts.unsqueeze(1) + torch.arange(cfg.window)).clamp(max=cfg.n_grid - 1)
+    theta = torch.linspace(0.0, cfg.theta_max, cfg.n_grid, dtype=torch.float64)[grid_k]  # (n, window)
+    clean = spiral_points(theta, clockwise.unsqueeze(1), cfg).float()
+    noisy = clean + cfg.noise_std * torch.randn(clean.shape, generator=gen)
+    unused = is_train.unsqueeze(1) & (torch.arange(cfg.window) >= cfg.n_context)
+    clean = clean.masked_fill(unused.unsqueeze(-1), float("nan"))
+    noisy = noisy.masked_fill(unused.unsqueeze(-1), float("nan"))
     # The observation pattern has its own generator so that it is the only thing n_obs changes.
     obs_gen = torch.Generator().manual_seed(cfg.seed * 1000 + cfg.n_obs)
     scores = torch.rand(n, cfg.n_context, generator=obs_gen)
@@ -153,4 +167,4 @@ def make_spirals(config: SpiralConfig | None = None, **overrides) -> SpiralData:
     obs_mask = torch.zeros(n, cfg.window, dtype=torch.bool)
     obs_mask.scatter_(1, chosen, True)
     times = (torch.arange(cfg.window, dtype=torch.float64) * cfg.dt).float()
-    return SpiralData(cfg, times, clean, noisy, clockwise, obs_mask, train_idx, test_idx)
+    return SpiralData(cfg, times, clean, noisy, clockwise, starts, obs_mask, train_idx, test_idx)
