@@ -5,8 +5,15 @@ The recipe (every number is a field of :class:`SpiralConfig`):
 * A grid of ``n_grid`` angles ``θ_k = k · θ_max / (n_grid − 1)``, ``θ_max = 6π`` (torchdiffeq's
   ``examples/latent_ode.py``, whose script effectively uses ``n_grid = 500``).
 * Counter-clockwise spiral (Archimedean): ``r = a + b θ``, ``x = (r cos θ + 5, r sin θ)``.
-  Clockwise spiral (hyperbolic): ``θ' = θ_max + 1 − θ``, ``r = a + 50 b / θ'``,
-  ``x = (r cos θ' − 5, r sin θ')``. Defaults ``a = 0``, ``b = 0.3``.
+  Clockwise spiral, ``clockwise_shape``:
+
+  - ``"mirror"`` (default): the mirror image of the counter-clockwise one,
+    ``x = (−r cos θ − 5, r sin θ)``, ``r = a + b θ``: both directions have the same shape and scale.
+  - ``"hyperbolic"`` (torchdiffeq's example): ``θ' = θ_max + 1 − θ``, ``r = a + 50 b / θ'``,
+    ``x = (r cos θ' − 5, r sin θ')``; its radius grows like 1/(c − t), which a latent ODE trained on
+    100-step windows extrapolates badly (see docs/latent.md).
+
+  Defaults ``a = 0``, ``b = 0.3``. The paper names neither shape nor scale.
 * Exactly half of the ``n_spirals`` spirals turn each way; a fixed random ``n_train`` of them are the
   training set, the rest the test set (fixed by ``seed``).
 * A test spiral is a window of ``window = 200`` consecutive grid points starting at a uniformly random
@@ -51,6 +58,7 @@ class SpiralConfig:
     start_max: int = 250
     a: float = 0.0
     b: float = 0.3
+    clockwise_shape: str = "mirror"
     noise_std: float = 0.3
     n_obs: int = 30
     seed: int = 0
@@ -71,6 +79,8 @@ class SpiralConfig:
             bad("n_obs", f"1 ≤ n_obs ≤ n_context={self.n_context}")
         if self.noise_std < 0:
             bad("noise_std", "≥ 0")
+        if self.clockwise_shape not in ("mirror", "hyperbolic"):
+            bad("clockwise_shape", "'mirror' or 'hyperbolic'")
 
     @property
     def dt(self) -> float:
@@ -82,9 +92,12 @@ def spiral_points(theta: torch.Tensor, clockwise: torch.Tensor, cfg: SpiralConfi
     """Noise-free points ``(..., 2)`` of the spirals at grid angles ``theta`` (``clockwise`` broadcasts)."""
     ccw_r = cfg.a + cfg.b * theta
     ccw = torch.stack([ccw_r * torch.cos(theta) + 5.0, ccw_r * torch.sin(theta)], dim=-1)
-    th_cw = cfg.theta_max + 1.0 - theta
-    cw_r = cfg.a + 50.0 * cfg.b / th_cw
-    cw = torch.stack([cw_r * torch.cos(th_cw) - 5.0, cw_r * torch.sin(th_cw)], dim=-1)
+    if cfg.clockwise_shape == "mirror":
+        cw = torch.stack([-ccw_r * torch.cos(theta) - 5.0, ccw_r * torch.sin(theta)], dim=-1)
+    else:
+        th_cw = cfg.theta_max + 1.0 - theta
+        cw_r = cfg.a + 50.0 * cfg.b / th_cw
+        cw = torch.stack([cw_r * torch.cos(th_cw) - 5.0, cw_r * torch.sin(th_cw)], dim=-1)
     return torch.where(clockwise.unsqueeze(-1), cw, ccw)
 
 

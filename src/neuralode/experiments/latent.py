@@ -60,6 +60,7 @@ class LatentConfig:
     obs: int = 30
     # data (see neuralode.datasets.spirals)
     noise_std: float = 0.3
+    clockwise_shape: str = "mirror"
     n_spirals: int = 1000
     n_train: int = 800
     data_seed: int = 0
@@ -115,6 +116,7 @@ def make_data(cfg: LatentConfig) -> SpiralData:
         noise_std=cfg.noise_std,
         n_obs=cfg.obs,
         seed=cfg.data_seed,
+        clockwise_shape=cfg.clockwise_shape,
     )
 
 
@@ -486,6 +488,12 @@ def format_table2(results: dict[str, dict[int, dict]], base: LatentConfig, obs_l
 def _add_common(p: argparse.ArgumentParser) -> None:
     d = LatentConfig()
     p.add_argument("--noise-std", type=float, default=d.noise_std, help="observation noise of the data")
+    p.add_argument(
+        "--clockwise-shape",
+        choices=("mirror", "hyperbolic"),
+        default=d.clockwise_shape,
+        help="clockwise spirals: mirror image of the Archimedean one, or torchdiffeq's hyperbolic one",
+    )
     p.add_argument("--n-spirals", type=int, default=d.n_spirals)
     p.add_argument("--n-train", type=int, default=d.n_train)
     p.add_argument("--data-seed", type=int, default=d.data_seed)
@@ -511,7 +519,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _config_from(args: argparse.Namespace, **extra) -> LatentConfig:
     return LatentConfig(
-        noise_std=args.noise_std, n_spirals=args.n_spirals, n_train=args.n_train, data_seed=args.data_seed,
+        noise_std=args.noise_std, clockwise_shape=args.clockwise_shape, n_spirals=args.n_spirals, n_train=args.n_train, data_seed=args.data_seed,
         latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden,
         rnn_hidden=args.rnn_hidden,
         rnn_time_input=not args.no_time_input, poisson=args.poisson, obs_std=args.obs_std, method=args.method,
