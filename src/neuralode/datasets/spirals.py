@@ -17,8 +17,8 @@ The recipe (every number is a field of :class:`SpiralConfig`):
 * Exactly half of the ``n_spirals`` spirals turn each way; a fixed random ``n_train`` of them are the
   training set, the rest the test set (fixed by ``seed``).
 * A test spiral is a window of ``window = 200`` consecutive grid points starting at a uniformly random
-  index in ``[0, start_max]``; ``start_max = 250`` keeps every point at grid index ≤ 449, where the
-  clockwise radius is ≤ 5.2, the scale of the counter-clockwise one. A training spiral is a window of
+  index in ``[0, start_max]``; ``start_max = 250`` keeps every point at grid index ≤ 449 (radius
+  ≤ 5.1; the hyperbolic clockwise radius stays ≤ 5.2 there too). A training spiral is a window of
   ``n_context = 100`` points (the paper's length) starting uniformly in ``[0, start_max + window −
   n_context]``, so the training windows cover the same grid range [0, 449] as the test windows, their
   futures included: extrapolation asks for the future of a spiral never seen, not for a part of the
