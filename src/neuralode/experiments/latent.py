@@ -71,6 +71,7 @@ class LatentConfig:
     enc_hidden: int = 25
     dyn_hidden: int = 20
     dyn_layers: int = 2
+    dyn_activation: str = "elu"
     dec_hidden: int = 20
     poisson: bool = False
     # RNN baseline
@@ -127,10 +128,18 @@ def build_model(cfg: LatentConfig) -> torch.nn.Module:
         )
     return LatentODE(
         2, cfg.latent_dim, encoder=cfg.encoder, enc_hidden=cfg.enc_hidden, enc_cell=cfg.enc_cell,
-        dyn_hidden=cfg.dyn_hidden, dyn_layers=cfg.dyn_layers, dec_hidden=cfg.dec_hidden,
+        dyn_hidden=cfg.dyn_hidden, dyn_layers=cfg.dyn_layers, dyn_activation=cfg.dyn_activation,
+        dec_hidden=cfg.dec_hidden,
         obs_std=cfg.likelihood_std, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol, gradient=cfg.gradient,
         poisson=cfg.poisson,
     )  # fmt: skip
+
+
+def _same_config(saved: dict, cfg: LatentConfig, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether a saved config (from an older version, maybe lacking newer fields) equals ``cfg``."""
+    defaults = dataclasses.asdict(LatentConfig())
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return all(saved.get(k, defaults[k]) == v for k, v in now.items() if k not in ignore)
 
 
 def _window(data: SpiralData) -> tuple[float, float]:
@@ -229,7 +238,7 @@ def train(cfg: LatentConfig, out: str | Path, *, resume: bool = False) -> dict[s
     if resume and run.checkpoint.exists():
         ck = load_checkpoint(run.checkpoint, map_location=device)
         saved = ck["config"]
-        if saved != dataclasses.asdict(cfg) | {"iters": saved["iters"]}:
+        if not _same_config(saved, cfg, ignore=("iters",)):
             raise ValueError(
                 f"--resume: the run in {str(run.root)!r} has a different config; use another --out"
             )
@@ -431,9 +440,7 @@ def run_table2(
             cfg = dataclasses.replace(base, model=model, obs=n)
             folder = runs_dir / f"{model}-obs{n}"
             done = folder / "metrics.json"
-            same = done.exists() and json.loads((folder / "config.json").read_text()) == json.loads(
-                json.dumps(dataclasses.asdict(cfg))
-            )
+            same = done.exists() and _same_config(json.loads((folder / "config.json").read_text()), cfg)
             if same and not force:
                 metrics = json.loads(done.read_text())
             else:
@@ -500,6 +507,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-dim", type=int, default=d.latent_dim)
     p.add_argument("--encoder", choices=ENCODERS, default=d.encoder, help="latent ODE recognition network")
     p.add_argument("--enc-hidden", type=int, default=d.enc_hidden)
+    p.add_argument("--dyn-hidden", type=int, default=d.dyn_hidden, help="latent dynamics width")
+    p.add_argument("--dyn-activation", choices=("elu", "tanh"), default=d.dyn_activation)
     p.add_argument("--rnn-hidden", type=int, default=d.rnn_hidden)
     p.add_argument("--no-time-input", action="store_true", help="RNN baseline without the time-gap input")
     p.add_argument("--poisson", action="store_true", help="add the Poisson-process likelihood of the times")
@@ -521,6 +530,7 @@ def _config_from(args: argparse.Namespace, **extra) -> LatentConfig:
     return LatentConfig(
         noise_std=args.noise_std, clockwise_shape=args.clockwise_shape, n_spirals=args.n_spirals, n_train=args.n_train, data_seed=args.data_seed,
         latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden,
+        dyn_hidden=args.dyn_hidden, dyn_activation=args.dyn_activation,
         rnn_hidden=args.rnn_hidden,
         rnn_time_input=not args.no_time_input, poisson=args.poisson, obs_std=args.obs_std, method=args.method,
         rtol=args.rtol, atol=args.atol, gradient=args.gradient, iters=args.iters, lr=args.lr,

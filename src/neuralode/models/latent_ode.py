@@ -98,11 +98,16 @@ def _cell(kind: str, n_in: int, hidden: int) -> nn.Module:
 
 
 class LatentDynamics(nn.Module):
-    """Time-invariant ``f(z)``: an MLP with ``layers`` hidden layers of ``hidden`` units and ELU."""
+    """Time-invariant ``f(z)``: an MLP with ``layers`` hidden layers of ``hidden`` units and ``activation``
+    (``"elu"``, torchdiffeq's example, or ``"tanh"``, which bounds ``|f|`` and so how fast ``z`` can run off
+    into regions no training trajectory visited)."""
 
-    def __init__(self, dim: int, hidden: int = 20, layers: int = 2):
+    def __init__(self, dim: int, hidden: int = 20, layers: int = 2, activation: str = "elu"):
         super().__init__()
-        self.net = _mlp([dim] + [hidden] * layers + [dim], nn.ELU)
+        acts = {"elu": nn.ELU, "tanh": nn.Tanh}
+        if activation not in acts:
+            raise ValueError(f"activation={activation!r} is unknown; expected one of {tuple(acts)}")
+        self.net = _mlp([dim] + [hidden] * layers + [dim], acts[activation])
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -220,7 +225,8 @@ class LatentODE(nn.Module):
         latent_dim: ``z`` dimension (paper: 4).
         encoder: ``"rnn"`` (paper) or ``"ode-rnn"`` (Rubanova et al. 2019).
         enc_hidden: encoder hidden units (paper: 25). enc_cell: ``"gru"`` or ``"rnn"`` (RNN encoder).
-        dyn_hidden, dyn_layers: the latent dynamics MLP (torchdiffeq example: 2 layers of 20, ELU).
+        dyn_hidden, dyn_layers, dyn_activation: the latent dynamics MLP (torchdiffeq example: 2 layers of
+            20, ELU).
         dec_hidden: decoder hidden units (one ReLU layer; paper: 20).
         obs_std: the likelihood's fixed observation noise std.
         method, rtol, atol, options, gradient: the latent ODE solve (see :class:`neuralode.NeuralODE`).
@@ -238,6 +244,7 @@ class LatentODE(nn.Module):
         enc_cell: str = "gru",
         dyn_hidden: int = 20,
         dyn_layers: int = 2,
+        dyn_activation: str = "elu",
         dec_hidden: int = 20,
         obs_std: float = 0.3,
         method: str = "dopri5",
@@ -268,7 +275,7 @@ class LatentODE(nn.Module):
                 atol=atol,
                 gradient=gradient,
             )
-        self.dynamics = LatentDynamics(latent_dim, dyn_hidden, dyn_layers)
+        self.dynamics = LatentDynamics(latent_dim, dyn_hidden, dyn_layers, dyn_activation)
         self.decoder = _mlp([latent_dim, dec_hidden, obs_dim], nn.ReLU)
         field: nn.Module = self.dynamics
         if poisson:
