@@ -379,19 +379,22 @@ def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
     t0 = float(data.times[0])
     zs = model.latent_trajectory(mean, t0, data.times.to(mean.device))
     zs = (zs[0] if cfg.poisson else zs).cpu()  # (B, T, L)
-    flat = zs.reshape(-1, zs.shape[-1])
+    flat = zs[:, : data.config.n_context].reshape(-1, zs.shape[-1])
     centre = flat.mean(0)
     _, _, v = torch.linalg.svd(flat - centre, full_matrices=False)
     proj = (zs - centre) @ v[:2].T  # (B, T, 2)
     cw = data.clockwise[test]
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    for j in range(proj.shape[0]):
-        ax.plot(*proj[j].T, color="tab:red" if cw[j] else "tab:blue", lw=0.6, alpha=0.6)
-    ax.scatter(*proj[:, 0].T, s=5, c=["tab:red" if c else "tab:blue" for c in cw.tolist()], zorder=3)
-    ax.plot([], [], color="tab:blue", label="counter-clockwise")
-    ax.plot([], [], color="tab:red", label="clockwise")
-    ax.legend(fontsize=8)
-    ax.set_title("latent trajectories z(t), first 2 principal components (dots: t0)", fontsize=9)
+    n_ctx = data.config.n_context
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, stop, title in ((axes[0], n_ctx, "observed window"), (axes[1], None, "with extrapolation")):
+        p2 = proj[:, :n_ctx] if stop else proj  # the projection is fitted on the observed window only
+        for j in range(p2.shape[0]):
+            ax.plot(*p2[j].T, color="tab:red" if cw[j] else "tab:blue", lw=0.6, alpha=0.6)
+        ax.scatter(*p2[:, 0].T, s=5, c=["tab:red" if c else "tab:blue" for c in cw.tolist()], zorder=3)
+        ax.set_title(f"z(t), 2 principal components: {title}", fontsize=9)
+    axes[0].plot([], [], color="tab:blue", label="counter-clockwise")
+    axes[0].plot([], [], color="tab:red", label="clockwise")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     out = [folder / "latent_trajectories.png"]
     fig.savefig(out[-1], dpi=80)
@@ -401,19 +404,20 @@ def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
     m0 = mean.cpu()
     sep = (m0[cw].mean(0) - m0[~cw].mean(0)).abs() / (m0.std(0) + 1e-8)
     d = int(sep.argmax())
-    lo, hi = float(m0[:, d].min()), float(m0[:, d].max())
+    lo, hi = (float(q) for q in torch.quantile(m0[:, d], torch.tensor([0.05, 0.95])))
     values = torch.linspace(lo, hi, 9)
     base = m0[~cw][0] if (~cw).any() else m0[0]
     z0 = base.repeat(len(values), 1)
     z0[:, d] = values
-    traj = model.predict(z0.to(mean.device), t0, data.times.to(mean.device)).cpu()
+    window = data.times[: data.config.n_context].to(mean.device)  # the span the model was trained on
+    traj = model.predict(z0.to(mean.device), t0, window).cpu()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     cmap = plt.get_cmap("coolwarm")
     for j, val in enumerate(values.tolist()):
         ax.plot(*traj[j].T, color=cmap(j / (len(values) - 1)), lw=1.2, label=f"z[{d}]={val:.2f}")
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(fontsize=6, ncol=3, loc="best")
-    ax.set_title(f"Figure 9: decoded trajectories while z0[{d}] varies", fontsize=9)
+    ax.set_title(f"Figure 9: decoded z(t), t in the observed window, as z0[{d}] varies", fontsize=9)
     fig.tight_layout()
     out.append(folder / "fig9_traversal.png")
     fig.savefig(out[-1], dpi=80)
@@ -528,7 +532,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _config_from(args: argparse.Namespace, **extra) -> LatentConfig:
     return LatentConfig(
-        noise_std=args.noise_std, clockwise_shape=args.clockwise_shape, n_spirals=args.n_spirals, n_train=args.n_train, data_seed=args.data_seed,
+        noise_std=args.noise_std, clockwise_shape=args.clockwise_shape, n_spirals=args.n_spirals,
+        n_train=args.n_train, data_seed=args.data_seed,
         latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden,
         dyn_hidden=args.dyn_hidden, dyn_activation=args.dyn_activation,
         rnn_hidden=args.rnn_hidden,
