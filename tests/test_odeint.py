@@ -50,7 +50,11 @@ PROBLEMS = {
     "harmonic": (_harmonic, [1.0, 0.0], 10.0),
     "lotka_volterra": (_lotka, [10.0, 5.0], 10.0),
     "van_der_pol": (_vdp, [2.0, 0.0], 10.0),
-    "arenstorf": (_arenstorf, [0.994, 0.0, 0.0, -2.00158510637908252240537862224], 17.0652165601579625588917206249),
+    "arenstorf": (
+        _arenstorf,
+        [0.994, 0.0, 0.0, -2.00158510637908252240537862224],
+        17.0652165601579625588917206249,
+    ),
 }
 
 
@@ -94,8 +98,14 @@ def test_adaptive_matches_reference(name, method):
     _, y0, t_end = PROBLEMS[name]
     ts = np.linspace(0.0, t_end, 7)
     rtol, atol = (1e-6, 1e-8) if method == "bosh3" else (1e-8, 1e-10)
-    ys = odeint(_torch_f_native(name), torch.tensor(y0, dtype=F64), torch.tensor(ts, dtype=F64), rtol=rtol,
-                atol=atol, method=method)
+    ys = odeint(
+        _torch_f_native(name),
+        torch.tensor(y0, dtype=F64),
+        torch.tensor(ts, dtype=F64),
+        rtol=rtol,
+        atol=atol,
+        method=method,
+    )
     ref = _reference(name, ts)
     scale = ref.abs().max()
     # Global error of an adaptive solve is a modest multiple of the local tolerance.
@@ -116,8 +126,13 @@ def test_dopri5_nfe_close_to_scipy_rk45(name):
     npf, y0, t_end = PROBLEMS[name]
     sol = solve_ivp(npf, (0.0, t_end), y0, method="RK45", rtol=1e-6, atol=1e-9)
     with neuralode.record_stats() as stats:
-        odeint(_torch_f_native(name), torch.tensor(y0, dtype=F64), torch.tensor([0.0, t_end], dtype=F64),
-               rtol=1e-6, atol=1e-9)
+        odeint(
+            _torch_f_native(name),
+            torch.tensor(y0, dtype=F64),
+            torch.tensor([0.0, t_end], dtype=F64),
+            rtol=1e-6,
+            atol=1e-9,
+        )
     assert abs(stats.nfe - sol.nfev) <= 0.15 * sol.nfev, (stats.nfe, sol.nfev)
 
 
@@ -190,9 +205,12 @@ def test_grid_constructor_and_perturb():
         return torch.where(t < 0.5, torch.zeros_like(y), torch.ones_like(y))
 
     plain = odeint(step_f, torch.zeros(1, dtype=F64), t, method="euler", options=dict(step_size=0.5))
-    pert = odeint(step_f, torch.zeros(1, dtype=F64), t, method="euler", options=dict(step_size=0.5, perturb=True))
-    theirs = torchdiffeq.odeint(step_f, torch.zeros(1, dtype=F64), t, method="euler",
-                                options=dict(step_size=0.5, perturb=True))
+    pert = odeint(
+        step_f, torch.zeros(1, dtype=F64), t, method="euler", options=dict(step_size=0.5, perturb=True)
+    )
+    theirs = torchdiffeq.odeint(
+        step_f, torch.zeros(1, dtype=F64), t, method="euler", options=dict(step_size=0.5, perturb=True)
+    )
     assert float(plain[-1]) == 0.5 and float(pert[-1]) == 0.5
     torch.testing.assert_close(pert, theirs)
 
@@ -202,7 +220,9 @@ def test_reverse_time(method):
     f = lambda t, y: torch.stack([y[1], -y[0] + 0.1 * torch.sin(t)])  # noqa: E731
     t = torch.linspace(0, 3, 7, dtype=F64)
     opts = dict(step_size=0.01) if method == "rk4" else None
-    fwd = odeint(f, torch.tensor([1.0, 0.0], dtype=F64), t, method=method, options=opts, rtol=1e-10, atol=1e-10)
+    fwd = odeint(
+        f, torch.tensor([1.0, 0.0], dtype=F64), t, method=method, options=opts, rtol=1e-10, atol=1e-10
+    )
     back = odeint(f, fwd[-1], t.flip(0), method=method, options=opts, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(back.flip(0), fwd, rtol=1e-7, atol=1e-7)
 
@@ -303,9 +323,15 @@ def test_stats_counts():
     # dopri5: 2 evaluations for the start (f0 + initial step), 6 per attempted step.
     assert s.nfe == 2 + 6 * s.n_steps
     mine = neuralode.SolveStats()
-    odeint(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0]), method="rk4", options=dict(step_size=0.1),
-           stats=mine)
-    assert mine.n_steps == 10 and mine.nfe == 1 + 4 * 10 - 0 or mine.nfe == 40
+    odeint(
+        lambda t, y: -y,
+        torch.ones(1),
+        torch.tensor([0.0, 1.0]),
+        method="rk4",
+        options=dict(step_size=0.1),
+        stats=mine,
+    )
+    assert (mine.n_steps == 10 and mine.nfe == 1 + 4 * 10 - 0) or mine.nfe == 40
 
 
 def test_time_gradient_direct():

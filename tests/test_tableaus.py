@@ -25,8 +25,19 @@ def test_tableau_order_conditions(name):
 
 
 def test_registry_matches_torchdiffeq_names():
-    for name in ["euler", "midpoint", "heun2", "heun3", "rk4", "adaptive_heun", "fehlberg2", "bosh3", "dopri5",
-                 "tsit5", "dopri8"]:
+    for name in [
+        "euler",
+        "midpoint",
+        "heun2",
+        "heun3",
+        "rk4",
+        "adaptive_heun",
+        "fehlberg2",
+        "bosh3",
+        "dopri5",
+        "tsit5",
+        "dopri8",
+    ]:
         assert name in neuralode.SOLVERS
 
 
