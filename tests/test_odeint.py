@@ -16,33 +16,33 @@ FIXED = list(neuralode.FIXED_METHODS)
 F64 = torch.float64
 
 
-# --- five non-stiff test problems: (name, f(t, y) numpy, y0, t_end) --------------------------------
-def _decay(t, y):
-    return -0.5 * y
-
-
-def _harmonic(t, y):
-    return np.array([y[1], -y[0]])
-
-
-def _lotka(t, y):
-    return np.array([1.5 * y[0] - y[0] * y[1], -3.0 * y[1] + y[0] * y[1]])
-
-
-def _vdp(t, y, mu=1.0):
-    return np.array([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
-
-
+# --- five non-stiff test problems: components written once, evaluated on numpy or torch ------------
 _MU = 0.012277471
 
 
-def _arenstorf(t, y):
+def _decay(y):
+    return [-0.5 * y[0], -0.5 * y[1]]
+
+
+def _harmonic(y):
+    return [y[1], -y[0]]
+
+
+def _lotka(y):
+    return [1.5 * y[0] - y[0] * y[1], -3.0 * y[1] + y[0] * y[1]]
+
+
+def _vdp(y):
+    return [y[1], (1 - y[0] ** 2) * y[1] - y[0]]
+
+
+def _arenstorf(y):
     x, yy, vx, vy = y
     d1 = ((x + _MU) ** 2 + yy**2) ** 1.5
     d2 = ((x - 1 + _MU) ** 2 + yy**2) ** 1.5
     ax = x + 2 * vy - (1 - _MU) * (x + _MU) / d1 - _MU * (x - 1 + _MU) / d2
     ay = yy - 2 * vx - (1 - _MU) * yy / d1 - _MU * yy / d2
-    return np.array([vx, vy, ax, ay])
+    return [vx, vy, ax, ay]
 
 
 PROBLEMS = {
@@ -50,45 +50,23 @@ PROBLEMS = {
     "harmonic": (_harmonic, [1.0, 0.0], 10.0),
     "lotka_volterra": (_lotka, [10.0, 5.0], 10.0),
     "van_der_pol": (_vdp, [2.0, 0.0], 10.0),
-    "arenstorf": (
-        _arenstorf,
-        [0.994, 0.0, 0.0, -2.00158510637908252240537862224],
-        17.0652165601579625588917206249,
-    ),
+    "arenstorf": (_arenstorf, [0.994, 0.0, 0.0, -2.00158510637908252240537862224], 17.0652165601579625588917206249),
 }
 
 
-def _torch_f(npf):
-    def f(t, y):
-        return torch.as_tensor(npf(float(t), y.detach().numpy()), dtype=y.dtype)
-
-    return f
+def _numpy_f(name):
+    rhs = PROBLEMS[name][0]
+    return lambda t, y: np.array(rhs(y))
 
 
 def _torch_f_native(name):
-    if name == "decay":
-        return lambda t, y: -0.5 * y
-    if name == "harmonic":
-        return lambda t, y: torch.stack([y[1], -y[0]])
-    if name == "lotka_volterra":
-        return lambda t, y: torch.stack([1.5 * y[0] - y[0] * y[1], -3.0 * y[1] + y[0] * y[1]])
-    if name == "van_der_pol":
-        return lambda t, y: torch.stack([y[1], (1 - y[0] ** 2) * y[1] - y[0]])
-
-    def arenstorf(t, y):
-        x, yy, vx, vy = y
-        d1 = ((x + _MU) ** 2 + yy**2) ** 1.5
-        d2 = ((x - 1 + _MU) ** 2 + yy**2) ** 1.5
-        ax = x + 2 * vy - (1 - _MU) * (x + _MU) / d1 - _MU * (x - 1 + _MU) / d2
-        ay = yy - 2 * vx - (1 - _MU) * yy / d1 - _MU * yy / d2
-        return torch.stack([vx, vy, ax, ay])
-
-    return arenstorf
+    rhs = PROBLEMS[name][0]
+    return lambda t, y: torch.stack(rhs(y))
 
 
 def _reference(name, ts):
-    npf, y0, t_end = PROBLEMS[name]
-    sol = solve_ivp(npf, (0.0, t_end), y0, method="DOP853", rtol=1e-13, atol=1e-13, t_eval=ts)
+    _, y0, t_end = PROBLEMS[name]
+    sol = solve_ivp(_numpy_f(name), (0.0, t_end), y0, method="DOP853", rtol=1e-13, atol=1e-13, t_eval=ts)
     return torch.tensor(sol.y.T, dtype=F64)
 
 
@@ -123,8 +101,8 @@ def test_analytic_exponential_and_oscillator():
 
 @pytest.mark.parametrize("name", list(PROBLEMS))
 def test_dopri5_nfe_close_to_scipy_rk45(name):
-    npf, y0, t_end = PROBLEMS[name]
-    sol = solve_ivp(npf, (0.0, t_end), y0, method="RK45", rtol=1e-6, atol=1e-9)
+    _, y0, t_end = PROBLEMS[name]
+    sol = solve_ivp(_numpy_f(name), (0.0, t_end), y0, method="RK45", rtol=1e-6, atol=1e-9)
     with neuralode.record_stats() as stats:
         odeint(
             _torch_f_native(name),

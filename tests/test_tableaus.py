@@ -90,7 +90,7 @@ def test_embedded_error_estimate_has_its_order(name):
     f = lambda t, y: A @ y  # noqa: E731
     errs = []
     for h in (0.2, 0.1):
-        y1, k = rk_step(f, tab, 0.0, h, Y0, A @ Y0)
+        _, k = rk_step(f, tab, 0.0, h, Y0, A @ Y0)
         est = sum(e * kk for e, kk in zip(tab.b_error, k)) * h
         errs.append(float(est.abs().max()))
     order = math.log2(errs[0] / errs[1])
