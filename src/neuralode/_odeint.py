@@ -109,11 +109,12 @@ def odeint(
     problem = make_problem(func, y0, t, rtol, atol, method, options)
     solve_stats = SolveStats(n_solves=1, nfe=1)  # the evaluation of func(t0, y0) in make_problem
     time_grad = t.requires_grad
-    y0_run = f0_run = None
+    y0_run = None
     if time_grad:
         # Shifting t0 by δ moves the whole solution like shifting y0 by −δ·f(t0, y0): exact first order.
-        # The first stage must see the shifted state too, or dL/dt0 misses the path through k_0.
         y0_run = problem.y0 - _delta(t[0], problem.y0) * problem.f0.detach()
+    f0_run = None
+    if time_grad:
         f0_run = problem.f(problem.t[0], y0_run)
         solve_stats.nfe += 1
     ys = torch.stack(run(problem, solve_stats, y0=y0_run, f0=f0_run))
