@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import neuralode
-from neuralode import odeint, odeint_adjoint, record_stats
+from neuralode import NeuralODE, odeint, odeint_adjoint, odeint_checkpoint, record_stats
 
 DT = torch.float64
 
@@ -26,11 +26,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _odeint_checkpoint(*args, **kwargs):
-    return neuralode.odeint_checkpoint(*args, **kwargs)
-
-
-GRADIENTS = {"direct": odeint, "adjoint": odeint_adjoint, "checkpoint": _odeint_checkpoint}
+GRADIENTS = {"direct": odeint, "adjoint": odeint_adjoint, "checkpoint": odeint_checkpoint}
 
 
 # -- problems ----------------------------------------------------------------------------------------
@@ -161,7 +157,7 @@ def _reference(name: str):
 # -- agreement with finite differences ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gradient", ["direct", "adjoint"])
+@pytest.mark.parametrize("gradient", list(GRADIENTS))
 @pytest.mark.parametrize("name", PROBLEMS)
 def test_gradients_match_finite_differences(gradient, name):
     func, y0, t = _problem(name)
@@ -364,3 +360,95 @@ def test_adjoint_bad_inputs():
         odeint_adjoint(func, y0, t, adjoint_options=[("norm", "seminorm")])
     with pytest.raises(ValueError, match="method="):
         odeint_adjoint(func, y0, t, method="nope")
+
+
+# -- checkpointing -----------------------------------------------------------------------------------
+
+
+def _max_rel(got, want) -> float:
+    return max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-300)) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("method", neuralode.SOLVERS)
+def test_checkpoint_equals_direct_every_method(method):
+    func, y0, t = _problem("tuple")
+    fixed = method in neuralode.FIXED_METHODS
+    kw = {"options": {"step_size": 0.05}} if fixed else {"rtol": 1e-4, "atol": 1e-4}
+    want = _grads(odeint, func, y0, t, method=method, **kw)
+    for checkpoints in (None, 1, 3):
+        got = _grads(odeint_checkpoint, func, y0, t, method=method, checkpoints=checkpoints, **kw)
+        assert _max_rel(got, want) < 1e-10, (method, checkpoints)
+
+
+@pytest.mark.parametrize(
+    "options", [{"interp": "cubic"}, {"perturb": True}, {"interp": "cubic", "perturb": True}]
+)
+def test_checkpoint_equals_direct_fixed_grid_options(options):
+    func, y0, t = _problem("reverse")
+    kw = {"method": "rk4", "options": {"step_size": 0.07, **options}}
+    want = _grads(odeint, func, y0, t, **kw)
+    got = _grads(odeint_checkpoint, func, y0, t, checkpoints=4, **kw)
+    assert _max_rel(got, want) < 1e-10
+
+
+def test_checkpoint_keeps_few_states():
+    from neuralode._checkpoint import _Keeper
+
+    for n in (1, 10, 100, 1000, 10000):
+        keeper = _Keeper(None)
+        for _ in range(n):
+            keeper.accept(0.0, None, 0.1)
+        assert 0 in keeper.states
+        assert len(keeper.states) <= 2 * keeper.stride + 1
+        assert keeper.stride <= max(1, 2 * int(n**0.5)), (n, keeper.stride)
+        fixed = _Keeper(5)
+        for _ in range(n):
+            fixed.accept(0.0, None, 0.1)
+        assert 1 <= len(fixed.states) <= 5
+
+
+def test_checkpoint_stats_and_bad_input():
+    func, y0, t = _problem("mlp")
+    with record_stats() as st:
+        ys = odeint_checkpoint(func, y0, t, rtol=1e-6, atol=1e-6)
+    ys.sum().backward()
+    # Recomputation: one evaluation per replayed stage plus one per segment; no rejected steps.
+    assert st.backward.n_accepted == st.n_accepted and st.backward.n_rejected == 0
+    assert 0 < st.backward.nfe <= st.nfe + st.n_accepted
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="checkpoints"):
+            odeint_checkpoint(func, y0, t, checkpoints=bad)
+    with pytest.raises(ValueError, match="params="):
+        odeint_checkpoint(lambda tt, y: -y, y0, t)
+    with pytest.raises(ValueError, match=r"params\[0\] is not a leaf"):
+        odeint_checkpoint(func, y0, t, params=(func.l1.weight * 2,))
+
+
+# -- NeuralODE ---------------------------------------------------------------------------------------
+
+
+def test_neuralode_gradient_modes_agree_and_report_stats():
+    torch.manual_seed(0)
+    field = MLPField()
+    y0 = torch.randn(5, 2, dtype=DT)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=DT)
+    grads, nfes = {}, {}
+    for gradient in neuralode.GRADIENT_METHODS:
+        node = NeuralODE(field, t=t, rtol=1e-8, atol=1e-8, gradient=gradient)
+        field.zero_grad()
+        y = node(y0)
+        assert y.shape == (3, 5, 2)
+        y.pow(2).sum().backward()
+        grads[gradient] = [p.grad.clone() for p in field.parameters()]
+        nfes[gradient] = (node.last_stats.nfe, node.last_stats.backward.nfe)
+        assert node.last_stats.nfe > 0 and node.last_stats.n_solves == 1
+    assert nfes["direct"][1] == 0 and nfes["adjoint"][1] > 0 and nfes["checkpoint"][1] > 0
+    assert _max_rel(grads["checkpoint"], grads["direct"]) < 1e-10
+    assert _max_rel(grads["adjoint"], grads["direct"]) < 1e-5
+    node = NeuralODE(field, t=t, gradient="adjoint", only_last=True, adjoint_options={"norm": "seminorm"})
+    assert node(y0).shape == (5, 2)
+
+
+def test_neuralode_bad_gradient():
+    with pytest.raises(ValueError, match="'direct', 'adjoint', 'checkpoint'"):
+        NeuralODE(MLPField(), gradient="backsolve")

@@ -115,31 +115,32 @@ class _AdjointSetup:
     state_norm: Callable  # the forward norm, on the flat state
 
 
-def _check_params(func, adjoint_params) -> tuple[torch.Tensor, ...]:
+def _check_params(
+    func, adjoint_params, name: str = "adjoint_params", who: str = "odeint_adjoint"
+) -> tuple[torch.Tensor, ...]:
+    """The tensors that get gradients: given ones (leaf tensors), or ``func``'s parameters."""
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
             raise ValueError(
-                f"odeint_adjoint cannot find the parameters of func (a {type(func).__name__}, not an "
-                "nn.Module); pass adjoint_params=(tensor, ...) with the tensors that need gradients, or "
-                "adjoint_params=() if none do"
+                f"{who} cannot find the parameters of func (a {type(func).__name__}, not an "
+                f"nn.Module); pass {name}=(tensor, ...) with the tensors that need gradients, or "
+                f"{name}=() if none do"
             )
         params = tuple(func.parameters())
     else:
         if isinstance(adjoint_params, torch.Tensor) or not isinstance(adjoint_params, Sequence):
-            raise TypeError(
-                f"adjoint_params must be a tuple or list of tensors, got {type(adjoint_params).__name__}"
-            )
+            raise TypeError(f"{name} must be a tuple or list of tensors, got {type(adjoint_params).__name__}")
         params = tuple(adjoint_params)
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"adjoint_params[{i}] must be a tensor, got {type(p).__name__}")
+                raise TypeError(f"{name}[{i}] must be a tensor, got {type(p).__name__}")
             if not p.is_leaf:
                 raise ValueError(
-                    f"adjoint_params[{i}] is not a leaf tensor (it was computed from other tensors); "
+                    f"{name}[{i}] is not a leaf tensor (it was computed from other tensors); "
                     "pass the leaf tensors it was computed from, or compute it inside func"
                 )
             if p.requires_grad and not p.is_floating_point():
-                raise TypeError(f"adjoint_params[{i}] must be floating point, got dtype {p.dtype}")
+                raise TypeError(f"{name}[{i}] must be floating point, got dtype {p.dtype}")
     return tuple(p for p in params if p.requires_grad)
 
 
