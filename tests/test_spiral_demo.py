@@ -102,8 +102,12 @@ def test_resume_rejects_changed_config_and_missing_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "spiral", "--resume", str(tmp_path / "nowhere")])
     assert "no config.json" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(SystemExit):
         main(["train", "spiral", "--iters", "2", *TINY, "--no-plots", "--out", str(out)])
+    assert "already holds a run (checkpoint.pt); pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "spiral", "--resume", str(out), "--iters", "1"])
+    assert "iters=1 is below the checkpoint's iteration 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ from neuralode.experiments._runs import (
     set_rng_state,
 )
 
-__all__ = ["SpiralConfig", "SpiralFunc", "make_spiral_data", "register", "train_spiral"]
+__all__ = ["RunFolderError", "SpiralConfig", "SpiralFunc", "make_spiral_data", "register", "train_spiral"]
 
 #: The true dynamics matrix (row-vector convention: dy/dt = y³ @ TRUE_A).
 TRUE_A = ((-0.1, 2.0), (-2.0, -0.1))
@@ -133,6 +133,10 @@ class SpiralConfig:
             raise ValueError(
                 f"device={self.device!r} is not a device (expected cpu, cuda, cuda:N or auto)"
             ) from exc
+
+
+class RunFolderError(ValueError):
+    """The run folder does not fit the request (a finished run in the way, a checkpoint too far along)."""
 
 
 #: Fields a resumed run may change: they do not alter the sequence of weights.
@@ -243,7 +247,7 @@ def train_spiral(
     if resume:
         ckpt = load_checkpoint(run.checkpoint, map_location=device)
         if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(
+            raise RunFolderError(
                 f"checkpoint {str(run.checkpoint)!r} has version {ckpt.get('version')!r}; "
                 f"this code reads version {CHECKPOINT_VERSION}"
             )
@@ -253,10 +257,15 @@ def train_spiral(
         set_rng_state(ckpt["rng"])
         counters.update(ckpt["counters"])
         start = int(ckpt["iteration"])
+        if cfg.iters < start:
+            raise RunFolderError(
+                f"iters={cfg.iters} is below the checkpoint's iteration {start} in {str(run.root)!r}; "
+                f"pass --iters {start} or more"
+            )
         run.truncate_jsonl("metrics.jsonl", counters["metrics_lines"])
     else:
         if run.checkpoint.exists():
-            raise ValueError(
+            raise RunFolderError(
                 f"{str(run.root)!r} already holds a run (checkpoint.pt); pass --resume {run.root} to continue it "
                 "or choose another --out"
             )
@@ -350,9 +359,9 @@ def train_spiral(
     finally:
         bar.close()
     _add_elapsed()
-    if pred is None:  # resumed at or past the end: nothing to train, evaluate once for the report
+    if pred is None:  # resumed at the end: nothing to train, evaluate once for the report
         pred, eval_loss, eval_nfe = _evaluate(func, t, true_y, cfg)
-    iters_done = max(start, cfg.iters)
+    iters_done = cfg.iters
 
     metrics = {
         "final_loss": eval_loss,
@@ -518,7 +527,15 @@ _OPTIONS = (
     ("--data-size", "data_size", {"type": _positive_int, "help": "points on the trajectory (default 1000)"}),
     ("--hidden", "hidden", {"type": _positive_int, "help": "hidden width of the vector field (default 50)"}),
     ("--lr", "lr", {"type": _positive_float, "help": "RMSprop learning rate (default 1e-3)"}),
-    ("--method", "method", {"choices": SOLVERS, "help": "solver (default dopri5)"}),
+    (
+        "--method",
+        "method",
+        {
+            "choices": SOLVERS,
+            "metavar": "NAME",
+            "help": f"solver, one of {', '.join(SOLVERS)} (default dopri5)",
+        },
+    ),
     ("--rtol", "rtol", {"type": _positive_float, "help": "relative tolerance (default 1e-7)"}),
     ("--atol", "atol", {"type": _positive_float, "help": "absolute tolerance (default 1e-9)"}),
     ("--gradient", "gradient", {"choices": GRADIENT_METHODS, "help": "gradient method (default direct)"}),
@@ -595,7 +612,10 @@ def _run_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         args._parser.error(str(exc))  # prints usage and the message, exits with status 2
     print(f"spiral: run folder {out}" + (" (resumed)" if resume else ""), flush=True)
-    metrics = train_spiral(cfg, out, resume=resume, plots=not args.no_plots)
+    try:
+        metrics = train_spiral(cfg, out, resume=resume, plots=not args.no_plots)
+    except (RunFolderError, FileNotFoundError) as exc:
+        args._parser.error(str(exc))
     print(
         f"spiral: full-trajectory L1 {metrics['initial_loss']:.4f} -> {metrics['final_loss']:.4f} "
         f"(best {metrics['best_loss']:.4f} at iter {metrics['best_iter']}); "
