@@ -407,6 +407,7 @@ def write_plots(
     true_y: torch.Tensor,
     pred_y: torch.Tensor,
     records: list[dict[str, Any]],
+    dpi: int = 110,
 ) -> list[Path]:
     """Write :data:`PLOT_FILES` into ``root``: x(t) and y(t) true vs learned, the phase portrait, the true
     and learned vector fields, and the loss curve. Needs matplotlib (the ``experiments`` extra)."""
@@ -434,7 +435,7 @@ def write_plots(
     axes[0].legend(loc="upper right")
     axes[0].set_title("Trajectories from y(0) = (2, 0)")
     axes[1].set_xlabel("t")
-    fig.savefig(paths[0], dpi=110)
+    fig.savefig(paths[0], dpi=dpi)
 
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.subplots()
@@ -447,7 +448,7 @@ def write_plots(
     fig.legend(loc="outside lower center", ncols=2)
     ax.set_title("Phase portrait")
     ax.grid(alpha=0.3)
-    fig.savefig(paths[1], dpi=110)
+    fig.savefig(paths[1], dpi=dpi)
 
     lim = 1.15 * max(float(abs(ty).max()), 1e-3)
     grid = torch.linspace(-lim, lim, 41)
@@ -475,7 +476,7 @@ def write_plots(
     axes[0].set_ylabel("y")
     fig.colorbar(stream.lines, ax=axes, shrink=0.8, label="speed |dy/dt|")
     fig.suptitle("Vector fields (streamlines coloured by speed; black: true trajectory)")
-    fig.savefig(paths[2], dpi=110)
+    fig.savefig(paths[2], dpi=dpi)
 
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
@@ -491,7 +492,7 @@ def write_plots(
     ax.set_title("Loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.savefig(paths[3], dpi=110)
+    fig.savefig(paths[3], dpi=dpi)
     return paths
 
 
