@@ -131,6 +131,14 @@ def test_bad_options_give_clear_errors(argv, message, capsys, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["train", "spiral", "--device", "cuda", "--out", str(tmp_path / "never")])
+    assert "device='cuda' was requested but CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_config_validates_when_used_from_python():
     with pytest.raises(ValueError, match="lr must be a positive finite number"):
         SpiralConfig(lr=0.0)

@@ -374,6 +374,7 @@ def train_spiral(
         "nfe_forward_per_iter": counters["nfe_forward"] / iters_done,
         "nfe_backward_per_iter": counters["nfe_backward"] / iters_done,
         "nfe_eval_final": eval_nfe,
+        "nfe_eval_total": counters["nfe_eval"],
         "wall_time_s": counters["wall_time_s"],
         "cpu_time_s": counters["cpu_time_s"],
         "peak_memory_mb": peak_memory_mb(device),
@@ -610,6 +611,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[SpiralConfig, Path, bool
 def _run_command(args: argparse.Namespace) -> int:
     try:
         cfg, out, resume = config_from_args(args)
+        resolve_device(cfg.device)  # e.g. --device cuda on a machine without CUDA
     except ValueError as exc:
         args._parser.error(str(exc))  # prints usage and the message, exits with status 2
     print(f"spiral: run folder {out}" + (" (resumed)" if resume else ""), flush=True)
