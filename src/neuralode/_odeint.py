@@ -113,7 +113,11 @@ def odeint(
     if time_grad:
         # Shifting t0 by δ moves the whole solution like shifting y0 by −δ·f(t0, y0): exact first order.
         y0_run = problem.y0 - _delta(t[0], problem.y0) * problem.f0.detach()
-    ys = torch.stack(run(problem, solve_stats, y0=y0_run))
+    f0_run = None
+    if time_grad:
+        f0_run = problem.f(problem.t[0], y0_run)
+        solve_stats.nfe += 1
+    ys = torch.stack(run(problem, solve_stats, y0=y0_run, f0=f0_run))
     if time_grad:
         ys = ys + _time_shift(problem, t, ys, solve_stats)
     if stats is not None:
@@ -128,8 +132,10 @@ def run(
     trace: list | None = None,
     y0: torch.Tensor | None = None,
     f0: torch.Tensor | None = None,
+    callbacks=None,
 ) -> list[torch.Tensor]:
-    """Run the engine on a validated problem; returns the list of flat states at ``problem.t``."""
+    """Run the engine on a validated problem; returns the list of flat states at ``problem.t``.
+    ``trace`` and ``callbacks`` go to the loop (see ``integrate_adaptive``)."""
     tab = TABLEAUS[problem.method]
     opts = problem.options
     y0 = problem.y0 if y0 is None else y0
@@ -166,6 +172,7 @@ def run(
             max_num_steps=int(opts.get("max_num_steps", 1_000_000)),
             stats=stats,
             trace=trace,
+            callbacks=callbacks,
         )
     return integrate_fixed(
         problem.f,
@@ -178,6 +185,7 @@ def run(
         perturb=bool(opts.get("perturb", False)),
         stats=stats,
         trace=trace,
+        callbacks=callbacks,
     )
 
 
