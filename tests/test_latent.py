@@ -303,3 +303,14 @@ def test_adjoint_gradients_match_direct(poisson):
         grads[gradient] = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
     scale = float(grads["direct"].abs().max())
     torch.testing.assert_close(grads["adjoint"], grads["direct"], rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_nested_record_stats_with_equal_counters():
+    """Nested recorders (NeuralODE records its own solve inside a caller's block) with equal counters."""
+    import neuralode
+
+    node = neuralode.NeuralODE(_Rotation(), t=(0.0, 1.0), method="rk4", options={"step_size": 0.5})
+    with neuralode.record_stats() as outer:
+        node(torch.ones(1, 2))
+        node(torch.ones(1, 2))
+    assert outer.nfe == 2 * node.last_stats.nfe > 0
