@@ -190,7 +190,11 @@ class ODERNNEncoder(nn.Module):
         self.cell = nn.GRUCell(obs_dim, hidden)
         if options is None and method in ("euler", "midpoint", "rk4"):
             options = {"step_size": 0.5}
-        dyn = LatentDynamics(hidden, ode_hidden, layers=1)
+        # tanh (bounded, as in Rubanova et al.'s code) and a zero last layer: h starts out constant between
+        # observations and cannot be driven into the GRU's saturated range by long gaps.
+        dyn = LatentDynamics(hidden, ode_hidden, layers=1, activation="tanh")
+        nn.init.zeros_(dyn.net[-1].weight)
+        nn.init.zeros_(dyn.net[-1].bias)
         self.ode = NeuralODE(
             _RescaledField(dyn), t=(0.0, 1.0), method=method, rtol=rtol, atol=atol, options=options,
             gradient=gradient,
