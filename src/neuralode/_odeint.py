@@ -271,11 +271,9 @@ def make_problem(func, y0, t, rtol, atol, method, options) -> Problem:
 def _time(t: float, dtype: torch.dtype, device: torch.device, perturb: int = 0) -> torch.Tensor:
     """The time handed to ``func``: a 0-d tensor in the state's dtype (as torchdiffeq). ``perturb=±1``
     moves it one ulp (in that dtype) up or down: the one-sided limit at a grid point."""
-    tt = (
-        torch.tensor(t, dtype=dtype, device=device)
-        if device.type == "cpu"
-        else torch.full((), t, dtype=dtype, device=device)
-    )
+    # scalar_tensor is about half the cost of torch.tensor(t) (no Python-sequence parsing) and on CUDA it
+    # is a fill kernel, no synchronisation.
+    tt = torch.scalar_tensor(t, dtype=dtype, device=device)
     if perturb:
         tt = torch.nextafter(tt, tt + perturb)
     return tt
