@@ -113,7 +113,11 @@ def odeint(
     if time_grad:
         # Shifting t0 by δ moves the whole solution like shifting y0 by −δ·f(t0, y0): exact first order.
         y0_run = problem.y0 - _delta(t[0], problem.y0) * problem.f0.detach()
-    ys = torch.stack(run(problem, solve_stats, y0=y0_run))
+    f0_run = None
+    if time_grad:
+        f0_run = problem.f(problem.t[0], y0_run)
+        solve_stats.nfe += 1
+    ys = torch.stack(run(problem, solve_stats, y0=y0_run, f0=f0_run))
     if time_grad:
         ys = ys + _time_shift(problem, t, ys, solve_stats)
     if stats is not None:
