@@ -3,6 +3,7 @@
 Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_event``.
 """
 
+from neuralode._batched import PerSampleInfo, odeint_per_sample
 from neuralode._errors import SolverError
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._module import GRADIENT_METHODS, NeuralODE
@@ -19,10 +20,12 @@ __all__ = [
     "TABLEAUS",
     "ButcherTableau",
     "NeuralODE",
+    "PerSampleInfo",
     "SolveStats",
     "SolverError",
     "odeint",
     "odeint_adjoint",
+    "odeint_per_sample",
     "record_stats",
 ]
 

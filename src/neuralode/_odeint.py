@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from neuralode._batched import odeint_per_sample
 from neuralode._control import Controller, initial_step, make_norm
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._solve import integrate_adaptive, integrate_fixed
@@ -96,7 +97,9 @@ def odeint(
             (default 1,000,000), ``safety`` (0.9), ``ifactor`` (10), ``dfactor`` (0.2), ``norm``
             (callable on the state, or on the tuple of tensors), ``controller`` (``"i"`` or ``"pi"``),
             ``pcoeff``/``icoeff``. Fixed grid: ``step_size``, ``grid_constructor(func, y0, t) -> grid``,
-            ``interp`` (``"linear"`` or ``"cubic"``), ``perturb``.
+            ``interp`` (``"linear"`` or ``"cubic"``), ``perturb``. ``per_sample=True`` (adaptive
+            methods): every sample of the first dimension gets its own step size; see
+            :func:`neuralode.odeint_per_sample` (``func`` then receives ``t`` of shape ``(batch,)``).
         stats: a :class:`SolveStats` to add this solve's counters to (see also ``record_stats``).
 
     Returns:
@@ -106,6 +109,12 @@ def odeint(
         ValueError, TypeError: bad arguments (the message names the argument).
         SolverError: non-finite values, step-size underflow, or more than ``max_num_steps`` steps.
     """
+    if options is not None and "per_sample" in options:
+        options = dict(options)
+        if options.pop("per_sample"):
+            return odeint_per_sample(
+                func, y0, t, rtol=rtol, atol=atol, method=method, options=options, stats=stats
+            )
     problem = make_problem(func, y0, t, rtol, atol, method, options)
     solve_stats = SolveStats(n_solves=1, nfe=1)  # the evaluation of func(t0, y0) in make_problem
     time_grad = t.requires_grad
