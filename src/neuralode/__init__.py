@@ -4,6 +4,7 @@ Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_
 """
 
 from neuralode._batched import PerSampleInfo, odeint_per_sample
+from neuralode._compiled import FixedGridSolver
 from neuralode._errors import SolverError
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._module import GRADIENT_METHODS, NeuralODE
@@ -19,6 +20,7 @@ __all__ = [
     "SOLVERS",
     "TABLEAUS",
     "ButcherTableau",
+    "FixedGridSolver",
     "NeuralODE",
     "PerSampleInfo",
     "SolveStats",
