@@ -64,6 +64,7 @@ def test_compiled_step_equals_eager_values_and_gradients(method):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_inductor_compiled_step_equals_eager_float64():
     torch._dynamo.reset()
     f = Field(dtype=torch.float64)
