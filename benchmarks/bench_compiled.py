@@ -96,6 +96,7 @@ def main(argv=None) -> int:
             modes[name] = lambda s=s, y0=y0: s(y0)
         ctx = torch.enable_grad if args.grad else torch.no_grad
         first, times, diffs = {}, {name: [] for name in modes}, {}
+        cpu = {name: [] for name in modes}
         with ctx():
             ref = modes["odeint"]()
             for name, fn in modes.items():
@@ -107,12 +108,13 @@ def main(argv=None) -> int:
             names = list(modes)
             for r in range(args.repeats):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
-                    w0 = time.perf_counter()
+                    w0, c0 = time.perf_counter(), time.process_time()
                     out = modes[name]()
                     if args.grad:
                         out[-1].square().sum().backward()
                     sync()
                     times[name].append(time.perf_counter() - w0)
+                    cpu[name].append(time.process_time() - c0)
         base = statistics.median(times["odeint"])
         for name in names:
             med = statistics.median(times[name])
