@@ -228,8 +228,10 @@ def _integrate(
         keep_going, all_finite, any_underflow = (bool(v) for v in flag_values[:3])
 
         if not all_finite or any_underflow:  # rare: stop the samples that cannot go on
-            bad_state = running & ~torch.isfinite(y1).all(dim=1) & ~torch.isfinite(ratio)
-            stuck = underflow & ~accept
+            # As odeint: a non-finite error only rejects the step (it shrinks by dfactor); the sample
+            # stops when its current state is non-finite or its step no longer moves t.
+            bad_state = running & ~torch.isfinite(ratio) & ~torch.isfinite(y).all(dim=1)
+            stuck = underflow
             status = torch.where(bad_state, _NONFINITE, torch.where(stuck, _UNDERFLOW, status)).to(torch.int8)
             stop = bad_state | stuck
             accept = accept & ~stop
