@@ -141,8 +141,10 @@ def run(
     trace: list | None = None,
     y0: torch.Tensor | None = None,
     f0: torch.Tensor | None = None,
+    callbacks=None,
 ) -> list[torch.Tensor]:
-    """Run the engine on a validated problem; returns the list of flat states at ``problem.t``."""
+    """Run the engine on a validated problem; returns the list of flat states at ``problem.t``.
+    ``trace`` and ``callbacks`` go to the loop (see ``integrate_adaptive``)."""
     tab = TABLEAUS[problem.method]
     opts = problem.options
     y0 = problem.y0 if y0 is None else y0
@@ -179,6 +181,7 @@ def run(
             max_num_steps=int(opts.get("max_num_steps", 1_000_000)),
             stats=stats,
             trace=trace,
+            callbacks=callbacks,
         )
     return integrate_fixed(
         problem.f,
@@ -191,6 +194,7 @@ def run(
         perturb=bool(opts.get("perturb", False)),
         stats=stats,
         trace=trace,
+        callbacks=callbacks,
     )
 
 
