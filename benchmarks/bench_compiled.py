@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                 out = fn()
                 sync()
                 first[name] = time.perf_counter() - w0
-                diffs[name] = float((out - ref).abs().max())
+                diffs[name] = float((out - ref).detach().abs().max())
             names = list(modes)
             for r in range(args.repeats):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
