@@ -452,3 +452,17 @@ def test_neuralode_gradient_modes_agree_and_report_stats():
 def test_neuralode_bad_gradient():
     with pytest.raises(ValueError, match="'direct', 'adjoint', 'checkpoint'"):
         NeuralODE(MLPField(), gradient="backsolve")
+
+
+def test_adjoint_tuple_state_options():
+    """Seminorm, a forward norm on the tuple, and per-tensor tolerances all carry over to the tuple
+    state's backward solve."""
+    func, y0, t = _problem("tuple")
+    want = _grads(odeint, func, y0, t, rtol=1e-9, atol=1e-9)
+    for kw in (
+        {"adjoint_options": {"norm": "seminorm"}},
+        {"options": {"norm": lambda parts: max(p.abs().max() for p in parts)}},
+        {"rtol": (1e-9, 1e-8), "adjoint_atol": (1e-9, 1e-10)},
+    ):
+        got = _grads(odeint_adjoint, func, y0, t, **{"rtol": 1e-9, "atol": 1e-9, **kw})
+        assert _max_rel(got, want) < 1e-6, kw
