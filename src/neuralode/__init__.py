@@ -4,6 +4,7 @@ Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_
 """
 
 from neuralode._errors import SolverError
+from neuralode._event import odeint_event
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._module import GRADIENT_METHODS, NeuralODE
 from neuralode._odeint import SOLVERS, odeint
@@ -23,6 +24,7 @@ __all__ = [
     "SolverError",
     "odeint",
     "odeint_adjoint",
+    "odeint_event",
     "record_stats",
 ]
 
