@@ -60,7 +60,7 @@ def test_odeint_event_fn_returns_detached_time_and_requires_two_times():
 
 def test_event_on_tuple_state_and_vector_event():
     def f(t, state):
-        x, v = state
+        _, v = state
         return v, torch.full_like(v, -9.8)
 
     def events(t, state):  # fires at the first of: ground, or height 3
@@ -92,7 +92,9 @@ def test_fixed_grid_event(method):
     if method == "rk4":  # the linear interpolant, as torchdiffeq
         linear = {"step_size": 0.05}
         et, sol = odeint_event(func, y0, t0, event_fn=ground, method=method, options=linear, atol=1e-9)
-        td_t, td_sol = torchdiffeq.odeint_event(func, y0, t0, event_fn=ground, method=method, options=linear, atol=1e-9)
+        td_t, td_sol = torchdiffeq.odeint_event(
+            func, y0, t0, event_fn=ground, method=method, options=linear, atol=1e-9
+        )
         assert abs(et.item() - td_t.item()) < 1e-8
         assert torch.allclose(sol, td_sol, atol=1e-7)
 
@@ -108,9 +110,7 @@ def test_fixed_grid_event_needs_step_size_and_scipy_has_no_events():
 def _event_time(interface, height, velocity, t0, gravity, drag):
     func = Fall(gravity, drag)
     y0 = torch.stack([height, velocity])
-    et, sol = odeint_event(
-        func, y0, t0, event_fn=ground, odeint_interface=interface, rtol=1e-10, atol=1e-10
-    )
+    et, sol = odeint_event(func, y0, t0, event_fn=ground, odeint_interface=interface, rtol=1e-10, atol=1e-10)
     return et, sol, func
 
 
@@ -156,7 +156,9 @@ def test_event_gradient_reaches_event_fn_parameters():
     def event(t, y):
         return y[0] - level
 
-    et, _ = odeint_event(func, torch.tensor([10.0, 0.0], dtype=F64), torch.tensor(0.0, dtype=F64), event_fn=event)
+    et, _ = odeint_event(
+        func, torch.tensor([10.0, 0.0], dtype=F64), torch.tensor(0.0, dtype=F64), event_fn=event
+    )
     (g,) = torch.autograd.grad(et, level)
     # T = sqrt(2 (10 − L) / g) → dT/dL = −1 / (g T)
     assert abs(g.item() + 1 / (9.8 * et.item())) < 1e-6

@@ -77,7 +77,9 @@ def test_implicit_convergence_order(name):
     [("explicit_adams", 4, 3), ("explicit_adams", 5, 4), ("implicit_adams", 4, 4), ("implicit_adams", 5, 5)],
 )
 def test_adams_convergence_order(method, max_order, expected):
-    opts = {"max_order": max_order} if method == "explicit_adams" else {"max_order": max_order, "max_iters": 50}
+    opts = (
+        {"max_order": max_order} if method == "explicit_adams" else {"max_order": max_order, "max_iters": 50}
+    )
     order, errs = _order(method, opts, hs=(0.05, 0.025))
     assert order > expected - 0.3, errs
 
@@ -90,7 +92,9 @@ def test_adams_agrees_with_torchdiffeq(method, options):
     y0 = torch.tensor([[1.0, 0.5], [0.2, -0.3]], dtype=F64)
     t = torch.linspace(0, 3, 31, dtype=F64)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # at the default tolerances both warn that the corrector did not converge
+        warnings.simplefilter(
+            "ignore"
+        )  # at the default tolerances both warn that the corrector did not converge
         ours = odeint(nonlinear, y0, t, method=method, options=options)
         theirs = torchdiffeq.odeint(nonlinear, y0, t, method=method, options=options)
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
@@ -155,7 +159,9 @@ def test_implicit_gradients_gradcheck(name):
     t = torch.tensor([0.0, 0.3, 0.5], dtype=F64)
 
     def solve(w, y0):
-        return odeint(lambda t, y: torch.tanh(y @ w) - 0.5 * y, y0, t, method=name, options={"step_size": 0.25})
+        return odeint(
+            lambda t, y: torch.tanh(y @ w) - 0.5 * y, y0, t, method=name, options={"step_size": 0.25}
+        )
 
     assert torch.autograd.gradcheck(solve, (w, y0), atol=1e-6, nondet_tol=1e-9)
 
@@ -169,7 +175,9 @@ def test_newton_handles_stiffness_where_fixed_point_fails():
     y = odeint(stiff, y0, t, method="radauIIA5", options={"step_size": 0.1})
     assert torch.allclose(y[-1], torch.full_like(y0, math.cos(1.0)), atol=1e-3)
     with pytest.warns(UserWarning, match="did not converge"):
-        odeint(stiff, y0, t, method="radauIIA5", options={"step_size": 0.1, "nonlinear_solver": "fixed_point"})
+        odeint(
+            stiff, y0, t, method="radauIIA5", options={"step_size": 0.1, "nonlinear_solver": "fixed_point"}
+        )
 
 
 def test_fixed_point_agrees_with_newton_when_nonstiff():

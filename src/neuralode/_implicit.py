@@ -254,14 +254,12 @@ class _ImplicitStepper:
         if not self.tol > 0:
             raise ValueError(f"options['nonlinear_tol'] must be positive, got {self.tol}")
         self.fd_eps = math.sqrt(eps)
-        self.a = torch.tensor(tab.a, dtype=dtype, device=device)
-        self.b = torch.tensor(tab.b, dtype=dtype, device=device)
         self.implicit = [i for i, e in enumerate(tab.explicit_stages) if not e]
 
     def _g(self, f, t, h, y, k, fixed, stats):
         """``G(K)``: the stage derivatives at the stage states built from ``K`` (explicit stages fixed)."""
         s = self.tab.stages
-        ys = y.unsqueeze(0) + h * torch.tensordot(self.a, k, dims=1)
+        ys = [_combine(y, k, row, h) for row in self.tab.a]
         out = []
         for i in range(s):
             if fixed[i] is not None:
@@ -324,9 +322,19 @@ class _ImplicitStepper:
                 return vjp
 
             k = _ImplicitGrad.apply(g_live, k, make_vjp, self.tol)
-        y1 = y + h * torch.tensordot(self.b, k, dims=1)
+        y1 = _combine(y, k, self.tab.b, h)
         f1 = k[-1] if tab.stiffly_accurate else None
         return y1, f1
+
+
+def _combine(y: torch.Tensor, k: torch.Tensor, row, h: float) -> torch.Tensor:
+    """``y + h Σ_j row_j K_j`` with host-side coefficients (cheaper than a matmul over the stage axis for
+    the two or three stages these methods have)."""
+    out = y
+    for j, a in enumerate(row):
+        if a != 0.0:
+            out = out + (a * h) * k[j]
+    return out
 
 
 def _make_stepper(name: str):
