@@ -172,7 +172,9 @@ def integrate_adaptive(
             )
         if callbacks is not None:
             callbacks.step(t, y, h_signed)
-        y1, k = rk_step(f, tab, t, h_signed, y, f0)
+        # A step onto a jump evaluates its end-time stages as the one-sided limit before the jump.
+        f_step = f if stop is None or not stop[1] else _before(f, stop[0], direction)
+        y1, k = rk_step(f_step, tab, t, h_signed, y, f0)
         stats.nfe += tab.stages - 1
         n_steps += 1
         ratio_t = _error_ratio(tab, k, h_signed, y, y1, rtol, atol, norm)
@@ -297,6 +299,18 @@ def integrate_fixed(
         stats.n_accepted += 1
         stats.last_step = abs(h)
     return outputs
+
+
+def _before(f, t_jump: float, direction: float):
+    """``f`` with evaluations at ``t_jump`` (to rounding) moved one ulp back, before the jump."""
+    slack = 4 * math.ulp(max(1.0, abs(t_jump)))
+
+    def fb(t: float, y: torch.Tensor) -> torch.Tensor:
+        if abs(t - t_jump) <= slack:
+            return f(t_jump, y, perturb=-int(direction))
+        return f(t, y)
+
+    return fb
 
 
 def rk_stepper(tab: ButcherTableau):
