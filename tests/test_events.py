@@ -162,3 +162,25 @@ def test_event_gradient_reaches_event_fn_parameters():
     (g,) = torch.autograd.grad(et, level)
     # T = sqrt(2 (10 − L) / g) → dT/dL = −1 / (g T)
     assert abs(g.item() + 1 / (9.8 * et.item())) < 1e-6
+
+
+def _load_example():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "bouncing_ball.py"
+    spec = importlib.util.spec_from_file_location("bouncing_ball_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("interface", [odeint, odeint_adjoint], ids=["odeint", "odeint_adjoint"])
+def test_bouncing_ball_example(interface):
+    ball = _load_example()
+    with torch.no_grad():
+        times, _ = ball.BouncingBall().collisions(4)
+    for got, want in zip(times, ball.closed_form(4)):
+        assert abs(float(got) - want) < 1e-8
+    rows, ok = ball.gradient_check(3, interface)
+    assert ok, rows
