@@ -184,3 +184,14 @@ def test_bouncing_ball_example(interface):
         assert abs(float(got) - want) < 1e-8
     rows, ok = ball.gradient_check(3, interface)
     assert ok, rows
+
+
+def test_event_that_never_happens_raises_solver_error():
+    with pytest.raises(neuralode.SolverError, match="no event"):
+        odeint(
+            lambda t, y: -y,
+            torch.ones(1, dtype=F64),
+            torch.tensor([0.0, 1.0], dtype=F64),
+            event_fn=lambda t, y: y + 1.0,
+            options={"max_num_steps": 50},
+        )

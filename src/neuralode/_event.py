@@ -100,7 +100,16 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
     tab = TABLEAUS.get(problem.method)
     if tab is not None and tab.adaptive:
         endless = dataclasses.replace(problem, t=[t0, direction * math.inf])
-        run(endless, stats, y0=y_start, f0=f0, event=event)
+        try:
+            run(endless, stats, y0=y_start, f0=f0, event=event)
+        except SolverError as err:
+            raise SolverError(
+                err.reason,
+                f"no event before the solve stopped ({err.reason})",
+                t=err.t,
+                step_size=err.step_size,
+                n_steps=err.n_steps,
+            ) from err
         if event.step is None:  # cannot happen: the loop only ends on the event or by raising
             raise RuntimeError("the solve ended without reaching the event")
         t, h, y, k_ext, _, y1 = event.step
