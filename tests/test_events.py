@@ -137,6 +137,25 @@ def test_event_time_gradient_matches_finite_differences(interface):
         assert abs(g.item() - want) < 1e-5, (grads, fd)
 
 
+@pytest.mark.parametrize("method", ["dopri8", "tsit5", "bosh3"])
+def test_event_time_gradient_other_adaptive_methods(method):
+    y0 = torch.tensor([6.0, 0.5], dtype=F64, requires_grad=True)
+    t0 = torch.tensor(0.0, dtype=F64)
+
+    def event_time(y):
+        et, _ = odeint_event(Fall(), y, t0, event_fn=ground, method=method, rtol=1e-10, atol=1e-10)
+        return et
+
+    (g,) = torch.autograd.grad(event_time(y0), y0)
+    eps = 1e-5
+    for i in range(2):
+        e = torch.zeros(2, dtype=F64)
+        e[i] = eps
+        with torch.no_grad():
+            fd = (event_time(y0 + e) - event_time(y0 - e)) / (2 * eps)
+        assert abs(g[i].item() - fd.item()) < 1e-6
+
+
 def test_event_time_gradient_agrees_with_torchdiffeq():
     results = []
     for lib in (neuralode, torchdiffeq):

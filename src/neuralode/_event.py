@@ -119,6 +119,8 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
                 return y if theta == 0.0 else y1
             return dense_eval(problem.f, tab, t, h, y, k_ext, [theta], stats)[0]
 
+        if tab.uses_extra_stages:  # evaluate the dense output's extra stages once, with gradients on
+            dense_eval(problem.f, tab, t, h, y, k_ext, [0.5], stats)
         theta = _root(lambda th: event.value(t + th * h, interp(th)), abs(h), tol)
         return done(t + theta * h, interp(theta))
 
