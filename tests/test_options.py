@@ -227,3 +227,27 @@ def test_max_step_is_respected():
     odeint(rec, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), options={"max_step": 0.1})
     assert max(abs(float(dt)) for _, _, dt in rec.log["accept"]) <= 0.1 + 1e-15
     assert math.isclose(sum(float(dt) for _, _, dt in rec.log["accept"]), 1.0)
+
+
+def test_engine_callbacks_chain_after_the_users():
+    from neuralode._odeint import make_problem, run
+    from neuralode._stats import SolveStats
+
+    rec = Recorder(smooth)
+    seen = []
+
+    class Engine:
+        def step(self, t, y, h):
+            seen.append(t)
+
+        def accept(self, t, y, h):
+            pass
+
+        def reject(self, t, y, h):
+            pass
+
+    problem = make_problem(
+        rec, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), 1e-6, 1e-6, None, None
+    )
+    run(problem, SolveStats(), callbacks=Engine())
+    assert len(seen) == len(rec.log["step"]) > 0

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["CALLBACK_NAMES", "Callbacks", "collect_callbacks"]
+__all__ = ["CALLBACK_NAMES", "Callbacks", "chain_callbacks", "collect_callbacks"]
 
 #: The callback attribute names, in the order (step, accept, reject).
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
@@ -78,3 +78,27 @@ def collect_callbacks(
         warnings.warn(f"Solver '{method}' does not support callbacks {unsupported}", stacklevel=3)
     fns = {k: v for k, v in found.items() if k in supported}
     return Callbacks(fns, shapes) if fns else None
+
+
+class _Chain:
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def step(self, t, y, h):
+        self.first.step(t, y, h)
+        self.second.step(t, y, h)
+
+    def accept(self, t, y, h):
+        self.first.accept(t, y, h)
+        self.second.accept(t, y, h)
+
+    def reject(self, t, y, h):
+        self.first.reject(t, y, h)
+        self.second.reject(t, y, h)
+
+
+def chain_callbacks(first, second):
+    """Both callback objects (either may be ``None``), called in order."""
+    if first is None or second is None:
+        return second if first is None else first
+    return _Chain(first, second)

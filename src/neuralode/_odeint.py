@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from neuralode._callbacks import ADAPTIVE_CALLBACKS, FIXED_CALLBACKS, collect_callbacks
+from neuralode._callbacks import ADAPTIVE_CALLBACKS, FIXED_CALLBACKS, chain_callbacks, collect_callbacks
 from neuralode._control import Controller, initial_step, make_norm
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._registry import EXTRA_METHODS
@@ -164,12 +164,16 @@ def run(
     trace: list | None = None,
     y0: torch.Tensor | None = None,
     f0: torch.Tensor | None = None,
+    callbacks=None,
     event=None,
 ) -> list[torch.Tensor]:
     """Run the engine on a validated problem; returns the list of flat states at ``problem.t``.
 
-    ``event`` (adaptive tableaus only) is the terminal-event hook of ``integrate_adaptive``."""
+    ``trace`` and ``callbacks`` go to the loop (see ``integrate_adaptive``), after the user's callbacks
+    found on ``func`` (``problem.callbacks``); ``event`` (adaptive tableaus only) is the terminal-event
+    hook of ``integrate_adaptive``."""
     tab = TABLEAUS.get(problem.method)
+    callbacks = chain_callbacks(problem.callbacks, callbacks)
     opts = problem.options
     y0 = problem.y0 if y0 is None else y0
     f0 = problem.f0 if f0 is None else f0
@@ -193,7 +197,7 @@ def run(
             interp=opts.get("interp", "linear"),
             perturb=bool(opts.get("perturb", False)),
             stats=stats,
-            callbacks=problem.callbacks,
+            callbacks=callbacks,
             stepper=spec.make_stepper(problem),
         )
     if tab.adaptive:
@@ -226,7 +230,7 @@ def run(
             max_num_steps=int(opts.get("max_num_steps", 1_000_000)),
             stats=stats,
             trace=trace,
-            callbacks=problem.callbacks,
+            callbacks=callbacks,
             stops=_stops(problem),
             event=event,
         )
@@ -241,8 +245,18 @@ def run(
         perturb=bool(opts.get("perturb", False)),
         stats=stats,
         trace=trace,
-        callbacks=problem.callbacks,
+        callbacks=callbacks,
     )
+
+
+def method_options(method: str) -> tuple[frozenset[str], bool]:
+    """``(valid option names, adaptive?)`` of any method in :data:`SOLVERS` (``ValueError`` otherwise)."""
+    if method in TABLEAUS:
+        adaptive = TABLEAUS[method].adaptive
+        return (ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS), adaptive
+    if method in EXTRA_METHODS:
+        return EXTRA_METHODS[method].options, False
+    raise ValueError(f"method={method!r} is not a known method; valid methods: {', '.join(SOLVERS)}")
 
 
 def _controller(tab, opts) -> Controller:
