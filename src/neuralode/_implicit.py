@@ -228,6 +228,7 @@ class _ImplicitGrad(torch.autograd.Function):
         return k_star.clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second derivatives through the solve: not supported
     def backward(ctx, grad):
         with torch.enable_grad():
             vjp = ctx.make_vjp()
