@@ -203,3 +203,50 @@ def test_implicit_methods_on_a_batch_in_float32():
         y = odeint(linear_f32, y0, t, method=name, options={"step_size": 0.1})
         assert y.dtype == torch.float32
         assert torch.allclose(y, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["gl4", "radauIIA5", "implicit_adams"])
+def test_adjoint_through_extra_methods_matches_direct(method):
+    from neuralode import odeint_adjoint
+
+    field = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    y0 = torch.tensor([[0.5, -0.2]], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    kw = {"method": method, "options": {"step_size": 0.02}, "rtol": 1e-10, "atol": 1e-12}
+
+    def grads(solve):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # implicit_adams' corrector at tight tolerances
+            out = (
+                solve(lambda t, y: field(y), y0, t, **kw)
+                if solve is odeint
+                else solve(_Wrap(field), y0, t, **kw)
+            )
+        return torch.autograd.grad(out.pow(2).sum(), (y0, *field.parameters()))
+
+    for a, d in zip(grads(odeint_adjoint), grads(odeint)):
+        assert torch.allclose(a, d, atol=1e-6), method
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+def test_checkpoint_refuses_non_rk_methods_clearly():
+    from neuralode import odeint_checkpoint
+
+    y0 = torch.ones(2, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="cannot be replayed"):
+        odeint_checkpoint(
+            linear,
+            y0,
+            torch.tensor([0.0, 1.0], dtype=F64),
+            method="gl4",
+            options={"step_size": 0.1},
+            params=(),
+        )

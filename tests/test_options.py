@@ -251,3 +251,28 @@ def test_engine_callbacks_chain_after_the_users():
     )
     run(problem, SolveStats(), callbacks=Engine())
     assert len(seen) == len(rec.log["step"]) > 0
+
+
+def test_adjoint_callbacks_see_the_backward_solve():
+    from neuralode import odeint_adjoint
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(-0.5, dtype=F64))
+            self.forward_steps, self.backward_steps = [], []
+
+        def forward(self, t, y):
+            return self.w * y
+
+        def callback_accept_step(self, t0, y0, dt):
+            self.forward_steps.append(float(t0))
+
+        def callback_accept_step_adjoint(self, t0, y0, dt):
+            self.backward_steps.append(float(t0))
+
+    f = F()
+    y = odeint_adjoint(f, torch.ones(3, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64))
+    assert f.forward_steps and not f.backward_steps
+    y[-1].sum().backward()
+    assert f.backward_steps and f.backward_steps[0] == 1.0  # the backward solve runs from t1 to t0

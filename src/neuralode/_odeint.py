@@ -259,6 +259,14 @@ def method_options(method: str) -> tuple[frozenset[str], bool]:
     raise ValueError(f"method={method!r} is not a known method; valid methods: {', '.join(SOLVERS)}")
 
 
+def method_callbacks(method: str) -> frozenset[str]:
+    """The callback names ``method`` calls (torchdiffeq's sets: all three for adaptive methods, only
+    ``callback_step`` on fixed grids, none for ``scipy_solver``)."""
+    if method in EXTRA_METHODS:
+        return EXTRA_METHODS[method].callbacks
+    return ADAPTIVE_CALLBACKS if TABLEAUS[method].adaptive else FIXED_CALLBACKS
+
+
 def _controller(tab, opts) -> Controller:
     kind = opts.get("controller", "i")
     if kind not in ("i", "pi"):
