@@ -6,6 +6,7 @@ Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_
 from neuralode._adjoint import odeint_adjoint
 from neuralode._checkpoint import odeint_checkpoint
 from neuralode._errors import SolverError
+from neuralode._event import odeint_event
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._module import GRADIENT_METHODS, NeuralODE
 from neuralode._odeint import SOLVERS, odeint
@@ -25,6 +26,7 @@ __all__ = [
     "odeint",
     "odeint_adjoint",
     "odeint_checkpoint",
+    "odeint_event",
     "record_stats",
 ]
 

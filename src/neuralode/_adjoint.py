@@ -27,9 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralode._callbacks import collect_callbacks
 from neuralode._control import make_norm
-from neuralode._methods import TABLEAUS
-from neuralode._odeint import ADAPTIVE_OPTIONS, FIXED_OPTIONS, Problem, _check_tol, make_problem, run
+from neuralode._odeint import (
+    SOLVERS,
+    Problem,
+    _check_tol,
+    make_problem,
+    method_callbacks,
+    method_options,
+    run,
+)
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 
 __all__ = ["odeint_adjoint"]
@@ -146,19 +154,18 @@ def _check_params(
 
 def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, fwd_options) -> _AdjointSetup:
     method = problem.method if method is None else method
-    if not isinstance(method, str) or method not in TABLEAUS:
+    if not isinstance(method, str) or method not in SOLVERS:
         raise ValueError(
-            f"adjoint_method={method!r} is not a known method; valid methods: {', '.join(TABLEAUS)}"
+            f"adjoint_method={method!r} is not a known method; valid methods: {', '.join(SOLVERS)}"
         )
-    adaptive = TABLEAUS[method].adaptive
+    valid, adaptive = method_options(method)
     if options is None:
-        valid = ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS
         options = {k: v for k, v in (fwd_options or {}).items() if k != "norm" and k in valid}
     elif not isinstance(options, dict):
         raise TypeError(f"adjoint_options must be a dict, got {type(options).__name__}")
     else:
         options = dict(options)
-        valid = (ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS) | {"norm"}
+        valid = valid | {"norm"}
         unknown = sorted(set(options) - valid)
         if unknown:
             raise ValueError(
@@ -269,7 +276,7 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
         return torch.cat(parts)
 
     options = dict(adj.options)
-    if TABLEAUS[adj.method].adaptive:
+    if method_options(adj.method)[1]:
         options["norm"] = _aug_norm(adj, n, p_numels, n_t)
     total = 2 * n + n_p + n_t
     a_p = torch.zeros(n_p, dtype=dtype, device=device)
@@ -293,6 +300,10 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
                     aug_f, s0, interval, _expand(adj.rtol, n, total), _expand(adj.atol, n, total),
                     adj.method, options,
                 )  # fmt: skip
+            # callback_*_adjoint on func see the backward solve (flat augmented state [y, a_y, a_θ, a_t]).
+            aug_problem.callbacks = collect_callbacks(
+                adj.func, adj.method, method_callbacks(adj.method), adjoint=True
+            )
             f0 = aug_problem.f0
         else:
             aug_problem = dataclasses.replace(aug_problem, t=[problem.t[i], problem.t[i - 1]], y0=s0)
