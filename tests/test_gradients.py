@@ -466,3 +466,31 @@ def test_adjoint_tuple_state_options():
     ):
         got = _grads(odeint_adjoint, func, y0, t, **{"rtol": 1e-9, "atol": 1e-9, **kw})
         assert _max_rel(got, want) < 1e-6, kw
+
+
+def test_neuralode_checkpoint_count_is_passed_through():
+    torch.manual_seed(0)
+    field = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = field
+
+        def forward(self, t, y):
+            return self.net(y)
+
+    f = F()
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    grads = []
+    for mode, k in (("direct", None), ("checkpoint", 2)):
+        node = neuralode.NeuralODE(
+            f, method="rk4", options=dict(step_size=0.05), gradient=mode, checkpoints=k
+        )
+        node(y0)[-1].pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in f.parameters()])
+        f.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="checkpoints must be a positive int"):
+        neuralode.NeuralODE(f, gradient="checkpoint", checkpoints=0)
