@@ -263,12 +263,32 @@ def odeint_event(
     if odeint_interface is odeint:
         event_t, solution = odeint(func, y0, t, event_fn=event_fn, **kwargs)
     else:
-        forward = {k: kwargs[k] for k in ("rtol", "atol", "method", "options") if k in kwargs}
-        with torch.no_grad():
-            event_t, _ = odeint(func, y0, t.detach(), event_fn=event_fn, **forward)
-        t_span = torch.cat([t0, event_t.detach().to(t0).reshape(-1)])
-        solution = odeint_interface(func, y0, t_span, **kwargs)
+        event_t, solution = solve_to_event_with(odeint_interface, func, y0, t, event_fn, **kwargs)
     return _reroute(func, event_fn, t0.detach().reshape(()), event_t, solution)
+
+
+def solve_to_event_with(interface: Callable, func, y0, t: torch.Tensor, event_fn: Callable, **kwargs):
+    """``(event_t, solution)`` with ``solution`` from ``interface`` (e.g. ``odeint_adjoint``): the event is
+    located by a gradient-free ``odeint`` solve, then ``interface`` solves from ``t[0]`` to it (the event
+    time held fixed). Costs one forward solve more than a solve that locates and differentiates at once.
+    """
+    from neuralode._odeint import odeint
+
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != 2:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(
+            f"event_fn needs t with exactly 2 entries (start, and a time giving the direction), got {got}"
+        )
+    forward = {k: kwargs[k] for k in ("rtol", "atol", "method", "options") if k in kwargs}
+    with torch.no_grad():
+        event_t, _ = odeint(func, y0, t.detach(), event_fn=event_fn, **forward)
+    t_span = torch.cat([t[:1], event_t.detach().to(t).reshape(1)])
+    if float(t_span[1].detach()) == float(t_span[0].detach()):  # already on the event: nothing to solve
+        sol = y0 if isinstance(y0, torch.Tensor) else tuple(y0)
+        if isinstance(sol, torch.Tensor):
+            return event_t, torch.stack([sol, sol])
+        return event_t, tuple(torch.stack([s, s]) for s in sol)
+    return event_t, interface(func, y0, t_span, **kwargs)
 
 
 def _reroute(func, event_fn, t0: torch.Tensor, event_t: torch.Tensor, solution):
