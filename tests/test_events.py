@@ -228,3 +228,16 @@ def test_odeint_adjoint_event_mode_matches_torchdiffeq():
         results.append((et, sol.detach(), *grads))
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_fixed_grid_event_with_perturb_agrees_with_torchdiffeq():
+    def f(t, y):  # velocity jumps at t = 0.5 (a kick): perturb evaluates the correct side at grid points
+        kick = torch.where(t < 0.5, 0.0, -20.0).to(y.dtype)
+        return torch.stack([y[1], -9.8 + kick])
+
+    y0 = torch.tensor([10.0, 0.0], dtype=F64)
+    t0 = torch.tensor(0.0, dtype=F64)
+    kw = dict(event_fn=ground, method="rk4", options={"step_size": 0.05, "perturb": True}, atol=1e-10)
+    et, sol = odeint_event(f, y0, t0, **kw)
+    td_t, td_sol = torchdiffeq.odeint_event(f, y0, t0, **kw)
+    assert abs(et.item() - td_t.item()) < 1e-9 and torch.allclose(sol, td_sol, atol=1e-8)

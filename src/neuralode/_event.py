@@ -31,7 +31,7 @@ import torch
 
 from neuralode._errors import SolverError
 from neuralode._methods import TABLEAUS
-from neuralode._solve import _hermite, dense_eval, rk_stepper
+from neuralode._solve import _hermite, _one_sided, dense_eval, rk_stepper
 
 __all__ = ["odeint_event"]
 
@@ -135,13 +135,18 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
     stepper = rk_stepper(tab) if spec is None else spec.make_stepper(problem)
     h = direction * step
     interp_kind = problem.options.get("interp", "linear")
+    perturb = bool(problem.options.get("perturb", False))
     t, y = t0, y_start
     f0 = problem.f0 if f0 is None else f0
     for n in range(_MAX_FIXED_STEPS):
         if problem.callbacks is not None:
             problem.callbacks.step(t, y, h)
         t1 = t0 + (n + 1) * h
-        y1, f1 = stepper(problem.f, t, h, y, f0, stats)
+        f_step = _one_sided(problem.f, t, t1, direction) if perturb else problem.f
+        if perturb:  # one-sided limits at both ends of every step (as the fixed-grid loop)
+            f0 = f_step(t, y)
+            stats.nfe += 1
+        y1, f1 = stepper(f_step, t, h, y, f0, stats)
         stats.n_steps += 1
         stats.n_accepted += 1
         if bool(event.crossed(t1, y1)):  # one synchronisation per step
@@ -160,7 +165,7 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
             theta = _root(lambda th, t=t, interp=interp: event.value(t + th * h, interp(th)), abs(h), tol)
             return done(t + theta * h, interp(theta))
         t, y = t1, y1
-        if f1 is None:
+        if f1 is None and not perturb:
             f1 = problem.f(t, y)
             stats.nfe += 1
         f0 = f1
