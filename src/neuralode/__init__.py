@@ -8,6 +8,7 @@ from neuralode._batched import PerSampleInfo, odeint_per_sample
 from neuralode._checkpoint import odeint_checkpoint
 from neuralode._compiled import FixedGridSolver
 from neuralode._errors import SolverError
+from neuralode._event import odeint_event
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._module import GRADIENT_METHODS, NeuralODE
 from neuralode._odeint import SOLVERS, odeint
@@ -29,6 +30,7 @@ __all__ = [
     "odeint",
     "odeint_adjoint",
     "odeint_checkpoint",
+    "odeint_event",
     "odeint_per_sample",
     "record_stats",
 ]
