@@ -159,8 +159,10 @@ def _integrate(
     # Error weights with the constants folded in (scalar tolerances): rms(e / (atol + rtol·m)) =
     # ‖(e / (rtol·sqrt(n))) / (m + atol/rtol)‖₂.
     scalar_tol = isinstance(rtol, float) and isinstance(atol, float) and tab.b_error_aux is None
-    e_scale = 1.0 / (rtol * math.sqrt(max(n, 1))) if scalar_tol else 1.0
-    e_pairs = tuple((j, v * e_scale) for j, v in tab.b_error_nonzero)
+    e_pairs = tab.b_error_nonzero
+    if scalar_tol:
+        e_factor = abs(e_pairs[0][1]) / (rtol * math.sqrt(max(n, 1)))
+        c_tol = torch.scalar_tensor(atol / rtol, dtype=dtype, device=device)
 
     running = torch.ones(B, dtype=torch.bool, device=device)
     status = torch.zeros(B, dtype=torch.int8, device=device)
@@ -192,10 +194,10 @@ def _integrate(
         k = [f0]
         y_stage = y
         for i in range(1, tab.stages):
-            y_stage = torch.addcmul(y, hc, _sum(k, tab.a_nonzero[i]))
+            y_stage = _step_comb(y, hc, k, tab.a_nonzero[i])
             k.append(f(torch.add(t_lo, h_lo, alpha=tab.c[i]), y_stage))
         stats.nfe += tab.stages - 1
-        y1 = y_stage if tab.fsal else torch.addcmul(y, hc, _sum(k, tab.b_nonzero))
+        y1 = y_stage if tab.fsal else _step_comb(y, hc, k, tab.b_nonzero)
         t_new = torch.where(last, t_end, t_try)
         if tab.fsal:
             f1 = k[-1]
@@ -204,13 +206,14 @@ def _integrate(
             stats.nfe += 1
 
         with torch.no_grad():
-            if scalar_tol:
-                scale = torch.maximum(y.abs(), y1.abs()).add_(atol / rtol)
-                ratio = torch.linalg.vector_norm(_sum(k, e_pairs).mul_(hc).div_(scale), dim=1)
+            if scalar_tol:  # the constant factor |e_0|/(rtol·sqrt(n)) is applied in the time dtype
+                scale = torch.maximum(y.abs(), y1.abs()).add_(c_tol)
+                ratio = torch.linalg.vector_norm(_ratio_comb(k, e_pairs).mul_(hc).div_(scale), dim=1)
+                ratio = ratio.to(tdtype).mul_(e_factor)
             else:
                 ratio = _ratio(tab, k, hc, y, y1, rtol, atol)
-            if ratio.dtype != tdtype:
-                ratio = ratio.to(tdtype)
+                if ratio.dtype != tdtype:
+                    ratio = ratio.to(tdtype)
         accept = (ratio <= 1.0) & running
         if min_step > 0:
             accept = accept | (running & (h_signed.abs() <= min_step) & torch.isfinite(ratio))
@@ -289,7 +292,7 @@ def _write_outputs(tab, coef, f, cols, next_out, count, lo, hi, tt, t, t_new, h_
         t_lo = t.to(y.dtype)
         h_lo = h_signed.to(y.dtype)
         for i, row in enumerate(tab.extra_nonzero):
-            y_i = torch.addcmul(y, hc, _sum(k_ext, row))
+            y_i = _step_comb(y, hc, k_ext, row)
             k_ext.append(f(torch.add(t_lo, h_lo, alpha=tab.extra_c[i]), y_i))
             stats.nfe += 1
     K = torch.stack(k_ext, dim=1)  # (B, S, n)
@@ -313,6 +316,31 @@ def _coefficients(tab: ButcherTableau, dtype, device) -> torch.Tensor:
     P = max(len(p) for p in tab.dense)
     rows = [list(p) + [0.0] * (P - len(p)) for p in tab.dense]
     return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def _step_comb(y: torch.Tensor, hc: torch.Tensor, k, pairs) -> torch.Tensor:
+    """``y + h ∘ Σ_j a_j k_j`` as ``addcmul(y, h, k_0 + Σ (a_j/a_0) k_j, value=a_0)``: every coefficient is
+    a kernel argument (``alpha``/``value``), never a Python scalar operand, which would cost a hidden
+    conversion kernel for float32 states."""
+    (j0, a0), *rest = pairs
+    if not rest:
+        return torch.addcmul(y, hc, k[j0], value=a0)
+    acc = torch.add(k[j0], k[rest[0][0]], alpha=rest[0][1] / a0)
+    for j, a in rest[1:]:
+        acc.add_(k[j], alpha=a / a0)
+    return torch.addcmul(y, hc, acc, value=a0)
+
+
+def _ratio_comb(k, pairs) -> torch.Tensor:
+    """The error combination ``Σ_j e_j k_j`` divided by ``e_0``: ``k_0 + Σ (e_j/e_0) k_j`` (the norm is
+    taken later, so the factor ``|e_0|`` is applied to it, in the time dtype)."""
+    (j0, e0), *rest = pairs
+    if not rest:
+        return k[j0].clone()
+    acc = torch.add(k[j0], k[rest[0][0]], alpha=rest[0][1] / e0)
+    for j, e in rest[1:]:
+        acc.add_(k[j], alpha=e / e0)
+    return acc
 
 
 def _sum(k, pairs) -> torch.Tensor:
