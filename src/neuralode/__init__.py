@@ -5,6 +5,7 @@ Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_
 
 from neuralode._adjoint import odeint_adjoint
 from neuralode._batched import PerSampleInfo, odeint_per_sample
+from neuralode._batched_adjoint import odeint_per_sample_adjoint
 from neuralode._checkpoint import odeint_checkpoint
 from neuralode._compiled import FixedGridSolver
 from neuralode._errors import SolverError
@@ -32,6 +33,7 @@ __all__ = [
     "odeint_checkpoint",
     "odeint_event",
     "odeint_per_sample",
+    "odeint_per_sample_adjoint",
     "record_stats",
 ]
 

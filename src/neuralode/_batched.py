@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -158,7 +158,10 @@ def _integrate(
     h = h.clamp(max=max_step)
     # Error weights with the constants folded in (scalar tolerances): rms(e / (atol + rtol·m)) =
     # ‖(e / (rtol·sqrt(n))) / (m + atol/rtol)‖₂.
-    scalar_tol = isinstance(rtol, float) and isinstance(atol, float) and tab.b_error_aux is None
+    groups = opts.get("_groups")
+    scalar_tol = (
+        isinstance(rtol, float) and isinstance(atol, float) and tab.b_error_aux is None and groups is None
+    )
     e_pairs = tab.b_error_nonzero
     if scalar_tol:
         e_factor = abs(e_pairs[0][1]) / (rtol * math.sqrt(max(n, 1)))
@@ -211,7 +214,7 @@ def _integrate(
                 ratio = torch.linalg.vector_norm(_ratio_comb(k, e_pairs).mul_(hc).div_(scale), dim=1)
                 ratio = ratio.to(tdtype).mul_(e_factor)
             else:
-                ratio = _ratio(tab, k, hc, y, y1, rtol, atol)
+                ratio = _ratio(tab, k, hc, y, y1, rtol, atol, groups)
                 if ratio.dtype != tdtype:
                     ratio = ratio.to(tdtype)
         accept = (ratio <= 1.0) & running
@@ -352,18 +355,22 @@ def _sum(k, pairs) -> torch.Tensor:
     return out
 
 
-def _rms_rows(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))
+def _rms_rows(x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
+    """Per-row RMS; with ``groups`` (column counts), the max over the groups of each group's RMS."""
+    if groups is None:
+        return torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))
+    parts = [_rms_rows(p) for p in x.split(list(groups), dim=1) if p.shape[1] > 0]
+    return torch.stack(parts, dim=1).amax(dim=1)
 
 
-def _ratio(tab, k, hc, y, y1, rtol, atol) -> torch.Tensor:
+def _ratio(tab, k, hc, y, y1, rtol, atol, groups=None) -> torch.Tensor:
     """Per-sample RMS error ratio (B,); DOP853's combined estimate when the tableau has two."""
     tol = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
-    r = _rms_rows(_sum(k, tab.b_error_nonzero).mul_(hc).div_(tol))
+    r = _rms_rows(_sum(k, tab.b_error_nonzero).mul_(hc).div_(tol), groups)
     if tab.b_error_aux is None:
         return r
     aux = tuple((j, v) for j, v in enumerate(tab.b_error_aux) if v != 0.0)
-    r3 = _rms_rows(_sum(k, aux).mul_(hc).div_(tol))
+    r3 = _rms_rows(_sum(k, aux).mul_(hc).div_(tol), groups)
     den = torch.sqrt(r * r + 0.01 * r3 * r3)
     return torch.where(den > 0, r * r / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(r))
 
@@ -403,7 +410,7 @@ def _check_method(method, options) -> tuple[ButcherTableau, dict]:
             f"{', '.join(ADAPTIVE_METHODS)}"
         )
     options = {} if options is None else dict(options)
-    unknown = sorted(set(options) - PER_SAMPLE_OPTIONS)
+    unknown = sorted(set(options) - PER_SAMPLE_OPTIONS - {"_groups"})  # _groups: internal (adjoint)
     if unknown:
         raise ValueError(
             f"unknown option(s) {unknown} for per-sample stepping; valid options: "
@@ -417,6 +424,7 @@ def _check_method(method, options) -> tuple[ButcherTableau, dict]:
         "min_step": float(options.get("min_step", 0.0)),
         "max_step": float(options.get("max_step", math.inf)),
         "max_num_steps": options.get("max_num_steps", 1_000_000),
+        "_groups": options.get("_groups"),
     }
     if not isinstance(opts["max_num_steps"], int) or opts["max_num_steps"] <= 0:
         raise ValueError(f"options['max_num_steps'] must be a positive int, got {opts['max_num_steps']!r}")
