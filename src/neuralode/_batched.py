@@ -159,6 +159,10 @@ def _integrate(
     # Error weights with the constants folded in (scalar tolerances): rms(e / (atol + rtol·m)) =
     # ‖(e / (rtol·sqrt(n))) / (m + atol/rtol)‖₂.
     groups = opts.get("_groups")
+    # Internal (per-sample adjoint): quad(stage_ts, stage_ys, w) is called once per step after the
+    # accept/reject decision, w = h on accepted samples and 0 elsewhere, to accumulate a quadrature
+    # along each sample's accepted steps without it being part of the state.
+    quad = opts.get("_quad")
     scalar_tol = (
         isinstance(rtol, float) and isinstance(atol, float) and tab.b_error_aux is None and groups is None
     )
@@ -196,9 +200,15 @@ def _integrate(
         # Stages: y_i = y + h ∘ Σ_j a_ij k_j (one addcmul for the per-sample h).
         k = [f0]
         y_stage = y
+        if quad is not None:
+            stage_ts, stage_ys = [t_lo], [y]
         for i in range(1, tab.stages):
             y_stage = _step_comb(y, hc, k, tab.a_nonzero[i])
-            k.append(f(torch.add(t_lo, h_lo, alpha=tab.c[i]), y_stage))
+            t_stage = torch.add(t_lo, h_lo, alpha=tab.c[i])
+            k.append(f(t_stage, y_stage))
+            if quad is not None:
+                stage_ts.append(t_stage)
+                stage_ys.append(y_stage)
         stats.nfe += tab.stages - 1
         y1 = y_stage if tab.fsal else _step_comb(y, hc, k, tab.b_nonzero)
         t_new = torch.where(last, t_end, t_try)
@@ -252,6 +262,8 @@ def _integrate(
                 )
                 next_out = count
 
+        if quad is not None:
+            quad(stage_ts, stage_ys, torch.where(accept, h_signed, torch.zeros_like(h_signed)).to(dtype))
         # Accepted samples move; the controller proposes the next step for everyone.
         acc_col = accept.unsqueeze(1)
         y = torch.where(acc_col, y1, y)
@@ -410,7 +422,7 @@ def _check_method(method, options) -> tuple[ButcherTableau, dict]:
             f"{', '.join(ADAPTIVE_METHODS)}"
         )
     options = {} if options is None else dict(options)
-    unknown = sorted(set(options) - PER_SAMPLE_OPTIONS - {"_groups"})  # _groups: internal (adjoint)
+    unknown = sorted(set(options) - PER_SAMPLE_OPTIONS - {"_groups", "_quad"})  # internal: the adjoint
     if unknown:
         raise ValueError(
             f"unknown option(s) {unknown} for per-sample stepping; valid options: "
@@ -425,6 +437,7 @@ def _check_method(method, options) -> tuple[ButcherTableau, dict]:
         "max_step": float(options.get("max_step", math.inf)),
         "max_num_steps": options.get("max_num_steps", 1_000_000),
         "_groups": options.get("_groups"),
+        "_quad": options.get("_quad"),
     }
     if not isinstance(opts["max_num_steps"], int) or opts["max_num_steps"] <= 0:
         raise ValueError(f"options['max_num_steps'] must be a positive int, got {opts['max_num_steps']!r}")
