@@ -208,7 +208,7 @@ class _OneVdp(torch.nn.Module):
 
 def test_gradients_agree_with_per_sample_adjoint_solves():
     """Per-sample mode differentiates through its steps; each sample's gradient matches the adjoint of
-    that sample solved alone to the adjoint's tolerance (there is no per-sample adjoint yet)."""
+    that sample solved alone to the adjoint's tolerance."""
     B = 3
     mu = torch.tensor([0.5, 1.5, 3.0], dtype=DT, requires_grad=True)
     y0 = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.5, -0.5]], dtype=DT)
