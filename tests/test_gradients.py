@@ -165,7 +165,7 @@ def test_gradients_match_finite_differences(gradient, name):
     _assert_close(got, _reference(name), rtol=1e-5, atol=1e-6, what=f"{gradient}/{name}")
 
 
-@pytest.mark.parametrize("method", neuralode.SOLVERS)
+@pytest.mark.parametrize("method", list(neuralode.TABLEAUS))  # RK methods; others: test_methods_extra
 def test_adjoint_every_method_matches_direct(method):
     """Fixed-step methods: the adjoint of the continuous problem differs from the discrete gradient by
     the discretisation error, so compare both with a fine step."""
@@ -344,7 +344,7 @@ def test_adjoint_bad_inputs():
     nonleaf = func.l1.weight * 2
     with pytest.raises(ValueError, match=r"adjoint_params\[0\] is not a leaf"):
         odeint_adjoint(func, y0, t, adjoint_params=(nonleaf,))
-    with pytest.raises(ValueError, match="odeint_event"):
+    with pytest.raises(ValueError, match="event_fn needs t with exactly 2"):
         odeint_adjoint(func, y0, t, event_fn=lambda tt, y: y.sum())
     with pytest.raises(ValueError, match="adjoint_method='nope'"):
         odeint_adjoint(func, y0, t, adjoint_method="nope")
@@ -369,7 +369,7 @@ def _max_rel(got, want) -> float:
     return max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-300)) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("method", neuralode.SOLVERS)
+@pytest.mark.parametrize("method", list(neuralode.TABLEAUS))  # RK methods; others: test_methods_extra
 def test_checkpoint_equals_direct_every_method(method):
     func, y0, t = _problem("tuple")
     fixed = method in neuralode.FIXED_METHODS
@@ -452,3 +452,45 @@ def test_neuralode_gradient_modes_agree_and_report_stats():
 def test_neuralode_bad_gradient():
     with pytest.raises(ValueError, match="'direct', 'adjoint', 'checkpoint'"):
         NeuralODE(MLPField(), gradient="backsolve")
+
+
+def test_adjoint_tuple_state_options():
+    """Seminorm, a forward norm on the tuple, and per-tensor tolerances all carry over to the tuple
+    state's backward solve."""
+    func, y0, t = _problem("tuple")
+    want = _grads(odeint, func, y0, t, rtol=1e-9, atol=1e-9)
+    for kw in (
+        {"adjoint_options": {"norm": "seminorm"}},
+        {"options": {"norm": lambda parts: max(p.abs().max() for p in parts)}},
+        {"rtol": (1e-9, 1e-8), "adjoint_atol": (1e-9, 1e-10)},
+    ):
+        got = _grads(odeint_adjoint, func, y0, t, **{"rtol": 1e-9, "atol": 1e-9, **kw})
+        assert _max_rel(got, want) < 1e-6, kw
+
+
+def test_neuralode_checkpoint_count_is_passed_through():
+    torch.manual_seed(0)
+    field = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+
+    class F(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = field
+
+        def forward(self, t, y):
+            return self.net(y)
+
+    f = F()
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    grads = []
+    for mode, k in (("direct", None), ("checkpoint", 2)):
+        node = neuralode.NeuralODE(
+            f, method="rk4", options=dict(step_size=0.05), gradient=mode, checkpoints=k
+        )
+        node(y0)[-1].pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in f.parameters()])
+        f.zero_grad()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="checkpoints must be a positive int"):
+        neuralode.NeuralODE(f, gradient="checkpoint", checkpoints=0)

@@ -27,9 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralode._callbacks import collect_callbacks
 from neuralode._control import make_norm
-from neuralode._methods import TABLEAUS
-from neuralode._odeint import ADAPTIVE_OPTIONS, FIXED_OPTIONS, Problem, _check_tol, make_problem, run
+from neuralode._odeint import (
+    SOLVERS,
+    Problem,
+    _check_tol,
+    make_problem,
+    method_callbacks,
+    method_options,
+    run,
+)
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 
 __all__ = ["odeint_adjoint"]
@@ -61,7 +69,10 @@ def odeint_adjoint(
 
     Args:
         func, y0, t, rtol, atol, method, options: as for :func:`~neuralode.odeint`.
-        event_fn: not supported here; terminal events have their own entry point (``odeint_event``).
+        event_fn: terminal event, as for :func:`~neuralode.odeint`: returns ``(event_t, solution)``; the
+            state at the event is differentiated by the adjoint with the event time held fixed (use
+            :func:`~neuralode.odeint_event` for a differentiable event time). The event is located by a
+            gradient-free ``odeint`` solve first, then the adjoint solve runs to it.
         adjoint_rtol, adjoint_atol: tolerances of the backward solve; default ``rtol``/``atol``.
         adjoint_method: solver of the backward solve; default ``method``.
         adjoint_options: options of the backward solve; default ``options`` without its ``norm`` (when
@@ -82,9 +93,15 @@ def odeint_adjoint(
         ValueError, TypeError: bad arguments (the message names the argument).
         SolverError: the forward or the backward solve failed.
     """
-    if event_fn is not None:
-        raise ValueError(
-            "odeint_adjoint(event_fn=...) is not supported; solve to an event with neuralode.odeint_event"
+    if event_fn is not None:  # torchdiffeq's event mode: (event_t, solution), event_t without gradient
+        from neuralode._event import solve_to_event_with
+
+        kwargs = dict(rtol=rtol, atol=atol, method=method, options=options, adjoint_rtol=adjoint_rtol)
+        kwargs.update(
+            adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options
+        )
+        return solve_to_event_with(
+            odeint_adjoint, func, y0, t, event_fn, adjoint_params=adjoint_params, **kwargs
         )
     params = _check_params(func, adjoint_params)
     y0_flat = torch.cat([x.reshape(-1) for x in y0]) if isinstance(y0, (tuple, list)) else y0
@@ -146,19 +163,18 @@ def _check_params(
 
 def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, fwd_options) -> _AdjointSetup:
     method = problem.method if method is None else method
-    if not isinstance(method, str) or method not in TABLEAUS:
+    if not isinstance(method, str) or method not in SOLVERS:
         raise ValueError(
-            f"adjoint_method={method!r} is not a known method; valid methods: {', '.join(TABLEAUS)}"
+            f"adjoint_method={method!r} is not a known method; valid methods: {', '.join(SOLVERS)}"
         )
-    adaptive = TABLEAUS[method].adaptive
+    valid, adaptive = method_options(method)
     if options is None:
-        valid = ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS
         options = {k: v for k, v in (fwd_options or {}).items() if k != "norm" and k in valid}
     elif not isinstance(options, dict):
         raise TypeError(f"adjoint_options must be a dict, got {type(options).__name__}")
     else:
         options = dict(options)
-        valid = (ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS) | {"norm"}
+        valid = valid | {"norm"}
         unknown = sorted(set(options) - valid)
         if unknown:
             raise ValueError(
@@ -269,7 +285,7 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
         return torch.cat(parts)
 
     options = dict(adj.options)
-    if TABLEAUS[adj.method].adaptive:
+    if method_options(adj.method)[1]:
         options["norm"] = _aug_norm(adj, n, p_numels, n_t)
     total = 2 * n + n_p + n_t
     a_p = torch.zeros(n_p, dtype=dtype, device=device)
@@ -293,6 +309,10 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
                     aug_f, s0, interval, _expand(adj.rtol, n, total), _expand(adj.atol, n, total),
                     adj.method, options,
                 )  # fmt: skip
+            # callback_*_adjoint on func see the backward solve (flat augmented state [y, a_y, a_θ, a_t]).
+            aug_problem.callbacks = collect_callbacks(
+                adj.func, adj.method, method_callbacks(adj.method), adjoint=True
+            )
             f0 = aug_problem.f0
         else:
             aug_problem = dataclasses.replace(aug_problem, t=[problem.t[i], problem.t[i - 1]], y0=s0)
