@@ -23,6 +23,10 @@ The recipe (every number is a field of :class:`SpiralConfig`):
   n_context]``, so the training windows cover the same grid range [0, 449] as the test windows, their
   futures included: extrapolation asks for the future of a spiral never seen, not for a part of the
   curve family no training spiral ever reached. Points 100..199 of training spirals are NaN (unused).
+  With ``train_horizon = H > n_context`` (the forecasting objective) a training spiral has ``H`` points
+  (start uniform in ``[0, start_max + window − H]``); an encoder still sees only its ``n_obs`` observed
+  points of the first ``n_context``, and the likelihood may also use its points ``n_context .. H − 1``
+  (:meth:`SpiralData.training`). Test spirals' futures are never used for training.
   All windows share the time stamps ``t_i = i · θ_max / (n_grid − 1)``, ``i = 0..199`` (the dynamics
   are time-invariant, so this is legal); ``t`` runs over [0, 7.5].
 * I.i.d. Gaussian noise of std ``noise_std`` (default 0.3, torchdiffeq's value; the paper does not
@@ -62,6 +66,12 @@ class SpiralConfig:
     noise_std: float = 0.3
     n_obs: int = 30
     seed: int = 0
+    train_horizon: int | None = None
+
+    @property
+    def horizon(self) -> int:
+        """Length of a training spiral (``train_horizon``, default ``n_context``)."""
+        return self.n_context if self.train_horizon is None else self.train_horizon
 
     def __post_init__(self):
         def bad(name, expected):
@@ -77,6 +87,8 @@ class SpiralConfig:
             bad("start_max", f"0 ≤ start_max ≤ n_grid − window = {self.n_grid - self.window}")
         if not 1 <= self.n_obs <= self.n_context:
             bad("n_obs", f"1 ≤ n_obs ≤ n_context={self.n_context}")
+        if not self.n_context <= self.horizon <= self.window:
+            bad("train_horizon", f"n_context={self.n_context} ≤ train_horizon ≤ window={self.window}")
         if self.noise_std < 0:
             bad("noise_std", "≥ 0")
         if self.clockwise_shape not in ("mirror", "hyperbolic"):
@@ -140,6 +152,20 @@ class SpiralData:
         idx = self.split(split) if isinstance(split, str) else split
         return IrregularBatch.from_grid(self.times, self.noisy[idx], self.obs_mask[idx])
 
+    def training(self, idx: torch.Tensor | None = None) -> tuple[IrregularBatch, torch.Tensor]:
+        """Training data on the full time grid: an :class:`IrregularBatch` whose mask marks every point
+        the likelihood may use (the observed points of the first ``n_context`` steps, plus every point of
+        steps ``n_context .. train_horizon − 1``), and the ``(B, window)`` mask of what an encoder may see
+        (the observed points only). With ``train_horizon == n_context`` both masks are ``obs_mask``."""
+        idx = self.train_idx if idx is None else idx
+        cfg = self.config
+        steps = torch.arange(cfg.window)
+        future = ((steps >= cfg.n_context) & (steps < cfg.horizon)).unsqueeze(0).expand(len(idx), -1)
+        enc = self.obs_mask[idx]
+        target = enc | future
+        vals = torch.where(target.unsqueeze(-1), self.noisy[idx], torch.zeros_like(self.noisy[idx]))
+        return IrregularBatch(self.times, vals, target), enc
+
     @property
     def context_slice(self) -> slice:
         return slice(0, self.config.n_context)
@@ -164,13 +190,13 @@ def make_spirals(config: SpiralConfig | None = None, **overrides) -> SpiralData:
     is_train = torch.zeros(n, dtype=torch.bool)
     is_train[train_idx] = True
     u = torch.rand(n, generator=gen, dtype=torch.float64)
-    last_start = torch.where(is_train, cfg.start_max + cfg.window - cfg.n_context, cfg.start_max)
+    last_start = torch.where(is_train, cfg.start_max + cfg.window - cfg.horizon, cfg.start_max)
     starts = (u * (last_start + 1)).floor().long()
     grid_k = (starts.unsqueeze(1) + torch.arange(cfg.window)).clamp(max=cfg.n_grid - 1)
     theta = torch.linspace(0.0, cfg.theta_max, cfg.n_grid, dtype=torch.float64)[grid_k]  # (n, window)
     clean = spiral_points(theta, clockwise.unsqueeze(1), cfg).float()
     noisy = clean + cfg.noise_std * torch.randn(clean.shape, generator=gen)
-    unused = is_train.unsqueeze(1) & (torch.arange(cfg.window) >= cfg.n_context)
+    unused = is_train.unsqueeze(1) & (torch.arange(cfg.window) >= cfg.horizon)
     clean = clean.masked_fill(unused.unsqueeze(-1), float("nan"))
     noisy = noisy.masked_fill(unused.unsqueeze(-1), float("nan"))
     # The observation pattern has its own generator so that it is the only thing n_obs changes.

@@ -64,6 +64,10 @@ class LatentConfig:
     n_spirals: int = 1000
     n_train: int = 800
     data_seed: int = 0
+    # forecasting objective: training spirals have this many steps; the encoder sees only the observed
+    # points of the first 100, the likelihood also scores steps 100..train_horizon-1 (100: the
+    # reconstruction-only objective of the first version)
+    train_horizon: int = 200
     # latent ODE
     latent_dim: int = 4
     encoder: str = "rnn"
@@ -102,6 +106,14 @@ class LatentConfig:
             raise ValueError(f"encoder={self.encoder!r} is unknown; expected one of {ENCODERS}")
         if self.gradient not in GRADIENT_METHODS:
             raise ValueError(f"gradient={self.gradient!r} is unknown; expected one of {GRADIENT_METHODS}")
+        if not 100 <= self.train_horizon <= 200:
+            raise ValueError(
+                f"train_horizon={self.train_horizon} is invalid; expected 100 ≤ train_horizon ≤ 200"
+            )
+        if self.poisson and self.train_horizon != 100:
+            raise ValueError(
+                "poisson=True needs train_horizon=100 (the Poisson term covers the observed window)"
+            )
         if self.iters < 0 or self.eval_every < 1:
             raise ValueError(f"iters must be ≥ 0 and eval_every ≥ 1, got {self.iters} and {self.eval_every}")
 
@@ -118,6 +130,7 @@ def make_data(cfg: LatentConfig) -> SpiralData:
         n_obs=cfg.obs,
         seed=cfg.data_seed,
         clockwise_shape=cfg.clockwise_shape,
+        train_horizon=cfg.train_horizon,
     )
 
 
@@ -135,9 +148,13 @@ def build_model(cfg: LatentConfig) -> torch.nn.Module:
     )  # fmt: skip
 
 
+# Values of fields added later, as runs saved before they existed effectively used them.
+_LEGACY_DEFAULTS = {"train_horizon": 100}
+
+
 def _same_config(saved: dict, cfg: LatentConfig, ignore: tuple[str, ...] = ()) -> bool:
     """Whether a saved config (from an older version, maybe lacking newer fields) equals ``cfg``."""
-    defaults = dataclasses.asdict(LatentConfig())
+    defaults = {**dataclasses.asdict(LatentConfig()), **_LEGACY_DEFAULTS}
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))
     return all(saved.get(k, defaults[k]) == v for k, v in now.items() if k not in ignore)
 
@@ -147,11 +164,22 @@ def _window(data: SpiralData) -> tuple[float, float]:
     return float(data.times[0]), float(data.times[data.config.n_context - 1])
 
 
-def _loss(model, cfg: LatentConfig, batch, data: SpiralData) -> dict[str, torch.Tensor]:
+def _loss(model, cfg: LatentConfig, batch, data: SpiralData, enc_mask=None) -> dict[str, torch.Tensor]:
+    """Training loss. ``batch.mask`` marks what the likelihood scores; ``enc_mask`` (forecasting objective)
+    what the latent ODE's encoder sees. The RNN is teacher-forced on every scored point."""
     if cfg.model == "rnn":
         return model.loss(batch.times, batch.values, batch.mask)
     t0, t_end = _window(data)
-    return model.elbo(batch.times, batch.values, batch.mask, t0=t0, t_end=t_end)
+    return model.elbo(batch.times, batch.values, batch.mask, t0=t0, t_end=t_end, encoder_mask=enc_mask)
+
+
+def _training_data(cfg: LatentConfig, data: SpiralData, device):
+    """``(batch, enc_mask)`` of all training spirals; ``enc_mask`` is None for the reconstruction-only
+    objective (``train_horizon == 100``), whose batch is the union of the observation times."""
+    if cfg.train_horizon == data.config.n_context:
+        return data.observed("train").to(device), None
+    batch, enc = data.training()
+    return batch.to(device), enc.to(device)
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -253,18 +281,22 @@ def train(cfg: LatentConfig, out: str | Path, *, resume: bool = False) -> dict[s
             if run.path(name).exists():
                 run.path(name).unlink()
     run.write_json("config.json", cfg)
-    train_all = data.observed("train").to(device)
+    train_all, enc_all = _training_data(cfg, data, device)
     n_train = data.train_idx.numel()
     last: dict[str, float] = {}
     bar = progress(total=cfg.iters, desc=f"{cfg.model} obs={cfg.obs}", initial=start)
     t_start = time.perf_counter() - elapsed
     for it in range(start, cfg.iters):
+        batch, enc = train_all, enc_all
         if cfg.batch_size and cfg.batch_size < n_train:
-            batch = train_all[torch.randperm(n_train, device=device)[: cfg.batch_size]]
-        else:
-            batch = train_all
+            pick = torch.randperm(n_train, device=device)[: cfg.batch_size]
+            if enc_all is None:
+                batch = train_all[pick]
+            else:  # keep the full grid so that the two masks stay aligned
+                batch = type(train_all)(train_all.times, train_all.values[pick], train_all.mask[pick])
+                enc = enc_all[pick]
         with record_stats() as stats:
-            out_d = _loss(model, cfg, batch, data)
+            out_d = _loss(model, cfg, batch, data, enc)
         opt.zero_grad(set_to_none=True)
         out_d["loss"].backward()
         opt.step()
@@ -508,6 +540,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-spirals", type=int, default=d.n_spirals)
     p.add_argument("--n-train", type=int, default=d.n_train)
     p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument(
+        "--train-horizon",
+        type=int,
+        default=d.train_horizon,
+        help="steps of each training spiral the likelihood scores (encoder: observed points of the first 100 "
+        "only); 100 = reconstruction-only objective",
+    )
     p.add_argument("--latent-dim", type=int, default=d.latent_dim)
     p.add_argument("--encoder", choices=ENCODERS, default=d.encoder, help="latent ODE recognition network")
     p.add_argument("--enc-hidden", type=int, default=d.enc_hidden)
@@ -533,7 +572,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _config_from(args: argparse.Namespace, **extra) -> LatentConfig:
     return LatentConfig(
         noise_std=args.noise_std, clockwise_shape=args.clockwise_shape, n_spirals=args.n_spirals,
-        n_train=args.n_train, data_seed=args.data_seed,
+        n_train=args.n_train, data_seed=args.data_seed, train_horizon=args.train_horizon,
         latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden,
         dyn_hidden=args.dyn_hidden, dyn_activation=args.dyn_activation,
         rnn_hidden=args.rnn_hidden,

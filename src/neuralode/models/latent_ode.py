@@ -335,19 +335,29 @@ class LatentODE(nn.Module):
 
     # -- objective ---------------------------------------------------------------------------------
     def elbo(
-        self, times, values, mask, t0=None, t_end=None, kl_weight: float = 1.0
+        self, times, values, mask, t0=None, t_end=None, kl_weight: float = 1.0, encoder_mask=None
     ) -> dict[str, torch.Tensor]:
         """One-sample ELBO per sample and its parts (all ``(B,)``): ``elbo``, ``loglik``, ``kl`` and, with
         ``poisson``, ``poisson_loglik``; ``loss`` is the batch mean of
         ``−(loglik + w·poisson − kl_weight·kl)``
-        (a scalar); ``pred`` ``(B, T, D)`` are the decoded means at ``times``."""
+        (a scalar); ``pred`` ``(B, T, D)`` are the decoded means at ``times``.
+
+        ``encoder_mask`` ``(B, T)`` (default ``mask``): the entries the encoder sees; ``mask`` then selects
+        the entries of the likelihood, which may include points after ``t_end`` (a forecasting objective:
+        the encoder sees the observed window, the decoder is also scored on the future)."""
         _check_obs(times, values, mask)
+        enc_mask = mask if encoder_mask is None else encoder_mask
+        if enc_mask.shape != mask.shape or enc_mask.dtype != torch.bool:
+            raise ValueError(f"encoder_mask must be a bool tensor of shape {tuple(mask.shape)}, got "
+                             f"{enc_mask.dtype} {tuple(enc_mask.shape)}")  # fmt: skip
         t0 = times[0] if t0 is None else torch.as_tensor(t0, dtype=times.dtype)
         t_end = times[-1] if t_end is None else torch.as_tensor(t_end, dtype=times.dtype)
-        mean, logvar = self.encode(times, values, mask, t0, t_end)
+        mean, logvar = self.encode(times, values, enc_mask, t0, t_end)
         z0 = self.sample(mean, logvar)
         out: dict[str, torch.Tensor] = {}
         if self.poisson:
+            if encoder_mask is not None and bool(times[-1] > t_end):
+                raise ValueError("the Poisson likelihood needs t_end ≥ times[-1] (no forecasting objective)")
             add_end = bool(t_end > times[-1])
             grid = torch.cat([times, t_end.reshape(1)]) if add_end else times
             zs, lam_int = self.latent_trajectory(z0, t0, grid)
@@ -355,7 +365,7 @@ class LatentODE(nn.Module):
                 zs = zs[:, :-1]
             log_lam = torch.log(self.intensity(zs).squeeze(-1) + 1e-8)  # (B, T)
             lam_int_t0 = 0.0  # Λ(t0) = 0 by construction
-            out["poisson_loglik"] = (log_lam * mask.to(log_lam.dtype)).sum(1) - (
+            out["poisson_loglik"] = (log_lam * enc_mask.to(log_lam.dtype)).sum(1) - (
                 lam_int[:, -1, 0] - lam_int_t0
             )
         else:
