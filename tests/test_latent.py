@@ -93,6 +93,45 @@ def test_spirals_protocol():
         SpiralConfig(clockwise_shape="square")
 
 
+def test_spirals_forecasting_horizon():
+    """train_horizon=200: training spirals have 200 steps; the encoder mask is the observed window only, the
+    likelihood mask adds every future step; test spirals are unchanged and their futures never leak."""
+    cfg = SpiralConfig(n_spirals=40, n_train=30, n_obs=7, seed=3, train_horizon=200)
+    d = make_spirals(cfg)
+    assert not d.noisy[d.train_idx].isnan().any()
+    assert int(d.starts[d.train_idx].max()) <= cfg.start_max
+    short = make_spirals(cfg, train_horizon=100)
+    torch.testing.assert_close(d.noisy[d.test_idx], short.noisy[d.test_idx])
+    assert torch.equal(d.obs_mask, short.obs_mask)
+    batch, enc = d.training()
+    assert batch.values.shape == (30, 200, 2) and enc.shape == (30, 200)
+    assert torch.equal(enc, d.obs_mask[d.train_idx]) and not enc[:, 100:].any()
+    assert batch.mask[:, 100:].all() and torch.equal(batch.mask[:, :100], enc[:, :100])
+    b100, enc100 = short.training()
+    assert torch.equal(b100.mask, enc100)
+    with pytest.raises(ValueError, match="train_horizon"):
+        SpiralConfig(train_horizon=201)
+
+
+def test_elbo_encoder_mask_limits_what_the_encoder_sees():
+    """With encoder_mask the encoder ignores the future points, the likelihood scores them."""
+    torch.manual_seed(0)
+    d = make_spirals(n_spirals=12, n_train=8, n_obs=10, train_horizon=200)
+    batch, enc = d.training()
+    model = LatentODE(2, 3, enc_hidden=8, dyn_hidden=8, dec_hidden=8, rtol=1e-3, atol=1e-4)
+    t_end = float(d.times[99])
+    changed = batch.values.clone()
+    changed[:, 100:] += 5.0
+    torch.manual_seed(1)
+    e1 = model.elbo(batch.times, batch.values, batch.mask, 0.0, t_end, encoder_mask=enc)
+    torch.manual_seed(1)
+    e2 = model.elbo(batch.times, changed, batch.mask, 0.0, t_end, encoder_mask=enc)
+    torch.testing.assert_close(e1["mean"], e2["mean"])  # the encoder did not see the future
+    assert not torch.allclose(e1["loglik"], e2["loglik"])  # the likelihood did
+    with pytest.raises(ValueError, match="encoder_mask"):
+        model.elbo(batch.times, batch.values, batch.mask, 0.0, t_end, encoder_mask=enc[:, :5])
+
+
 @pytest.mark.parametrize("shape", ["mirror", "hyperbolic"])
 def test_spiral_directions(shape):
     d = make_spirals(n_spirals=20, n_train=10, clockwise_shape=shape, noise_std=0.0)
