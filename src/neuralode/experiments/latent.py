@@ -503,6 +503,15 @@ def format_table2(results: dict[str, dict[int, dict]], base: LatentConfig, obs_l
         f"(noise std {base.noise_std}; {base.iters} iterations; solver {base.method} rtol={base.rtol} "
         f"atol={base.atol}).",
         "",
+        "Training objective: "
+        + (
+            "reconstruction of the observed window only (train horizon 100)."
+            if base.train_horizon == 100
+            else f"forecasting: the encoder sees the observed points of a training spiral's first 100 steps, "
+            f"the likelihood scores them and every step 101-{base.train_horizon} of that training spiral "
+            "(test spirals' futures are never used); the RNN is teacher-forced on the same points."
+        ),
+        "",
         head,
         sep,
     ]
