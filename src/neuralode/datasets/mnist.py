@@ -94,7 +94,8 @@ DATASETS: dict[str, DatasetSpec] = {
             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
-        # Content checksums taken from Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1, whose .gz files
+        # Content checksums taken from Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1, whose .gz
+        # files
         # are recompressed (gzip mtime 2020-06-05) from upstream commit 55506a9.
         raw_md5={
             "train-images-idx3-ubyte.gz": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
@@ -103,8 +104,16 @@ DATASETS: dict[str, DatasetSpec] = {
             "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
         },
         classes=(
-            "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
         ),
     ),
 }
@@ -123,7 +132,9 @@ def default_data_dir(name: str = "mnist") -> Path:
     return (Path(base) if base else Path.home() / ".cache" / "neuralode") / name
 
 
-def check_files(root: str | os.PathLike, name: str = "mnist", splits: tuple[str, ...] = ("train", "test")) -> Path:
+def check_files(
+    root: str | os.PathLike, name: str = "mnist", splits: tuple[str, ...] = ("train", "test")
+) -> Path:
     """Raise ``FileNotFoundError`` naming the folder and every missing file; return the folder."""
     _spec(name)
     root = Path(root).expanduser()
@@ -131,7 +142,8 @@ def check_files(root: str | os.PathLike, name: str = "mnist", splits: tuple[str,
     missing = [f for f in wanted if not (root / f).is_file()]
     if missing:
         hint = (
-            "Fashion-MNIST: `apt-get install dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist"
+            "Fashion-MNIST: `apt-get install dataset-fashion-mnist` puts them in "
+            "/usr/share/datasets/fashion-mnist"
             if name == "fashion-mnist"
             else "copy them there"
         )
@@ -162,22 +174,28 @@ def read_idx(path: str | os.PathLike, *, name: str = "mnist", check_md5: bool = 
             raw_md5 = hashlib.md5(raw).hexdigest()
             if raw_md5 != spec.raw_md5[key]:
                 raise ValueError(
-                    f"md5 check failed for {str(path)!r}: file md5 {gz_md5}, content md5 {raw_md5}; expected file "
+                    f"md5 check failed for {str(path)!r}: file md5 {gz_md5}, content md5 {raw_md5}; "
+                    f"expected file "
                     f"md5 {spec.gz_md5[key]} or content md5 {spec.raw_md5[key]}. The file is corrupt or not "
-                    f"{name}; delete it and copy/download it again (or pass check_md5=False at your own risk)."
+                    f"{name}; delete it and copy/download it again "
+                    "(or pass check_md5=False at your own risk)."
                 )
     if len(raw) < 4:
         raise ValueError(f"{str(path)!r} is too short to be an IDX file ({len(raw)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{str(path)!r}: expected an unsigned-byte IDX header (0x0000 0x08), got {raw[:4].hex()}")
+        raise ValueError(
+            f"{str(path)!r}: expected an unsigned-byte IDX header (0x0000 0x08), got {raw[:4].hex()}"
+        )
     dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
     offset = 4 + 4 * ndim
     n = 1
     for d in dims:
         n *= d
     if len(raw) - offset != n:
-        raise ValueError(f"{str(path)!r}: header says {dims} ({n} bytes) but the file has {len(raw) - offset}")
+        raise ValueError(
+            f"{str(path)!r}: header says {dims} ({n} bytes) but the file has {len(raw) - offset}"
+        )
     data = torch.frombuffer(bytearray(raw[offset:]), dtype=torch.uint8)
     return data.reshape(dims)
 
@@ -185,7 +203,7 @@ def read_idx(path: str | os.PathLike, *, name: str = "mnist", check_md5: bool = 
 def load_split(
     root: str | os.PathLike, split: str = "train", *, name: str = "mnist", check_md5: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(N, 28, 28)`` ``uint8`` and labels ``(N,)`` ``int64`` of ``split`` (``"train"`` or ``"test"``)."""
+    """Images ``(N, 28, 28)`` ``uint8`` and labels ``(N,)`` ``int64`` of ``split`` (``"train"``/``"test"``)."""
     if split not in FILES:
         raise ValueError(f"split={split!r} is unknown; expected one of {sorted(FILES)}")
     root = check_files(root, name, (split,))
@@ -193,7 +211,9 @@ def load_split(
     images = read_idx(root / img_file, name=name, check_md5=check_md5)
     labels = read_idx(root / lbl_file, name=name, check_md5=check_md5).long()
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{name} {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair")
+        raise ValueError(
+            f"{name} {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not pair"
+        )
     return images, labels
 
 
@@ -233,6 +253,7 @@ def load_splits(
     for arg, v in (("val_size", val_size), ("train_size", train_size), ("test_size", test_size)):
         if v is not None and (not isinstance(v, int) or v < 0):
             raise ValueError(f"{arg} must be a non-negative int or None, got {v!r}")
+    check_files(root, name)
     tr_img, tr_lbl = load_split(root, "train", name=name, check_md5=check_md5)
     te_img, te_lbl = load_split(root, "test", name=name, check_md5=check_md5)
     n = tr_img.shape[0]
@@ -244,7 +265,9 @@ def load_splits(
     rest = perm[val_size:]
     if train_size is not None:
         if train_size > rest.numel():
-            raise ValueError(f"train_size={train_size} exceeds the {rest.numel()} images left after validation")
+            raise ValueError(
+                f"train_size={train_size} exceeds the {rest.numel()} images left after validation"
+            )
         rest = rest[:train_size]
     train_index = rest.sort().values
     if test_size is not None:
@@ -254,10 +277,14 @@ def load_splits(
         return (x.float() / 255.0).unsqueeze(1).contiguous()
 
     return Splits(
-        train_x=f(tr_img[train_index]), train_y=tr_lbl[train_index].contiguous(),
-        val_x=f(tr_img[val_index]), val_y=tr_lbl[val_index].contiguous(),
-        test_x=f(te_img), test_y=te_lbl.contiguous(),
-        train_index=train_index, val_index=val_index,
+        train_x=f(tr_img[train_index]),
+        train_y=tr_lbl[train_index].contiguous(),
+        val_x=f(tr_img[val_index]),
+        val_y=tr_lbl[val_index].contiguous(),
+        test_x=f(te_img),
+        test_y=te_lbl.contiguous(),
+        train_index=train_index,
+        val_index=val_index,
     )
 
 

@@ -82,6 +82,7 @@ class MNISTConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
+    lr_schedule: str = "paper"
     tol: float = 1e-3
     adjoint_tol: float | None = None
     gradient: str | None = None
@@ -111,14 +112,22 @@ class MNISTConfig:
         for name in ("lr", "tol"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lr_schedule not in ("paper", "constant"):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; expected 'paper' or 'constant'")
         if self.adjoint_tol is not None and not self.adjoint_tol > 0:
             raise ValueError(f"adjoint_tol must be > 0 or None, got {self.adjoint_tol!r}")
         if self.model == "rknet" and self.gradient not in (None, "direct"):
-            raise ValueError(f"rknet trains by backprop through the solver; gradient must be 'direct', got {self.gradient!r}")
+            raise ValueError(
+                f"rknet trains by backprop through the solver; gradient must be 'direct', "
+                f"got {self.gradient!r}"
+            )
 
 
 def lr_at(step: int, steps_per_epoch: int, cfg: MNISTConfig) -> float:
-    """Learning rate at global step ``step``: ``lr * batch/128`` times the piecewise-constant decay."""
+    """Learning rate at global step ``step``: ``lr * batch/128`` times the piecewise-constant decay
+    (``lr_schedule="paper"``) or times 1 (``"constant"``)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * cfg.batch_size / 128
     epoch = step / steps_per_epoch
     k = sum(epoch >= b * cfg.epochs for b in LR_BOUNDARIES)
     return cfg.lr * cfg.batch_size / 128 * LR_DECAYS[k]
@@ -131,8 +140,14 @@ def make_model(cfg: MNISTConfig) -> nn.Module:
         if cfg.seminorm:
             adjoint_options["norm"] = "seminorm"
         kw: dict[str, Any] = dict(
-            channels=cfg.channels, downsampling=cfg.downsampling, method=cfg.solver, rtol=cfg.tol, atol=cfg.tol,
-            adjoint_rtol=cfg.adjoint_tol, adjoint_atol=cfg.adjoint_tol, options=options,
+            channels=cfg.channels,
+            downsampling=cfg.downsampling,
+            method=cfg.solver,
+            rtol=cfg.tol,
+            atol=cfg.tol,
+            adjoint_rtol=cfg.adjoint_tol,
+            adjoint_atol=cfg.adjoint_tol,
+            options=options,
             adjoint_options=adjoint_options or None,
         )
         if cfg.gradient is not None:
@@ -211,7 +226,9 @@ class _Dist:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MNISTConfig, device: torch.device, dist: _Dist):
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MNISTConfig, device: torch.device, dist: _Dist
+):
     """Mean loss, error rate and mean forward NFE per batch over ``(x, y)`` (sharded across processes)."""
     model.eval()
     func = _odefunc(model)
@@ -231,7 +248,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MNISTConfi
         count += yb.numel()
     loss_sum, wrong, count, nfe_sum, batches = dist.sum([loss_sum, wrong, count, nfe_sum, batches], device)
     model.train()
-    return {"loss": loss_sum / max(count, 1), "error": wrong / max(count, 1), "nfe": nfe_sum / max(batches, 1)}
+    return {
+        "loss": loss_sum / max(count, 1),
+        "error": wrong / max(count, 1),
+        "nfe": nfe_sum / max(batches, 1),
+    }
 
 
 def _resolve_data_dir(cfg: MNISTConfig) -> Path:
@@ -252,7 +273,9 @@ def train(cfg: MNISTConfig, *, resume: bool = False) -> dict[str, Any]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if cfg.batch_size % dist.world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({dist.world})")
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by the number of processes ({dist.world})"
+        )
     try:
         return _train(cfg, resume, device, dist)
     finally:
@@ -263,8 +286,12 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
     run = RunDir(cfg.out) if dist.main else None
     out = Path(cfg.out)
     splits = data.load_splits(
-        _resolve_data_dir(cfg), name=cfg.dataset, val_size=cfg.val_size, train_size=cfg.train_size,
-        test_size=cfg.test_size, seed=cfg.seed,
+        _resolve_data_dir(cfg),
+        name=cfg.dataset,
+        val_size=cfg.val_size,
+        train_size=cfg.train_size,
+        test_size=cfg.test_size,
+        seed=cfg.seed,
     )
     n_train = splits.train_x.shape[0]
     steps_per_epoch = n_train // cfg.batch_size
@@ -274,7 +301,9 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
     seed_everything(cfg.seed)
     model = make_model(cfg).to(device)
     n_params = count_parameters(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
     start_epoch, start_step, wall_before = 0, 0, 0.0
     acc = _zero_acc()
@@ -294,14 +323,27 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
             if run.path(name).exists():
                 run.path(name).unlink()
     if run is not None:
-        run.write_json("config.json", {**dataclasses.asdict(cfg), "params": n_params, "world_size": dist.world,
-                                       "n_train": n_train, "steps_per_epoch": steps_per_epoch})
-        print(f"{cfg.model}: {n_params:,} parameters; {n_train} train / {splits.val_x.shape[0]} validation / "
-              f"{splits.test_x.shape[0]} test images; {dist.world} process(es); run folder {out}", file=sys.stderr)
+        run.write_json(
+            "config.json",
+            {
+                **dataclasses.asdict(cfg),
+                "params": n_params,
+                "world_size": dist.world,
+                "n_train": n_train,
+                "steps_per_epoch": steps_per_epoch,
+            },
+        )
+        print(
+            f"{cfg.model}: {n_params:,} parameters; {n_train} train / {splits.val_x.shape[0]} validation / "
+            f"{splits.test_x.shape[0]} test images; {dist.world} process(es); run folder {out}",
+            file=sys.stderr,
+        )
 
     ddp_model: nn.Module = model
     if dist.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     func = _odefunc(model)
     lines = _count_lines(out, "metrics.jsonl") if run is not None else 0
     it_lines = _count_lines(out, "iterations.jsonl") if run is not None else 0
@@ -311,11 +353,21 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
         nonlocal lines, it_lines
         if run is None:
             return
-        save_checkpoint(run.checkpoint, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-            "acc": acc, "best": best, "rng": get_rng_state(), "metrics_lines": lines,
-            "iteration_lines": it_lines, "wall_time_s": wall_before + time.perf_counter() - t_resumed,
-        })
+        save_checkpoint(
+            run.checkpoint,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "acc": acc,
+                "best": best,
+                "rng": get_rng_state(),
+                "metrics_lines": lines,
+                "iteration_lines": it_lines,
+                "wall_time_s": wall_before + time.perf_counter() - t_resumed,
+            },
+        )
 
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
@@ -323,8 +375,11 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
         first = start_step if epoch == start_epoch else 0
         if first == 0:
             acc = _zero_acc()
-        bar = progress(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}") \
-            if dist.main else _NullBar()
+        bar = (
+            progress(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            if dist.main
+            else _NullBar()
+        )
         t_epoch = time.perf_counter()
         for step in range(first, steps_per_epoch):
             gstep = epoch * steps_per_epoch + step
@@ -353,30 +408,52 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
             t_epoch = time.perf_counter()
             if run is not None:
                 nproc = dist.world
-                postfix = {"loss": f"{acc['loss_sum'] / acc['count']:.3f}",
-                           "acc": f"{1 - acc['wrong'] / acc['count']:.3f}",
-                           "nfe_f": f"{stats[3] / nproc:.0f}", "nfe_b": f"{stats[4] / nproc:.0f}"}
+                postfix = {
+                    "loss": f"{acc['loss_sum'] / acc['count']:.3f}",
+                    "acc": f"{1 - acc['wrong'] / acc['count']:.3f}",
+                    "nfe_f": f"{stats[3] / nproc:.0f}",
+                    "nfe_b": f"{stats[4] / nproc:.0f}",
+                }
                 bar.set_postfix(**postfix)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                    run.append_jsonl("iterations.jsonl", {
-                        "epoch": epoch, "step": step + 1, "global_step": gstep + 1,
-                        "epoch_float": epoch + (step + 1) / steps_per_epoch, "loss": stats[0] / stats[2],
-                        "error": stats[1] / stats[2], "nfe_forward": stats[3] / nproc,
-                        "nfe_backward": stats[4] / nproc, "lr": lr,
-                    })
+                    run.append_jsonl(
+                        "iterations.jsonl",
+                        {
+                            "epoch": epoch,
+                            "step": step + 1,
+                            "global_step": gstep + 1,
+                            "epoch_float": epoch + (step + 1) / steps_per_epoch,
+                            "loss": stats[0] / stats[2],
+                            "error": stats[1] / stats[2],
+                            "nfe_forward": stats[3] / nproc,
+                            "nfe_backward": stats[4] / nproc,
+                            "lr": lr,
+                        },
+                    )
                     it_lines += 1
             bar.update(1)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                 checkpoint(epoch, step + 1)
         bar.close()
 
-        val = evaluate(ddp_model.module if dist.enabled else model, splits.val_x, splits.val_y, cfg, device, dist) \
-            if splits.val_x.shape[0] else {"loss": float("nan"), "error": float("nan"), "nfe": float("nan")}
+        val = (
+            evaluate(
+                ddp_model.module if dist.enabled else model, splits.val_x, splits.val_y, cfg, device, dist
+            )
+            if splits.val_x.shape[0]
+            else {"loss": float("nan"), "error": float("nan"), "nfe": float("nan")}
+        )
         row = {
-            "epoch": epoch + 1, "train_loss": acc["loss_sum"] / acc["count"], "train_error": acc["wrong"] / acc["count"],
-            "val_loss": val["loss"], "val_error": val["error"], "val_nfe_forward": val["nfe"],
-            "nfe_forward": acc["nfe_f"] / acc["steps"] / dist.world, "nfe_backward": acc["nfe_b"] / acc["steps"] / dist.world,
-            "lr": lr_at((epoch + 1) * steps_per_epoch - 1, steps_per_epoch, cfg), "epoch_time_s": acc["time"],
+            "epoch": epoch + 1,
+            "train_loss": acc["loss_sum"] / acc["count"],
+            "train_error": acc["wrong"] / acc["count"],
+            "val_loss": val["loss"],
+            "val_error": val["error"],
+            "val_nfe_forward": val["nfe"],
+            "nfe_forward": acc["nfe_f"] / acc["steps"] / dist.world,
+            "nfe_backward": acc["nfe_b"] / acc["steps"] / dist.world,
+            "lr": lr_at((epoch + 1) * steps_per_epoch - 1, steps_per_epoch, cfg),
+            "epoch_time_s": acc["time"],
             "images_per_s": acc["count"] / max(acc["time"], 1e-9),
         }
         selected = not splits.val_x.shape[0] or val["error"] <= best["val_error"]
@@ -386,9 +463,13 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
             if selected:
                 best = {"val_error": val["error"], "epoch": epoch + 1}
                 save_checkpoint(out / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1})
-            print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} error {row['train_error']:.4f}, "
-                  f"val error {row['val_error']:.4f}, NFE fwd {row['nfe_forward']:.1f} bwd {row['nfe_backward']:.1f}, "
-                  f"{row['epoch_time_s']:.0f} s", file=sys.stderr)
+            print(
+                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} error {row['train_error']:.4f}, "
+                f"val error {row['val_error']:.4f}, NFE fwd {row['nfe_forward']:.1f} "
+                f"bwd {row['nfe_backward']:.1f}, "
+                f"{row['epoch_time_s']:.0f} s",
+                file=sys.stderr,
+            )
         checkpoint(epoch + 1, 0)
         dist.barrier()
 
@@ -402,23 +483,41 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
     test_time = time.perf_counter() - t_test
     model.load_state_dict(final_state)
     wall = wall_before + time.perf_counter() - t_resumed
-    history = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()] if run is not None else []
+    history = (
+        [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()] if run is not None else []
+    )
     last = history[-1] if history else {}
     metrics = {
-        "model": cfg.model, "dataset": cfg.dataset, "test_error": test["error"], "test_loss": test["loss"],
-        "test_nfe_forward": test["nfe"], "test_time_s": test_time,
-        "val_error": best["val_error"], "selected_epoch": best_ckpt["epoch"], "epochs": cfg.epochs,
-        "params": n_params, "nfe_forward": last.get("nfe_forward", 0.0), "nfe_backward": last.get("nfe_backward", 0.0),
-        "wall_time_s": wall, "train_time_s": sum(h["epoch_time_s"] for h in history),
-        "images_per_s": last.get("images_per_s"), "peak_memory_mb": peak_memory_mb(device),
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "test_error": test["error"],
+        "test_loss": test["loss"],
+        "test_nfe_forward": test["nfe"],
+        "test_time_s": test_time,
+        "val_error": best["val_error"],
+        "selected_epoch": best_ckpt["epoch"],
+        "epochs": cfg.epochs,
+        "params": n_params,
+        "nfe_forward": last.get("nfe_forward", 0.0),
+        "nfe_backward": last.get("nfe_backward", 0.0),
+        "wall_time_s": wall,
+        "train_time_s": sum(h["epoch_time_s"] for h in history),
+        "images_per_s": last.get("images_per_s"),
+        "peak_memory_mb": peak_memory_mb(device),
         "memory_kind": "CUDA allocator peak" if device.type == "cuda" else "process peak RSS (rank 0)",
-        "world_size": dist.world, "n_train": n_train, "device": str(device), "threads": torch.get_num_threads(),
+        "world_size": dist.world,
+        "n_train": n_train,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
     }
     if run is not None:
         run.write_json("metrics.json", metrics)
         _plot_training(out, history)
-        print(f"test error {metrics['test_error']:.4%} (selected epoch {metrics['selected_epoch']}, "
-              f"val error {metrics['val_error']:.4%}); wall time {wall:.0f} s", file=sys.stderr)
+        print(
+            f"test error {metrics['test_error']:.4%} (selected epoch {metrics['selected_epoch']}, "
+            f"val error {metrics['val_error']:.4%}); wall time {wall:.0f} s",
+            file=sys.stderr,
+        )
     return metrics
 
 
@@ -434,7 +533,15 @@ class _NullBar:
 
 
 def _zero_acc() -> dict[str, float]:
-    return {"loss_sum": 0.0, "wrong": 0.0, "count": 0.0, "nfe_f": 0.0, "nfe_b": 0.0, "steps": 0.0, "time": 0.0}
+    return {
+        "loss_sum": 0.0,
+        "wrong": 0.0,
+        "count": 0.0,
+        "nfe_f": 0.0,
+        "nfe_b": 0.0,
+        "steps": 0.0,
+        "time": 0.0,
+    }
 
 
 def _count_lines(out: Path, name: str) -> int:
@@ -450,8 +557,11 @@ def _plot_training(out: Path, history: list[dict]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    its = [json.loads(s) for s in (out / "iterations.jsonl").read_text().splitlines()] \
-        if (out / "iterations.jsonl").exists() else []
+    its = (
+        [json.loads(s) for s in (out / "iterations.jsonl").read_text().splitlines()]
+        if (out / "iterations.jsonl").exists()
+        else []
+    )
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     if its:
         ef = [r["epoch_float"] for r in its]
@@ -459,7 +569,9 @@ def _plot_training(out: Path, history: list[dict]) -> None:
         axes[1].plot(ef, [r["nfe_forward"] for r in its], lw=0.8, label="forward NFE")
         axes[1].plot(ef, [r["nfe_backward"] for r in its], lw=0.8, label="backward NFE")
     if history:
-        axes[0].plot([h["epoch"] for h in history], [h["val_loss"] for h in history], "o-", label="validation loss")
+        axes[0].plot(
+            [h["epoch"] for h in history], [h["val_loss"] for h in history], "o-", label="validation loss"
+        )
     axes[0].set_yscale("log")
     for ax, title in zip(axes, ("loss", "NFE per iteration")):
         ax.set_xlabel("epoch")
@@ -510,8 +622,13 @@ def figure3(
     model = make_model(cfg).to(device)
     model.load_state_dict(load_checkpoint(ckpt_path, map_location=device)["model"])
     model.eval()
-    splits = data.load_splits(_resolve_data_dir(cfg), name=cfg.dataset, val_size=cfg.val_size,
-                              train_size=cfg.train_size, seed=cfg.seed)
+    splits = data.load_splits(
+        _resolve_data_dir(cfg),
+        name=cfg.dataset,
+        val_size=cfg.val_size,
+        train_size=cfg.train_size,
+        seed=cfg.seed,
+    )
     src_x, src_y = (splits.val_x, splits.val_y) if splits.val_x.shape[0] else (splits.train_x, splits.train_y)
     x, y = src_x[:n_images].to(device), src_y[:n_images].to(device)
     func = model.odefunc
@@ -547,20 +664,43 @@ def figure3(
         nfe_b = func.nfe
         model.ode.gradient = grad_mode
         model.zero_grad(set_to_none=True)
-        sweep.append({"tol": tol, "nfe_forward": nfe_f, "rel_error": err, "time_s": sorted(times)[len(times) // 2],
-                      "error_rate": wrong, "adjoint_nfe_forward": nfe_fg, "adjoint_nfe_backward": nfe_b})
-        print(f"tol {tol:.0e}: NFE {nfe_f}, rel. error {err:.2e}, {sweep[-1]['time_s'] * 1e3:.0f} ms, "
-              f"adjoint NFE fwd {nfe_fg} bwd {nfe_b}", file=sys.stderr)
-    its = [json.loads(s) for s in (run_dir / "iterations.jsonl").read_text().splitlines()] \
-        if (run_dir / "iterations.jsonl").exists() else []
-    epochs = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").exists() else []
+        sweep.append(
+            {
+                "tol": tol,
+                "nfe_forward": nfe_f,
+                "rel_error": err,
+                "time_s": sorted(times)[len(times) // 2],
+                "error_rate": wrong,
+                "adjoint_nfe_forward": nfe_fg,
+                "adjoint_nfe_backward": nfe_b,
+            }
+        )
+        print(
+            f"tol {tol:.0e}: NFE {nfe_f}, rel. error {err:.2e}, {sweep[-1]['time_s'] * 1e3:.0f} ms, "
+            f"adjoint NFE fwd {nfe_fg} bwd {nfe_b}",
+            file=sys.stderr,
+        )
+    its = (
+        [json.loads(s) for s in (run_dir / "iterations.jsonl").read_text().splitlines()]
+        if (run_dir / "iterations.jsonl").exists()
+        else []
+    )
+    epochs = (
+        [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if (run_dir / "metrics.jsonl").exists()
+        else []
+    )
     result = {
-        "run": str(run_dir), "checkpoint": ckpt_path.name, "n_images": int(x.shape[0]), "ref_tol": ref_tol,
-        "images": "validation" if splits.val_x.shape[0] else "train", "sweep": sweep,
+        "run": str(run_dir),
+        "checkpoint": ckpt_path.name,
+        "n_images": int(x.shape[0]),
+        "ref_tol": ref_tol,
+        "images": "validation" if splits.val_x.shape[0] else "train",
+        "sweep": sweep,
         "training": [{k: r[k] for k in ("epoch_float", "nfe_forward", "nfe_backward", "loss")} for r in its],
         "epochs": [{k: r[k] for k in ("epoch", "nfe_forward", "nfe_backward")} for r in epochs],
-        "device": str(device), "threads": torch.get_num_threads(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
     }
     (out / "figure3.json").write_text(json.dumps(result, indent=1) + "\n")
     _plot_figure3(out, result)
@@ -591,10 +731,20 @@ def _plot_figure3(out: Path, r: dict[str, Any]) -> None:
 
     def panel_c(ax):
         if tr:
-            ax.scatter([p["nfe_forward"] for p in tr], [p["nfe_backward"] for p in tr], s=6, alpha=0.5,
-                       label="training iterations")
-        ax.scatter([s["adjoint_nfe_forward"] for s in sw], [s["adjoint_nfe_backward"] for s in sw], marker="x",
-                   color="C3", label="tolerance sweep")
+            ax.scatter(
+                [p["nfe_forward"] for p in tr],
+                [p["nfe_backward"] for p in tr],
+                s=6,
+                alpha=0.5,
+                label="training iterations",
+            )
+        ax.scatter(
+            [s["adjoint_nfe_forward"] for s in sw],
+            [s["adjoint_nfe_backward"] for s in sw],
+            marker="x",
+            color="C3",
+            label="tolerance sweep",
+        )
         xs = [p["nfe_forward"] for p in tr] + [s["adjoint_nfe_forward"] for s in sw]
         if xs:
             lim = max(xs) * 1.1
@@ -607,7 +757,12 @@ def _plot_figure3(out: Path, r: dict[str, Any]) -> None:
 
     def panel_d(ax):
         if tr:
-            ax.plot([p["epoch_float"] for p in tr], [p["nfe_forward"] for p in tr], lw=0.8, label="per logged step")
+            ax.plot(
+                [p["epoch_float"] for p in tr],
+                [p["nfe_forward"] for p in tr],
+                lw=0.8,
+                label="per logged step",
+            )
         if ep:
             ax.plot([e["epoch"] for e in ep], [e["nfe_forward"] for e in ep], "o-", label="epoch mean")
         ax.set_xlabel("training epoch")
@@ -615,8 +770,12 @@ def _plot_figure3(out: Path, r: dict[str, Any]) -> None:
         ax.set_title("(d) NFE over training")
         ax.legend(fontsize=6)
 
-    panels = {"a_nfe_vs_error": panel_a, "b_time_vs_nfe": panel_b, "c_backward_vs_forward": panel_c,
-              "d_nfe_vs_epoch": panel_d}
+    panels = {
+        "a_nfe_vs_error": panel_a,
+        "b_time_vs_nfe": panel_b,
+        "c_backward_vs_forward": panel_c,
+        "d_nfe_vs_epoch": panel_d,
+    }
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, fn in zip(axes, panels.values()):
         fn(ax)
@@ -657,8 +816,20 @@ def table1(
             raise ValueError(f"model {m!r} is unknown; expected a subset of {MODELS}")
         run = out / m
         if not (resume and (run / "metrics.json").exists()):
-            cmd = [sys.executable, "-m", "neuralode", "train", "mnist", "--model", m, "--epochs", str(epochs),
-                   "--out", str(run), *extra_args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "neuralode",
+                "train",
+                "mnist",
+                "--model",
+                m,
+                "--epochs",
+                str(epochs),
+                "--out",
+                str(run),
+                *extra_args,
+            ]
             if resume and (run / "checkpoint.pt").exists():
                 cmd.append("--resume")
             print("$ " + " ".join(cmd), file=sys.stderr)
@@ -674,14 +845,20 @@ def table1(
     ]
     for m, r in rows.items():
         name, p_err, p_par, p_mem, p_time = PAPER_TABLE1[m]
-        steps = max(1, (r["n_train"] // json.loads((out / m / "config.json").read_text())["batch_size"]) * epochs)
+        steps = max(
+            1, (r["n_train"] // json.loads((out / m / "config.json").read_text())["batch_size"]) * epochs
+        )
         lines.append(
-            f"| {name} | {r['test_error']:.2%} | {p_err} | {r['params']:,} | {p_par} | {r['peak_memory_mb']:.0f} | "
+            f"| {name} | {r['test_error']:.2%} | {p_err} | {r['params']:,} | {p_par} | "
+            f"{r['peak_memory_mb']:.0f} | "
             f"{p_mem} | {r['train_time_s']:.0f} | {r['train_time_s'] / steps:.3f} | {p_time} | "
             f"{r['nfe_forward']:.1f} | {r['nfe_backward']:.1f} |"
         )
-    lines += ["", f"Memory: {next(iter(rows.values()))['memory_kind']}. NFE: mean per training iteration, "
-              "last epoch. Test error with the weights selected on the validation split."]
+    lines += [
+        "",
+        f"Memory: {next(iter(rows.values()))['memory_kind']}. NFE: mean per training iteration, "
+        "last epoch. Test error with the weights selected on the validation split.",
+    ]
     text = "\n".join(lines) + "\n"
     (out / "table1.md").write_text(text)
     (out / "table1.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -697,33 +874,59 @@ def _add_train_args(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     if model:
         p.add_argument("--model", choices=MODELS, default=d.model)
     p.add_argument("--dataset", choices=sorted(data.DATASETS), default=d.dataset)
-    p.add_argument("--data-dir", default=None,
-                   help="folder with the four IDX .gz files (default $NEURALODE_DATA/<dataset> or ~/.cache/neuralode/<dataset>)")
-    p.add_argument("--download", action="store_true", help="fetch missing files into --data-dir first (internet)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the four IDX .gz files "
+        "(default $NEURALODE_DATA/<dataset> or ~/.cache/neuralode/<dataset>)",
+    )
+    p.add_argument(
+        "--download", action="store_true", help="fetch missing files into --data-dir first (internet)"
+    )
     if model:
         p.add_argument("--epochs", type=int, default=d.epochs, help="the LR schedule scales with it")
     p.add_argument("--train-size", type=int, default=None, help="train on this many images (quick runs)")
     p.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of train")
-    p.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test images (quick runs)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split across processes)")
+    p.add_argument(
+        "--test-size", type=int, default=None, help="evaluate on the first N test images (quick runs)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="global batch (split across processes)"
+    )
     p.add_argument("--lr", type=float, default=d.lr, help="base LR for batch 128 (scaled by batch/128)")
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--lr-schedule",
+        choices=("paper", "constant"),
+        default=d.lr_schedule,
+        help="paper: x0.1 at 60/160, 100/160, 140/160 of the run; constant: no decay",
+    )
     p.add_argument("--tol", type=float, default=d.tol, help="forward rtol = atol")
     p.add_argument("--adjoint-tol", type=float, default=None, help="backward rtol = atol (default: --tol)")
-    p.add_argument("--gradient", choices=("direct", "adjoint", "checkpoint"), default=None,
-                   help="default: adjoint for odenet, direct for rknet")
-    p.add_argument("--solver", default=d.solver, help="dopri5, rk4, euler, ... (fixed-step ones need --step-size)")
+    p.add_argument(
+        "--gradient",
+        choices=("direct", "adjoint", "checkpoint"),
+        default=None,
+        help="default: adjoint for odenet, direct for rknet",
+    )
+    p.add_argument(
+        "--solver", default=d.solver, help="dopri5, rk4, euler, ... (fixed-step ones need --step-size)"
+    )
     p.add_argument("--step-size", type=float, default=None)
     p.add_argument("--seminorm", action="store_true", help="adjoint error norm over the state only")
     p.add_argument("--downsampling", choices=("conv", "res"), default=d.downsampling)
-    p.add_argument("--channels", type=int, default=d.channels, help="64 in the paper (smaller only for tests)")
+    p.add_argument(
+        "--channels", type=int, default=d.channels, help="64 in the paper (smaller only for tests)"
+    )
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints"
+    )
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between iterations.jsonl lines")
 
 
@@ -746,29 +949,52 @@ def _run_figure3(args: argparse.Namespace) -> int:
 
 def _run_table1(args: argparse.Namespace) -> int:
     passthrough = []
-    for name in ("data_dir", "train_size", "val_size", "test_size", "batch_size", "device", "threads", "tol", "seed",
-                 "dataset"):
+    for name in (
+        "data_dir",
+        "train_size",
+        "val_size",
+        "test_size",
+        "batch_size",
+        "device",
+        "threads",
+        "tol",
+        "seed",
+        "dataset",
+    ):
         v = getattr(args, name)
         if v is not None:
             passthrough += ["--" + name.replace("_", "-"), str(v)]
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    table1(args.out, models=tuple(args.models), epochs=args.epochs, extra_args=tuple(passthrough + extra),
-           resume=args.resume)
+    table1(
+        args.out,
+        models=tuple(args.models),
+        epochs=args.epochs,
+        extra_args=tuple(passthrough + extra),
+        resume=args.resume,
+    )
     return 0
 
 
 def register(commands: argparse._SubParsersAction, train_cmds: argparse._SubParsersAction) -> None:
-    p = train_cmds.add_parser("mnist", help="MNIST classifier: ODE-Net, RK-Net, ResNet or MLP (paper Table 1)")
+    p = train_cmds.add_parser(
+        "mnist", help="MNIST classifier: ODE-Net, RK-Net, ResNet or MLP (paper Table 1)"
+    )
     _add_train_args(p)
     p.add_argument("--out", default="runs/mnist", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.set_defaults(func=_run_train)
 
-    f = commands.add_parser("figure3", help="paper Figure 3 (NFE statistics) from a trained ODE-Net run folder")
+    f = commands.add_parser(
+        "figure3", help="paper Figure 3 (NFE statistics) from a trained ODE-Net run folder"
+    )
     f.add_argument("run", help="run folder of `neuralode train mnist --model odenet`")
-    f.add_argument("--out", default=None, help="where to write the PNGs and figure3.json (default: the run folder)")
+    f.add_argument(
+        "--out", default=None, help="where to write the PNGs and figure3.json (default: the run folder)"
+    )
     f.add_argument("--n-images", type=int, default=256, help="validation images for the tolerance sweep")
-    f.add_argument("--tols", type=float, nargs="+", default=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5])
+    f.add_argument(
+        "--tols", type=float, nargs="+", default=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
+    )
     f.add_argument("--data-dir", default=None)
     f.add_argument("--threads", type=int, default=None)
     f.set_defaults(func=_run_figure3)
@@ -776,7 +1002,9 @@ def register(commands: argparse._SubParsersAction, train_cmds: argparse._SubPars
     t = commands.add_parser("table1", help="paper Table 1: train the four models and write a markdown table")
     t.add_argument("--out", default="runs/table1")
     t.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    t.add_argument("--epochs", type=int, default=160, help="epoch budget per model (LR schedule scales with it)")
+    t.add_argument(
+        "--epochs", type=int, default=160, help="epoch budget per model (LR schedule scales with it)"
+    )
     t.add_argument("--data-dir", default=None)
     t.add_argument("--dataset", default=None)
     t.add_argument("--train-size", type=int, default=None)

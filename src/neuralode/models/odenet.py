@@ -25,8 +25,8 @@ from torch import nn
 from neuralode import NeuralODE
 
 __all__ = [
-    "MODELS",
     "MLP",
+    "MODELS",
     "ConcatConv2d",
     "ODEBlockFunc",
     "ODENet",
@@ -49,9 +49,13 @@ class ConcatConv2d(nn.Module):
     ``forward(t, x)``: ``x`` is ``(N, C_in, H, W)``, ``t`` a 0-d tensor; returns ``(N, C_out, H', W')``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1
+    ):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels + 1, out_channels, kernel_size, stride=stride, padding=padding, bias=True)
+        self.conv = nn.Conv2d(
+            in_channels + 1, out_channels, kernel_size, stride=stride, padding=padding, bias=True
+        )
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         tt = torch.ones_like(x[:, :1]) * t.to(x.dtype)
@@ -84,7 +88,7 @@ class ODEBlockFunc(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation residual block (He et al. 2016b) with GroupNorm; 1×1 conv shortcut when it downsamples."""
+    """Pre-activation residual block (He et al. 2016b), GroupNorm; 1×1 conv shortcut when it downsamples."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
@@ -130,12 +134,16 @@ def downsampling_layers(kind: str = "conv", channels: int = 64) -> nn.Sequential
 
 def _head(channels: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(
-        norm(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(channels, num_classes)
+        norm(channels),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.Flatten(),
+        nn.Linear(channels, num_classes),
     )
 
 
 class ODENet(nn.Module):
-    """Downsampling → one ODE block on ``[0, 1]`` → head. Input ``(N, 1, 28, 28)``, output logits ``(N, classes)``.
+    """Downsampling → one ODE block on ``[0, 1]`` → head. ``(N, 1, 28, 28)`` → logits ``(N, classes)``.
 
     Args:
         channels: feature channels (64 in the paper).
@@ -167,8 +175,16 @@ class ODENet(nn.Module):
         self.downsampling = downsampling_layers(downsampling, channels)
         self.odefunc = ODEBlockFunc(channels)
         self.ode = NeuralODE(
-            self.odefunc, (0.0, 1.0), method=method, rtol=rtol, atol=atol, adjoint_rtol=adjoint_rtol,
-            adjoint_atol=adjoint_atol, options=options, adjoint_options=adjoint_options, gradient=gradient,
+            self.odefunc,
+            (0.0, 1.0),
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            adjoint_rtol=adjoint_rtol,
+            adjoint_atol=adjoint_atol,
+            options=options,
+            adjoint_options=adjoint_options,
+            gradient=gradient,
             only_last=True,
         )
         self.head = _head(channels, num_classes)
@@ -184,7 +200,9 @@ class ODENet(nn.Module):
 class ResNet(nn.Module):
     """Downsampling → ``n_blocks`` pre-activation residual blocks → head (576,778 parameters by default)."""
 
-    def __init__(self, channels: int = 64, downsampling: str = "conv", n_blocks: int = 6, num_classes: int = 10):
+    def __init__(
+        self, channels: int = 64, downsampling: str = "conv", n_blocks: int = 6, num_classes: int = 10
+    ):
         super().__init__()
         self.downsampling = downsampling_layers(downsampling, channels)
         self.blocks = nn.Sequential(*[PreActBlock(channels, channels) for _ in range(n_blocks)])
@@ -200,7 +218,10 @@ class MLP(nn.Module):
     def __init__(self, hidden: int = 300, in_features: int = 784, num_classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +232,7 @@ MODELS = ("odenet", "rknet", "resnet", "mlp")
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """``"odenet"`` (adjoint gradient), ``"rknet"`` (direct backprop through the solver), ``"resnet"``, ``"mlp"``.
+    """``"odenet"`` (adjoint gradient), ``"rknet"`` (backprop through the solver), ``"resnet"``, ``"mlp"``.
 
     Keyword arguments go to the class; for ``"rknet"`` a given ``gradient`` must be ``"direct"``.
     """
@@ -220,7 +241,10 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         return ODENet(**kwargs)
     if name == "rknet":
         if kwargs.setdefault("gradient", "direct") != "direct":
-            raise ValueError(f"rknet backpropagates through the solver: gradient must be 'direct', got {kwargs['gradient']!r}")
+            raise ValueError(
+                f"rknet backpropagates through the solver: gradient must be 'direct', "
+                f"got {kwargs['gradient']!r}"
+            )
         return ODENet(**kwargs)
     if name == "resnet":
         return ResNet(**kwargs)
