@@ -1,4 +1,4 @@
-"""Training loop, resume after SIGKILL, DDP against one process, the figure3/table1 commands (tiny budgets)."""
+"""Training loop, resume after SIGKILL, DDP against one process, figure3 and table1 (tiny budgets)."""
 
 import json
 import os

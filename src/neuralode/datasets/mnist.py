@@ -203,7 +203,7 @@ def read_idx(path: str | os.PathLike, *, name: str = "mnist", check_md5: bool = 
 def load_split(
     root: str | os.PathLike, split: str = "train", *, name: str = "mnist", check_md5: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``(N, 28, 28)`` ``uint8`` and labels ``(N,)`` ``int64`` of ``split`` (``"train"``/``"test"``)."""
+    """Images ``(N, 28, 28)`` ``uint8`` and labels ``(N,)`` ``int64`` of ``split`` ("train"/"test")."""
     if split not in FILES:
         raise ValueError(f"split={split!r} is unknown; expected one of {sorted(FILES)}")
     root = check_files(root, name, (split,))
