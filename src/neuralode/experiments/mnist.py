@@ -760,9 +760,10 @@ def _plot_figure3(out: Path, r: dict[str, Any]) -> None:
     sw, tr, ep = r["sweep"], r["training"], r["epochs"]
 
     def panel_a(ax):
-        ax.loglog([s["rel_error"] for s in sw], [s["nfe_forward"] for s in sw], "o-")
+        ax.semilogx([s["rel_error"] for s in sw], [s["nfe_forward"] for s in sw], "o-")
         for s in sw:
             ax.annotate(f"{s['tol']:.0e}", (s["rel_error"], s["nfe_forward"]), fontsize=6)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("numerical error (relative, vs reference)")
         ax.set_ylabel("forward NFE")
         ax.set_title("(a) NFE vs error")
@@ -774,14 +775,22 @@ def _plot_figure3(out: Path, r: dict[str, Any]) -> None:
         ax.set_title(f"(b) time vs NFE ({r['n_images']} images)")
 
     def panel_c(ax):
-        if tr:
+        if (
+            tr
+        ):  # many iterations share an (NFE forward, NFE backward) pair: one marker per pair, sized by count
+            pairs: dict[tuple[float, float], int] = {}
+            for p in tr:
+                key = (p["nfe_forward"], p["nfe_backward"])
+                pairs[key] = pairs.get(key, 0) + 1
             ax.scatter(
-                [p["nfe_forward"] for p in tr],
-                [p["nfe_backward"] for p in tr],
-                s=6,
-                alpha=0.5,
+                [k[0] for k in pairs],
+                [k[1] for k in pairs],
+                s=[10 + 60 * c / len(tr) for c in pairs.values()],
+                alpha=0.6,
                 label="training iterations",
             )
+            for (f, b), c in pairs.items():
+                ax.annotate(f"{c}", (f, b), fontsize=6, xytext=(3, -8), textcoords="offset points")
         ax.scatter(
             [s["adjoint_nfe_forward"] for s in sw],
             [s["adjoint_nfe_backward"] for s in sw],
