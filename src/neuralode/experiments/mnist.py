@@ -255,10 +255,12 @@ def evaluate(
     }
 
 
-def _resolve_data_dir(cfg: MNISTConfig) -> Path:
+def _resolve_data_dir(cfg: MNISTConfig, dist: _Dist | None = None) -> Path:
     root = Path(cfg.data_dir).expanduser() if cfg.data_dir else data.default_data_dir(cfg.dataset)
-    if cfg.download:
+    if cfg.download and (dist is None or dist.main):  # one process downloads, the others wait
         data.download(root, cfg.dataset)
+    if dist is not None:
+        dist.barrier()
     return root
 
 
@@ -286,7 +288,7 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
     run = RunDir(cfg.out) if dist.main else None
     out = Path(cfg.out)
     splits = data.load_splits(
-        _resolve_data_dir(cfg),
+        _resolve_data_dir(cfg, dist),
         name=cfg.dataset,
         val_size=cfg.val_size,
         train_size=cfg.train_size,
