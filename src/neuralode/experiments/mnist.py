@@ -301,6 +301,7 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n_train} training images")
 
     baseline_mb = _reset_peak_rss()
+    train_peak_mb: float | None = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.seed)
@@ -440,6 +441,8 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                 checkpoint(epoch, step + 1)
         bar.close()
+        if train_peak_mb is None:  # training steps only: before any evaluation with its larger batches
+            train_peak_mb = _train_peak_mb(device, baseline_mb)
 
         val = (
             evaluate(
@@ -508,7 +511,7 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
         "wall_time_s": wall,
         "train_time_s": sum(h["epoch_time_s"] for h in history),
         "images_per_s": last.get("images_per_s"),
-        **_memory(device, baseline_mb),
+        **_memory(device, baseline_mb, train_peak_mb),
         "world_size": dist.world,
         "n_train": n_train,
         "device": str(device),
@@ -545,13 +548,26 @@ def _proc_status_mb(key: str) -> float | None:
     return None
 
 
-def _memory(device: torch.device, baseline_mb: float | None) -> dict[str, Any]:
-    """Peak memory of training and testing. CUDA: allocator peak. CPU on Linux: peak RSS since the data was
-    loaded (``peak_memory_mb``) and that minus the RSS at that moment (``train_memory_mb``: model,
-    optimizer and activations, without the in-memory dataset). Elsewhere: the process's peak RSS."""
+def _train_peak_mb(device: torch.device, baseline_mb: float | None) -> float | None:
+    """Memory the training steps needed: CUDA allocator peak, or (Linux CPU) peak RSS minus the RSS after
+    data loading. Read at the end of the first epoch's steps, before any evaluation."""
     if device.type == "cuda":
-        peak = peak_memory_mb(device)
-        return {"peak_memory_mb": peak, "train_memory_mb": peak, "memory_kind": "CUDA allocator peak"}
+        return peak_memory_mb(device)
+    hwm = _proc_status_mb("VmHWM") if baseline_mb is not None else None
+    return None if hwm is None else hwm - baseline_mb
+
+
+def _memory(device: torch.device, baseline_mb: float | None, train_peak_mb: float | None) -> dict[str, Any]:
+    """``train_memory_mb``: see :func:`_train_peak_mb` (model, optimizer, activations and solver state of
+    the training steps, without the in-memory dataset). ``peak_memory_mb``: the whole run's peak (CUDA
+    allocator, or the process's peak RSS since the data was loaded, which includes the dataset and the
+    evaluation batches)."""
+    if device.type == "cuda":
+        return {
+            "peak_memory_mb": peak_memory_mb(device),
+            "train_memory_mb": train_peak_mb,
+            "memory_kind": "CUDA allocator peak",
+        }
     hwm = _proc_status_mb("VmHWM") if baseline_mb is not None else None
     if hwm is None:
         return {
@@ -561,9 +577,9 @@ def _memory(device: torch.device, baseline_mb: float | None) -> dict[str, Any]:
         }
     return {
         "peak_memory_mb": hwm,
-        "train_memory_mb": hwm - baseline_mb,
+        "train_memory_mb": train_peak_mb,
         "baseline_memory_mb": baseline_mb,
-        "memory_kind": "peak RSS after data loading minus RSS at that point (rank 0)",
+        "memory_kind": "training steps: peak RSS minus RSS after data loading (rank 0, first epoch)",
     }
 
 
