@@ -61,6 +61,9 @@ def test_mlp_learns_on_a_small_slice(tmp_path, monkeypatch):
     m, first, last = _learn(tmp_path, "mlp", channels=64, train_size=2048, batch_size=32, epochs=1, lr=0.4)
     assert last < 0.8 * first, (first, last)
     assert m["val_error"] < 0.5 and m["test_error"] < 0.5  # chance: 0.9
+    assert m["peak_memory_mb"] > 0
+    if sys.platform.startswith("linux"):
+        assert m["train_memory_mb"] is not None and 0 <= m["train_memory_mb"] <= m["peak_memory_mb"]
     for f in ("config.json", "metrics.jsonl", "metrics.json", "checkpoint.pt", "best.pt", "training.png"):
         assert (tmp_path / "mlp" / f).exists(), f
 
