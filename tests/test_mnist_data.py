@@ -4,8 +4,8 @@ import struct
 
 import pytest
 import torch
-from tests._mnist_common import FASHION_DIR, MNIST_DIR, needs_fashion, needs_mnist
 
+from _mnist_common import FASHION_DIR, MNIST_DIR, needs_fashion, needs_mnist
 from neuralode.datasets import mnist as data
 
 

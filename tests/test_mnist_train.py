@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-from tests._mnist_common import MNIST_DIR, cli, cli_env, needs_mnist
 
+from _mnist_common import MNIST_DIR, cli, cli_env, needs_mnist
 from neuralode.experiments.mnist import MNISTConfig, lr_at, train
 
 
