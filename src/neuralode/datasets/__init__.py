@@ -1,1 +1,1 @@
-"""Datasets for the paper's experiments (each module is self-contained; import what you need)."""
+"""Datasets of the paper's experiments, built on torch only."""

@@ -1,1 +1,1 @@
-"""Models built on :class:`neuralode.NeuralODE` (each module is self-contained; import what you need)."""
+"""Models built on the public neuralode API (odeint, NeuralODE)."""
