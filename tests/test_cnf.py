@@ -164,7 +164,8 @@ def test_adjoint_gradients_match_direct(divergence, adjoint_options):
     grads = []
     for gradient in ("direct", "adjoint"):
         model = CNF(field, 2, end_time=0.7, learn_end_time=True, divergence=divergence, regularize=True,
-                    rtol=1e-9, atol=1e-9, gradient=gradient, adjoint_options=adjoint_options).double()  # fmt: skip
+                    rtol=1e-9, atol=1e-9, gradient=gradient, adjoint_options=adjoint_options)  # fmt: skip
+        model = model.double()
         torch.manual_seed(5)  # same Hutchinson noise for both
         out = model(x)
         loss = -out.log_prob.mean() + 0.1 * out.kinetic.mean() + 0.1 * out.jacobian.mean()

@@ -1,4 +1,5 @@
-"""Continuous normalizing flows (Chen et al. 2018 §4; FFJORD, Grathwohl et al. 2019; RNODE, Finlay et al. 2020).
+"""Continuous normalizing flows (Chen et al. 2018 §4; FFJORD, Grathwohl et al. 2019; RNODE, Finlay et al.
+2020).
 
 A CNF moves samples with ``dz/dt = f(t, z)`` and tracks the log-density with the instantaneous change of
 variables ``d log p(z(t))/dt = -tr(∂f/∂z)``. The solver integrates the augmented state as a **tuple**
@@ -23,6 +24,7 @@ reused; with the exact divergence the exact ``‖∂f/∂z‖_F² / D``), the pe
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -139,7 +141,7 @@ class ConcatSquashMLP(nn.Module):
         for h in hidden:
             _check_pos_int(h, "hidden")
         sizes = (dim, *hidden, dim)
-        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in itertools.pairwise(sizes))
         self.act = _ACTIVATIONS[activation]()
         self.dim = dim
 
@@ -172,7 +174,8 @@ def divergence_exact(
 def divergence_hutchinson(
     f: torch.Tensor, z: torch.Tensor, noise: torch.Tensor, *, create_graph: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hutchinson's ``εᵀ (∂f/∂z) ε`` with one VJP; returns ``(estimate, εᵀJ)``, shapes ``(B,)``, ``(B, D)``."""
+    """Hutchinson's ``εᵀ (∂f/∂z) ε`` with one VJP; returns ``(estimate, εᵀJ)``, shapes ``(B,)``,
+    ``(B, D)``."""
     (e_j,) = torch.autograd.grad(f, z, noise, create_graph=create_graph)
     return (e_j * noise).sum(-1), e_j
 
@@ -365,22 +368,26 @@ class CNF(nn.Module):
         dtype, device = dtype or p.dtype, device or p.device
         return self.base_std * torch.randn(n, self.dim, dtype=dtype, device=device, generator=generator)
 
-    def forward(self, x: torch.Tensor, *, divergence: str | None = None) -> CNFOutput:
-        """Integrate data ``x (B, D)`` from ``t = T`` to ``t = 0``: ``log p(x)``, base points, regularisers."""
+    def forward(self, x: torch.Tensor, *, divergence: str | None = None, at: float = 1.0) -> CNFOutput:
+        """Integrate data ``x (B, D)`` from ``t = at·T`` (default the data end) down to ``t = 0``.
+
+        Returns ``log p_t(x)`` (the flow's density at that time), the base points, the regularisers.
+        """
         self._check_x(x)
-        z0, dlogp, regs, stats, dyn = self._solve(x, torch.zeros_like(x[:, 0]), (1.0, 0.0), divergence)
+        z0, dlogp, regs, stats, dyn = self._solve(x, torch.zeros_like(x[:, 0]), (at, 0.0), divergence)
         z0, dlogp = z0[-1], dlogp[-1]
-        # d(dlogp)/dt = -tr integrated from T down to 0 gives dlogp(0) = ∫_0^T tr dt, and
-        # log p(x) = log p_0(z(0)) - ∫_0^T tr dt (instantaneous change of variables).
+        # d(dlogp)/dt = -tr integrated from t down to 0 gives dlogp(0) = ∫_0^t tr dt, and
+        # log p_t(x) = log p_0(z(0)) - ∫_0^t tr dt (instantaneous change of variables).
         log_prob = self.base_log_prob(z0) - dlogp
         kin = jac = None
-        if regs:  # integrated from 1 to 0, so the integrals come out negated
+        if regs:  # integrated from t down to 0, so the integrals come out negated
             kin, jac = -regs[0][-1], -regs[1][-1]
         return CNFOutput(log_prob, z0, kin, jac, stats, dyn)
 
-    def log_prob(self, x: torch.Tensor, *, divergence: str | None = None) -> torch.Tensor:
-        """``log p(x)`` in nats, ``(B, D) -> (B,)``. ``divergence`` overrides the module's for this call."""
-        return self.forward(x, divergence=divergence).log_prob
+    def log_prob(self, x: torch.Tensor, *, divergence: str | None = None, at: float = 1.0) -> torch.Tensor:
+        """``log p(x)`` in nats, ``(B, D) -> (B,)``. ``divergence`` overrides the module's for this call;
+        ``at`` in ``(0, 1]`` gives the density of the flow at time ``at·T`` (Figure 5's panels)."""
+        return self.forward(x, divergence=divergence, at=at).log_prob
 
     def sample(
         self,
@@ -412,7 +419,8 @@ class CNF(nn.Module):
         return zs, logp
 
     def transform(self, x: torch.Tensor, s_from: float, s_to: float) -> torch.Tensor:
-        """Move points ``x (B, D)`` from time ``s_from·T`` to ``s_to·T`` (no log-density), e.g. data → base."""
+        """Move points ``x (B, D)`` from time ``s_from·T`` to ``s_to·T`` without log-densities
+        (e.g. data → base with ``(1, 0)``)."""
         self._check_x(x)
         return self._move(x, (s_from, s_to))[-1]
 
