@@ -84,6 +84,7 @@ class CNFConfig:
     iters: int = 2000
     batch: int = 256
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine" (to 0 over --iters)
     weight_decay: float = 1e-5
     eval_every: int = 250
     n_test: int = 5000
@@ -103,6 +104,7 @@ class NFConfig:
     iters: int = 2000
     batch: int = 256
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     optimizer: str = "adam"
     eval_every: int = 250
     n_test: int = 5000
@@ -187,12 +189,14 @@ def train_cnf(cfg: CNFConfig, *, resume: bool = False) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model = build_cnf(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, cfg.lr_schedule, cfg.iters)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     start, history, elapsed, window = 0, [], 0.0, []
     if resume and run.checkpoint.exists():
         ck = load_checkpoint(run.checkpoint)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         data_gen.set_state(ck["data_rng"])
         start, history, elapsed, window = ck["iter"], ck["history"], ck["elapsed"], ck["window"]
@@ -214,6 +218,7 @@ def train_cnf(cfg: CNFConfig, *, resume: bool = False) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         nfe_f, nfe_b = _nfe(out.stats, out.dynamics.n_evals, n_fwd)
         rec = {"iter": it + 1, "train_nll": float(nll.detach()), "nfe_forward": nfe_f, "nfe_backward": nfe_b}
         if out.kinetic is not None:
@@ -237,9 +242,9 @@ def train_cnf(cfg: CNFConfig, *, resume: bool = False) -> dict[str, Any]:
             history.append(ev)
             save_checkpoint(
                 run.checkpoint,
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": get_rng_state(),
-                 "data_rng": data_gen.get_state(), "iter": it + 1, "history": history, "window": window,
-                 "elapsed": time.monotonic() - t0},
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": get_rng_state(), "data_rng": data_gen.get_state(), "iter": it + 1, "history": history,
+                 "window": window, "elapsed": time.monotonic() - t0},
             )  # fmt: skip
     bar.close()
     wall = time.monotonic() - t0
@@ -303,12 +308,14 @@ def train_nf(cfg: NFConfig, *, resume: bool = False) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model = PlanarNF(2, cfg.layers, direction="data_to_base", base_std=cfg.base_std)
     opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    sched = _schedule(opt, cfg.lr_schedule, cfg.iters)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     start, history, elapsed, window = 0, [], 0.0, []
     if resume and run.checkpoint.exists():
         ck = load_checkpoint(run.checkpoint)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
         data_gen.set_state(ck["data_rng"])
         start, history, elapsed, window = ck["iter"], ck["history"], ck["elapsed"], ck["window"]
@@ -325,6 +332,7 @@ def train_nf(cfg: NFConfig, *, resume: bool = False) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         nll.backward()
         opt.step()
+        sched.step()
         window = [*window[-99:], float(nll.detach())]
         bar.update(1)
         bar.set_postfix(nll=f"{window[-1]:.3f}")
@@ -339,9 +347,9 @@ def train_nf(cfg: NFConfig, *, resume: bool = False) -> dict[str, Any]:
             history.append(ev)
             save_checkpoint(
                 run.checkpoint,
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": get_rng_state(),
-                 "data_rng": data_gen.get_state(), "iter": it + 1, "history": history, "window": window,
-                 "elapsed": time.monotonic() - t0},
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": get_rng_state(), "data_rng": data_gen.get_state(), "iter": it + 1, "history": history,
+                 "window": window, "elapsed": time.monotonic() - t0},
             )  # fmt: skip
     bar.close()
     final = {
@@ -356,6 +364,14 @@ def train_nf(cfg: NFConfig, *, resume: bool = False) -> dict[str, Any]:
     if cfg.plots:
         _plot_nf(model, cfg, run)
     return final
+
+
+def _schedule(opt, name: str, iters: int):
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1))
+    raise ValueError(f"lr_schedule={name!r} is unknown; expected 'constant' or 'cosine'")
 
 
 def _optimizer(name: str, params, lr: float):
