@@ -51,7 +51,7 @@ __all__ = [
 
 DIVERGENCES = ("exact", "hutchinson")
 NOISES = ("gaussian", "rademacher")
-_GRADIENTS = ("direct", "adjoint")
+_GRADIENTS = ("direct", "adjoint", "checkpoint")
 
 
 # --- vector fields ------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ class CNF(nn.Module):
         base_std: standard deviation of the isotropic Gaussian base density.
         divergence: ``"exact"`` or ``"hutchinson"``; ``noise``: ``"gaussian"`` or ``"rademacher"``.
         method, rtol, atol, options: solver settings (passed to ``neuralode.odeint``).
-        gradient: ``"direct"`` (backprop through the solver) or ``"adjoint"``.
+        gradient: ``"direct"`` (backprop through the solver), ``"adjoint"`` or ``"checkpoint"``.
         adjoint_rtol, adjoint_atol, adjoint_options: for the adjoint backward solve, e.g.
             ``adjoint_options={"norm": "seminorm"}``.
         regularize: integrate the RNODE states (kinetic energy, Jacobian Frobenius norm).
@@ -426,19 +426,7 @@ class CNF(nn.Module):
 
     def _move(self, z, grid):
         dyn = _FlowDynamics(self.field, self.end_time)
-        t = torch.as_tensor(grid, dtype=z.dtype, device=z.device)
-        with record_stats() as stats:
-            if self.gradient == "adjoint" and torch.is_grad_enabled():
-                zs = neuralode.odeint_adjoint(
-                    dyn, z, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
-                    adjoint_rtol=self.adjoint_rtol, adjoint_atol=self.adjoint_atol,
-                    adjoint_options=self.adjoint_options, adjoint_params=tuple(dyn.parameters()),
-                )  # fmt: skip
-            else:
-                zs = neuralode.odeint(
-                    dyn, z, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options
-                )
-        self.last_stats = stats
+        zs, _ = self._integrate(dyn, z, grid)
         return zs
 
     # -- the solve --
@@ -448,27 +436,33 @@ class CNF(nn.Module):
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence={divergence!r} is unknown; expected one of {DIVERGENCES}")
         regularize = self.regularize if regularize is None else regularize
-        noise = sample_noise(z, self.noise) if divergence == "hutchinson" else None
+        noise = sample_noise(z, self.noise) if divergence == "hutchinson" else None  # once per solve
         dyn = CNFDynamics(
             self.field, self.end_time, divergence=divergence, noise=noise, regularize=regularize
         )
         state: tuple[torch.Tensor, ...] = (z, logp)
         if regularize:
             state = (*state, torch.zeros_like(logp), torch.zeros_like(logp))
-        t = torch.as_tensor(grid, dtype=z.dtype, device=z.device)
+        ys, stats = self._integrate(dyn, state, grid)
+        return ys[0], ys[1], ys[2:], stats, dyn
+
+    def _integrate(self, dyn: nn.Module, state, grid):
+        """One solve of ``dyn`` over the grid of ``s`` values with the configured gradient method."""
+        like = state[0] if isinstance(state, tuple) else state
+        t = torch.as_tensor(grid, dtype=like.dtype, device=like.device)
+        kw = {"rtol": self.rtol, "atol": self.atol, "method": self.method, "options": self.options}
         with record_stats() as stats:
-            if self.gradient == "adjoint" and torch.is_grad_enabled():
+            if self.gradient == "direct" or not torch.is_grad_enabled():
+                ys = neuralode.odeint(dyn, state, t, **kw)
+            elif self.gradient == "adjoint":
                 ys = neuralode.odeint_adjoint(
-                    dyn, state, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
-                    adjoint_rtol=self.adjoint_rtol, adjoint_atol=self.adjoint_atol,
+                    dyn, state, t, **kw, adjoint_rtol=self.adjoint_rtol, adjoint_atol=self.adjoint_atol,
                     adjoint_options=self.adjoint_options, adjoint_params=tuple(dyn.parameters()),
                 )  # fmt: skip
-            else:
-                ys = neuralode.odeint(
-                    dyn, state, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options
-                )
+            else:  # "checkpoint"
+                ys = _odeint_checkpoint()(dyn, state, t, **kw)
         self.last_stats = stats
-        return ys[0], ys[1], ys[2:], stats, dyn
+        return ys, stats
 
     def _check_x(self, x, name="x"):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.dim:
@@ -480,6 +474,13 @@ class CNF(nn.Module):
             f"dim={self.dim}, divergence={self.divergence!r}, noise={self.noise!r}, method={self.method!r}, "
             f"rtol={self.rtol}, atol={self.atol}, gradient={self.gradient!r}, regularize={self.regularize}"
         )
+
+
+def _odeint_checkpoint():
+    fn = getattr(neuralode, "odeint_checkpoint", None)
+    if fn is None:
+        raise ValueError('gradient="checkpoint" needs neuralode.odeint_checkpoint, which this build lacks')
+    return fn
 
 
 def _check_pos_int(v, name):
