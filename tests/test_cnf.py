@@ -27,6 +27,15 @@ from neuralode.models.cnf import (
 from neuralode.models.planar_flow import PlanarFlow, PlanarNF
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny 2-D problems: one thread is faster, and far faster on a shared, loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class LinearField(nn.Module):
     def __init__(self, a: torch.Tensor):
         super().__init__()
@@ -131,10 +140,10 @@ def _trained_small_cnf(field, steps=15, **kw):
 
 def test_learned_density_integrates_to_one():
     model = _trained_small_cnf(
-        ConcatSquashMLP(2, (16, 16)), end_time=0.5, learn_end_time=True, rtol=1e-6, atol=1e-6
+        ConcatSquashMLP(2, (16, 16)), steps=10, end_time=0.5, learn_end_time=True, rtol=1e-5, atol=1e-5
     )
     assert model.end_time().item() != 0.5  # the end time trained
-    pts, h = _grid(7.0, 100)
+    pts, h = _grid(6.0, 80)
     with torch.no_grad():
         p = model.log_prob(pts).exp()
     mass = (p.sum() * h * h).item()
@@ -145,7 +154,7 @@ def test_learned_density_integrates_to_one():
 def test_data_base_data_round_trip_within_10x_tol(field):
     f = GatedPlanarField(2, 8) if field == "planar" else ConcatSquashMLP(2, (16, 16))
     tol = 1e-6
-    model = _trained_small_cnf(f, steps=5, rtol=tol, atol=tol)
+    model = _trained_small_cnf(f, steps=3, rtol=tol, atol=tol)
     x = sample_toy("moons", 128, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     with torch.no_grad():
         z = model.transform(x, 1.0, 0.0)
@@ -155,16 +164,17 @@ def test_data_base_data_round_trip_within_10x_tol(field):
     assert ratio < 10, ratio
 
 
-@pytest.mark.parametrize("adjoint_options", [None, {"norm": "seminorm"}])
-@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+@pytest.mark.parametrize(
+    ("divergence", "adjoint_options"), [("exact", None), ("hutchinson", {"norm": "seminorm"})]
+)
 def test_adjoint_gradients_match_direct(divergence, adjoint_options):
     torch.manual_seed(0)
     field = ConcatSquashMLP(2, (8, 8)).double()
-    x = sample_toy("circles", 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = sample_toy("circles", 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     grads = []
     for gradient in ("direct", "adjoint"):
         model = CNF(field, 2, end_time=0.7, learn_end_time=True, divergence=divergence, regularize=True,
-                    rtol=1e-9, atol=1e-9, gradient=gradient, adjoint_options=adjoint_options)  # fmt: skip
+                    rtol=1e-8, atol=1e-8, gradient=gradient, adjoint_options=adjoint_options)  # fmt: skip
         model = model.double()
         torch.manual_seed(5)  # same Hutchinson noise for both
         out = model(x)
@@ -218,7 +228,7 @@ def test_planar_nf_density_integrates_to_one(direction):
     with torch.no_grad():
         for p in nf.flow.parameters():
             p.mul_(8)
-        pts, h = _grid(8.0, 200)
+        pts, h = _grid(8.0, 150)
         mass = (nf.log_prob(pts).exp().sum() * h * h).item()
         x, lq = nf.sample_with_log_prob(20)
         torch.testing.assert_close(lq, nf.log_prob(x), rtol=1e-7, atol=1e-7)

@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from neuralode.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny 2-D problems: one thread is faster, and far faster on a shared, loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
