@@ -52,7 +52,9 @@ class NeuralODE(nn.Module):
     ):
         super().__init__()
         if gradient not in GRADIENT_METHODS:
-            raise ValueError(f"gradient={gradient!r} is not a gradient method; expected one of {GRADIENT_METHODS}")
+            raise ValueError(
+                f"gradient={gradient!r} is not a gradient method; expected one of {GRADIENT_METHODS}"
+            )
         if not isinstance(func, nn.Module):
             raise TypeError(f"func must be an nn.Module, got {type(func).__name__}")
         self.func = func
@@ -70,8 +72,15 @@ class NeuralODE(nn.Module):
         with record_stats() as stats:
             if self.gradient == "adjoint":
                 ys = odeint_adjoint(
-                    self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options,
-                    adjoint_rtol=self.adjoint_rtol, adjoint_atol=self.adjoint_atol,
+                    self.func,
+                    y0,
+                    t,
+                    rtol=self.rtol,
+                    atol=self.atol,
+                    method=self.method,
+                    options=self.options,
+                    adjoint_rtol=self.adjoint_rtol,
+                    adjoint_atol=self.adjoint_atol,
                     adjoint_options=self.adjoint_options,
                 )
             elif self.gradient == "checkpoint":
@@ -81,7 +90,9 @@ class NeuralODE(nn.Module):
                     self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options
                 )
             else:
-                ys = odeint(self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
+                ys = odeint(
+                    self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options
+                )
         self.last_stats = stats
         return ys[-1] if self.only_last else ys
 

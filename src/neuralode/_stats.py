@@ -56,7 +56,10 @@ class SolveStats:
         return 0 if self.backward is None else self.backward.nfe
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("nfe", "n_steps", "n_accepted", "n_rejected", "n_solves", "last_step")}
+        d = {
+            k: getattr(self, k)
+            for k in ("nfe", "n_steps", "n_accepted", "n_rejected", "n_solves", "last_step")
+        }
         if self.backward is not None:
             d["backward"] = self.backward.as_dict()
         return d

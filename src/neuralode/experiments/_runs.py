@@ -55,7 +55,13 @@ def get_rng_state() -> dict[str, Any]:
         import numpy as np
 
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+        state["numpy"] = [
+            name,
+            torch.from_numpy(keys.astype("int64")),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ]
     except ImportError:
         pass
     return state
@@ -105,7 +111,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code is run)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}; start without --resume or pass the run folder")
+        raise FileNotFoundError(
+            f"no checkpoint at {str(path)!r}; start without --resume or pass the run folder"
+        )
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -1,0 +1,25 @@
+"""The one exception class a solve raises when it cannot finish."""
+
+from __future__ import annotations
+
+__all__ = ["SolverError"]
+
+
+class SolverError(RuntimeError):
+    """A solve could not finish: non-finite values, step-size underflow, or too many steps.
+
+    Attributes:
+        reason: ``"nonfinite"``, ``"underflow"`` or ``"max_num_steps"``.
+        t: time reached (float), ``step_size``: the last attempted step, ``n_steps``: attempted steps.
+    """
+
+    def __init__(self, reason: str, message: str, *, t: float, step_size: float, n_steps: int):
+        hint = {
+            "nonfinite": "the dynamics produced NaN/inf; check func for overflow, lower the learning rate, "
+            "or tighten rtol/atol",
+            "underflow": "the problem may be stiff or have a singularity here; loosen rtol/atol, set "
+            "options['min_step'], or try an implicit method",
+            "max_num_steps": "raise options['max_num_steps'], loosen rtol/atol, or shorten the interval",
+        }[reason]
+        super().__init__(f"{message} at t={t:.6g} (step size {step_size:.3g}, after {n_steps} steps): {hint}")
+        self.reason, self.t, self.step_size, self.n_steps = reason, t, step_size, n_steps

@@ -1,0 +1,275 @@
+"""The integration loops: one generic explicit Runge-Kutta step, an adaptive loop and a fixed-grid loop.
+
+Conventions: times are Python floats (float64) on the host; the state ``y`` is one tensor of any shape
+(tuple states are flattened by the front door). ``f(t, y)`` is the vector field with ``t`` a float.
+Each adaptive step synchronises with the device once, to fetch the error ratio that decides
+accept/reject; nothing else in the loop waits for the device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from neuralode._control import Controller, Norm
+from neuralode._errors import SolverError
+from neuralode._stats import SolveStats
+from neuralode._tableau import ButcherTableau
+
+__all__ = ["dense_eval", "integrate_adaptive", "integrate_fixed", "rk_step"]
+
+Func = Callable[[float, torch.Tensor], torch.Tensor]
+
+
+def _combine(y: torch.Tensor, k: Sequence[torch.Tensor], coeffs, h: float) -> torch.Tensor:
+    """``y + h Σ_j a_j k_j`` over the non-zero (j, a_j) pairs, as a chain of fused add kernels."""
+    out = y
+    first = True
+    for j, a in coeffs:
+        if first:
+            out = torch.add(y, k[j], alpha=a * h)
+            first = False
+        else:
+            out = out.add_(k[j], alpha=a * h)
+    return out if not first else y.clone()
+
+
+def rk_step(
+    f: Func, tab: ButcherTableau, t: float, h: float, y: torch.Tensor, f0: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One explicit RK step from (t, y) with first stage ``f0``; returns ``(y1, stages)``.
+
+    For an FSAL tableau the last stage is f(t + h, y1).
+    """
+    k = [f0]
+    c, nz = tab.c, tab.a_nonzero
+    y_stage = y
+    for i in range(1, tab.stages):
+        y_stage = _combine(y, k, nz[i], h)
+        k.append(f(t + c[i] * h, y_stage))
+    if tab.fsal:
+        y1 = y_stage
+    else:
+        y1 = _combine(y, k, _b_nonzero(tab), h)
+    return y1, k
+
+
+def _b_nonzero(tab: ButcherTableau):
+    return tuple((j, v) for j, v in enumerate(tab.b) if v != 0.0)
+
+
+def _weighted(k: Sequence[torch.Tensor], w: Sequence[float], h: float) -> torch.Tensor:
+    pairs = [(j, v) for j, v in enumerate(w) if v != 0.0]
+    j0, v0 = pairs[0]
+    out = torch.mul(k[j0], v0 * h)
+    for j, v in pairs[1:]:
+        out.add_(k[j], alpha=v * h)
+    return out
+
+
+@torch.no_grad()
+def _error_ratio(tab, k, h, y, y1, rtol, atol, norm: Norm) -> torch.Tensor:
+    """Error ratio of a step as a 0-d tensor (≤ 1 means accept)."""
+    tol = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
+    r = torch.as_tensor(norm(_weighted(k, tab.b_error, h).div_(tol)))
+    if tab.b_error_aux is None:
+        return r
+    r3 = torch.as_tensor(norm(_weighted(k, tab.b_error_aux, h).div_(tol)))
+    # Hairer's DOP853 combination of the 5th- and 3rd-order estimates.
+    den = torch.sqrt(r * r + 0.01 * r3 * r3)
+    return torch.where(den > 0, r * r / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(r))
+
+
+def dense_eval(
+    f: Func,
+    tab: ButcherTableau,
+    t: float,
+    h: float,
+    y: torch.Tensor,
+    k_ext: list[torch.Tensor],
+    thetas: Sequence[float],
+    stats: SolveStats,
+) -> list[torch.Tensor]:
+    """Dense output at ``t + θh`` for each θ in (0, 1); ``k_ext = [stages..., f(t1, y1)]`` (extended in
+    place with the tableau's extra stages when it has any)."""
+    if tab.uses_extra_stages and len(k_ext) == tab.stages + 1:
+        for i, row in enumerate(tab.extra_nonzero):
+            k_ext.append(f(t + tab.extra_c[i] * h, _combine(y, k_ext, row, h)))
+            stats.nfe += 1
+    out = []
+    for theta in thetas:
+        out.append(y + _weighted(k_ext, tab.dense_weights(theta), h))
+    return out
+
+
+def integrate_adaptive(
+    f: Func,
+    tab: ButcherTableau,
+    y0: torch.Tensor,
+    f0: torch.Tensor,
+    t_out: Sequence[float],
+    *,
+    rtol,
+    atol,
+    norm: Norm,
+    controller: Controller,
+    h0: float,
+    min_step: float = 0.0,
+    max_step: float = math.inf,
+    max_num_steps: int = 1_000_000,
+    stats: SolveStats,
+    trace: list | None = None,
+    callbacks=None,
+) -> list[torch.Tensor]:
+    """Adaptive solve through the times ``t_out`` (monotonic; ``t_out[0]`` is the start).
+
+    Output times never shorten a step: values between steps come from the dense output. Only the last
+    step is clipped to end exactly at ``t_out[-1]``. ``trace`` (if given) receives ``(t, h)`` of every
+    accepted step, which is all it takes to replay the solve (checkpointing).
+    """
+    t_end = t_out[-1]
+    direction = 1.0 if t_end > t_out[0] else -1.0
+    n_out = len(t_out)
+    outputs = [y0]
+    i_out = 1
+    t, y = t_out[0], y0
+    h = min(abs(h0), max_step)
+    prev_ratio = 1.0
+    n_steps = 0
+    while i_out < n_out:
+        h = max(h, min_step)
+        last = h >= abs(t_end - t)
+        h_signed = (t_end - t) if last else direction * h
+        if t + h_signed == t:
+            raise SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
+        if n_steps >= max_num_steps:
+            raise SolverError(
+                "max_num_steps",
+                f"max_num_steps={max_num_steps} exceeded",
+                t=t,
+                step_size=h_signed,
+                n_steps=n_steps,
+            )
+        if callbacks is not None:
+            callbacks.step(t, y, h_signed)
+        y1, k = rk_step(f, tab, t, h_signed, y, f0)
+        stats.nfe += tab.stages - 1
+        n_steps += 1
+        ratio = float(_error_ratio(tab, k, h_signed, y, y1, rtol, atol, norm))  # the one sync per step
+        accepted = ratio <= 1.0 or abs(h_signed) <= min_step
+        if not math.isfinite(ratio):
+            accepted = False
+            if not bool(torch.isfinite(y).all()):
+                raise SolverError("nonfinite", "non-finite state", t=t, step_size=h_signed, n_steps=n_steps)
+        if accepted:
+            t1 = t_end if last else t + h_signed
+            if tab.fsal:
+                f1 = k[-1]
+            else:
+                f1 = f(t1, y1)
+                stats.nfe += 1
+            if callbacks is not None:
+                callbacks.accept(t, y, h_signed)
+            if trace is not None:
+                trace.append((t, h_signed))
+            # Outputs inside (t, t1]: exact at t1, dense output strictly inside.
+            inner = []
+            j = i_out
+            while j < n_out and direction * (t_out[j] - t1) < 0:
+                inner.append((t_out[j] - t) / h_signed)
+                j += 1
+            if inner:
+                outputs.extend(dense_eval(f, tab, t, h_signed, y, [*k, f1], inner, stats))
+            i_out = j
+            if i_out < n_out and t_out[i_out] == t1:
+                outputs.append(y1)
+                i_out += 1
+            t, y, f0 = t1, y1, f1
+            stats.n_accepted += 1
+            stats.last_step = abs(h_signed)
+            prev_ratio = ratio
+        else:
+            stats.n_rejected += 1
+            if callbacks is not None:
+                callbacks.reject(t, y, h_signed)
+        h = min(abs(h_signed) * controller.factor(ratio, prev_ratio, accepted), max_step)
+    stats.n_steps += n_steps
+    return outputs
+
+
+def integrate_fixed(
+    f: Func,
+    tab: ButcherTableau,
+    y0: torch.Tensor,
+    f0: torch.Tensor,
+    t_out: Sequence[float],
+    grid: Sequence[float],
+    *,
+    interp: str = "linear",
+    perturb: bool = False,
+    stats: SolveStats,
+    trace: list | None = None,
+    callbacks=None,
+) -> list[torch.Tensor]:
+    """Fixed-grid solve: one step per grid interval; outputs between grid points by linear (default) or
+    cubic Hermite interpolation. ``grid`` runs from ``t_out[0]`` to ``t_out[-1]``."""
+    n_out = len(t_out)
+    direction = 1.0 if t_out[-1] > t_out[0] else -1.0
+    outputs = [y0]
+    i_out = 1
+    y = y0
+    f_next: torch.Tensor | None = None if perturb else f0
+    f_plain = f
+    for g0, g1 in itertools.pairwise(grid):
+        h = g1 - g0
+        if perturb:  # one-sided limits at the step's ends (for discontinuities at grid points)
+            f = _one_sided(f_plain, g0, g1, direction)
+        if f_next is None:
+            f_next = f(g0, y)
+            stats.nfe += 1
+        if callbacks is not None:
+            callbacks.step(g0, y, h)
+        y1, k = rk_step(f, tab, g0, h, y, f_next)
+        stats.nfe += tab.stages - 1
+        if callbacks is not None:
+            callbacks.accept(g0, y, h)
+        if trace is not None:
+            trace.append((g0, h))
+        f1 = k[-1] if tab.fsal else None
+        j = i_out
+        while j < n_out and direction * (t_out[j] - g1) < 0:
+            j += 1
+        if j > i_out:
+            thetas = [(t_out[m] - g0) / h for m in range(i_out, j)]
+            if interp == "cubic":
+                if f1 is None:
+                    f1 = f(g1, y1)
+                    stats.nfe += 1
+                outputs.extend(_hermite(y, y1, k[0], f1, h, th) for th in thetas)
+            else:
+                outputs.extend(torch.lerp(y, y1, th) for th in thetas)
+            i_out = j
+        if i_out < n_out and t_out[i_out] == g1:
+            outputs.append(y1)
+            i_out += 1
+        y, f_next = y1, (None if perturb else f1)
+        stats.n_steps += 1
+        stats.n_accepted += 1
+        stats.last_step = abs(h)
+    return outputs
+
+
+def _one_sided(f, g0: float, g1: float, direction: float):
+    def fs(t: float, y: torch.Tensor) -> torch.Tensor:
+        return f(t, y, perturb=int(direction) if t == g0 else (-int(direction) if t == g1 else 0))
+
+    return fs
+
+
+def _hermite(y0, y1, f0, f1, h, th):
+    h00, h10 = 2 * th**3 - 3 * th**2 + 1, th**3 - 2 * th**2 + th
+    h01, h11 = -2 * th**3 + 3 * th**2, th**3 - th**2
+    return y0 * h00 + y1 * h01 + f0 * (h10 * h) + f1 * (h11 * h)
