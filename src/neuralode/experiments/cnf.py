@@ -546,7 +546,31 @@ def _plot_cnf(model: CNF, cfg: CNFConfig, run: RunDir) -> None:
         ax.set_title(f"f(t = {s:.0%} T, z)", fontsize=8)
         ax.set_aspect("equal")
     _save(fig, run.path("vector_field.png"))
+    _flow_gif(model, z[:5000], run.path("flow.gif"))
     _plot_curves(run)
+
+
+def _flow_gif(model: CNF, z: torch.Tensor, path: Path, frames: int = 25) -> None:
+    """Animated samples from noise (t = 0) to data (t = T); needs Pillow (skipped without it)."""
+    try:
+        from matplotlib.animation import PillowWriter
+    except ImportError:  # pragma: no cover
+        return
+    plt = _plt()
+    traj = model.sample(z=z, times=torch.linspace(0, 1, frames).tolist())
+    fig, ax = plt.subplots(figsize=(3, 3))
+    writer = PillowWriter(fps=8)
+    with writer.saving(fig, str(path), dpi=60):
+        for k in range(frames):
+            ax.clear()
+            ax.scatter(traj[k, :, 0], traj[k, :, 1], s=0.5, alpha=0.5)
+            ax.set_xlim(-_PLOT_BOX, _PLOT_BOX)
+            ax.set_ylim(-_PLOT_BOX, _PLOT_BOX)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"t = {k / (frames - 1):.0%} T", fontsize=8)
+            writer.grab_frame()
+    plt.close(fig)
 
 
 @torch.no_grad()
