@@ -10,6 +10,7 @@ from torch import nn
 
 import neuralode.models.cnf as cnf_mod
 from neuralode.datasets.toy2d import (
+    REFERENCE_LOG_PROBS,
     TARGET_ENERGIES,
     TOY_DATASETS,
     gaussians8_log_prob,
@@ -263,3 +264,10 @@ def test_targets_and_bad_names():
         sample_toy("spiral", 10)
     with pytest.raises(ValueError, match="target"):
         target_log_normalizer("U9")
+
+
+def test_reference_densities_of_moons_and_circles_are_normalised():
+    pts, h = _grid(6.0, 240)
+    for name in ("moons", "circles"):
+        mass = REFERENCE_LOG_PROBS[name](pts).exp().sum().item() * h * h
+        assert abs(mass - 1) < 1e-3, (name, mass)
