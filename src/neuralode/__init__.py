@@ -3,11 +3,13 @@
 Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_event``.
 """
 
+from neuralode._adjoint import odeint_adjoint
+from neuralode._checkpoint import odeint_checkpoint
 from neuralode._errors import SolverError
+from neuralode._event import odeint_event
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._module import GRADIENT_METHODS, NeuralODE
 from neuralode._odeint import SOLVERS, odeint
-from neuralode._shim import odeint_adjoint  # TEMPORARY until the adjoint lands
 from neuralode._stats import SolveStats, record_stats
 from neuralode._tableau import ButcherTableau
 
@@ -23,6 +25,8 @@ __all__ = [
     "SolverError",
     "odeint",
     "odeint_adjoint",
+    "odeint_checkpoint",
+    "odeint_event",
     "record_stats",
 ]
 

@@ -29,6 +29,8 @@ class NeuralODE(nn.Module):
             (O(1) memory, the paper's ODE-Net), or ``"checkpoint"`` (exact discrete gradient at
             O(checkpoints) memory).
         only_last: return only the state at ``t[-1]`` instead of the whole trajectory.
+        checkpoints: with ``gradient="checkpoint"``, how many states the forward pass keeps (default
+            about √(2·steps)).
 
     Shapes: ``forward(y0)`` returns ``(len(t), *y0.shape)``, or ``y0.shape`` when ``only_last``.
     After each forward, ``last_stats`` holds the solve's :class:`SolveStats`; its ``.backward`` fills in
@@ -49,6 +51,7 @@ class NeuralODE(nn.Module):
         adjoint_options: dict[str, Any] | None = None,
         gradient: str = "direct",
         only_last: bool = False,
+        checkpoints: int | None = None,
     ):
         super().__init__()
         if gradient not in GRADIENT_METHODS:
@@ -63,6 +66,9 @@ class NeuralODE(nn.Module):
         self.adjoint_rtol, self.adjoint_atol = adjoint_rtol, adjoint_atol
         self.options, self.adjoint_options = options, adjoint_options
         self.gradient, self.only_last = gradient, only_last
+        if checkpoints is not None and (not isinstance(checkpoints, int) or checkpoints < 1):
+            raise ValueError(f"checkpoints must be a positive int, got {checkpoints!r}")
+        self.checkpoints = checkpoints
         self.last_stats: SolveStats = SolveStats(backward=SolveStats())
 
     def forward(self, y0: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,7 +93,14 @@ class NeuralODE(nn.Module):
                 from neuralode import odeint_checkpoint
 
                 ys = odeint_checkpoint(
-                    self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options
+                    self.func,
+                    y0,
+                    t,
+                    rtol=self.rtol,
+                    atol=self.atol,
+                    method=self.method,
+                    options=self.options,
+                    checkpoints=self.checkpoints,
                 )
             else:
                 ys = odeint(

@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from neuralode._callbacks import ADAPTIVE_CALLBACKS, FIXED_CALLBACKS, chain_callbacks, collect_callbacks
 from neuralode._control import Controller, initial_step, make_norm
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
+from neuralode._registry import EXTRA_METHODS
 from neuralode._solve import integrate_adaptive, integrate_fixed
 from neuralode._stats import SolveStats, _report_forward
 
@@ -38,12 +41,16 @@ ADAPTIVE_OPTIONS = frozenset(
         "controller",
         "pcoeff",
         "icoeff",
+        "step_t",
+        "jump_t",
+        "grid_points",
+        "eps",
     }
 )
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "interp", "perturb", "dtype"})
 
 #: Every method name ``odeint`` accepts.
-SOLVERS: tuple[str, ...] = ADAPTIVE_METHODS + FIXED_METHODS
+SOLVERS: tuple[str, ...] = ADAPTIVE_METHODS + FIXED_METHODS + tuple(EXTRA_METHODS)
 
 
 @dataclasses.dataclass
@@ -59,6 +66,7 @@ class Problem:
     atol: Any
     shapes: list[torch.Size] | None  # tuple state: shapes of its tensors
     f0: torch.Tensor
+    callbacks: Any = None  # _callbacks.Callbacks found on func, or None
 
     def unflatten(self, ys: torch.Tensor) -> TensorOrTuple:
         """(T, *flat) → (T, *y0.shape) or a tuple of (T, *shape_i)."""
@@ -77,8 +85,9 @@ def odeint(
     atol: float | torch.Tensor = 1e-9,
     method: str | None = None,
     options: dict[str, Any] | None = None,
+    event_fn: Callable | None = None,
     stats: SolveStats | None = None,
-) -> TensorOrTuple:
+) -> TensorOrTuple | tuple[torch.Tensor, TensorOrTuple]:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
 
     Gradients flow by backpropagation through the solver's operations (the paper's "RK-Net"); for O(1)
@@ -97,26 +106,49 @@ def odeint(
             (callable on the state, or on the tuple of tensors), ``controller`` (``"i"`` or ``"pi"``),
             ``pcoeff``/``icoeff``. Fixed grid: ``step_size``, ``grid_constructor(func, y0, t) -> grid``,
             ``interp`` (``"linear"`` or ``"cubic"``), ``perturb``.
+            Adaptive also: ``step_t``/``jump_t`` (times to step exactly onto; at a ``jump_t`` ``func`` is
+            re-evaluated past the discontinuity). Other methods (``explicit_adams``, ``implicit_adams``,
+            ``scipy_solver``, the implicit Runge-Kutta methods) list theirs in ``docs/compatibility.md``.
+            Callbacks ``callback_step``/``callback_accept_step``/``callback_reject_step`` are found as
+            attributes of ``func`` (see ``neuralode._callbacks``).
+        event_fn: terminal event ``event_fn(t, y) -> Tensor``: integrate from ``t[0]`` (``t`` must have
+            exactly two entries; ``t[1]`` only gives the direction) until some entry of ``event_fn``
+            changes sign, and return ``(event_t, solution)``. ``event_t`` carries no gradient here; use
+            :func:`odeint_event` for event times differentiable by the implicit function theorem.
         stats: a :class:`SolveStats` to add this solve's counters to (see also ``record_stats``).
 
     Returns:
-        ``(len(t), *y0.shape)`` tensor, or a tuple of ``(len(t), *y0[i].shape)`` tensors.
+        ``(len(t), *y0.shape)`` tensor, or a tuple of ``(len(t), *y0[i].shape)`` tensors. With ``event_fn``,
+        ``(event_t, solution)`` with ``solution`` the states at ``t[0]`` and at ``event_t``.
 
     Raises:
         ValueError, TypeError: bad arguments (the message names the argument).
         SolverError: non-finite values, step-size underflow, or more than ``max_num_steps`` steps.
     """
+    if event_fn is not None and isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() != 2:
+        raise ValueError(
+            f"event_fn needs t with exactly 2 entries (start, and a time giving the direction), got len(t)={t.numel()}"
+        )
     problem = make_problem(func, y0, t, rtol, atol, method, options)
     solve_stats = SolveStats(n_solves=1, nfe=1)  # the evaluation of func(t0, y0) in make_problem
     time_grad = t.requires_grad
-    y0_run = None
+    y0_run = f0_run = None
     if time_grad:
         # Shifting t0 by δ moves the whole solution like shifting y0 by −δ·f(t0, y0): exact first order.
         y0_run = problem.y0 - _delta(t[0], problem.y0) * problem.f0.detach()
-    f0_run = None
-    if time_grad:
+        # The first stage must see the shifted state too, or its Jacobian term is lost from dy/dt0.
         f0_run = problem.f(problem.t[0], y0_run)
         solve_stats.nfe += 1
+    if event_fn is not None:
+        from neuralode._event import solve_to_event
+
+        event_t, ys = solve_to_event(problem, event_fn, solve_stats, y0=y0_run, f0=f0_run, t_like=t)
+        if time_grad:  # the state at t0 itself does not move with t0
+            ys = torch.cat([ys[:1] + _delta(t[0], ys) * problem.f0.detach(), ys[1:]])
+        if stats is not None:
+            stats.add(solve_stats)
+        _report_forward(solve_stats)
+        return event_t, problem.unflatten(ys)
     ys = torch.stack(run(problem, solve_stats, y0=y0_run, f0=f0_run))
     if time_grad:
         ys = ys + _time_shift(problem, t, ys, solve_stats)
@@ -132,14 +164,42 @@ def run(
     trace: list | None = None,
     y0: torch.Tensor | None = None,
     f0: torch.Tensor | None = None,
+    callbacks=None,
+    event=None,
 ) -> list[torch.Tensor]:
-    """Run the engine on a validated problem; returns the list of flat states at ``problem.t``."""
-    tab = TABLEAUS[problem.method]
+    """Run the engine on a validated problem; returns the list of flat states at ``problem.t``.
+
+    ``trace`` and ``callbacks`` go to the loop (see ``integrate_adaptive``), after the user's callbacks
+    found on ``func`` (``problem.callbacks``); ``event`` (adaptive tableaus only) is the terminal-event
+    hook of ``integrate_adaptive``."""
+    tab = TABLEAUS.get(problem.method)
+    callbacks = chain_callbacks(problem.callbacks, callbacks)
     opts = problem.options
     y0 = problem.y0 if y0 is None else y0
     f0 = problem.f0 if f0 is None else f0
     if len(problem.t) == 1:
         return [y0]
+    if tab is None:
+        spec = EXTRA_METHODS[problem.method]
+        if trace is not None:
+            raise ValueError(
+                f"method={problem.method!r} cannot be replayed from a step trace; use gradient='direct' or 'adjoint'"
+            )
+        if spec.run is not None:
+            return spec.run(problem, stats, y0)
+        return integrate_fixed(
+            problem.f,
+            None,
+            y0,
+            f0,
+            problem.t,
+            _grid(problem),
+            interp=opts.get("interp", "linear"),
+            perturb=bool(opts.get("perturb", False)),
+            stats=stats,
+            callbacks=callbacks,
+            stepper=spec.make_stepper(problem),
+        )
     if tab.adaptive:
         norm = make_norm(
             opts.get("norm"),
@@ -170,6 +230,9 @@ def run(
             max_num_steps=int(opts.get("max_num_steps", 1_000_000)),
             stats=stats,
             trace=trace,
+            callbacks=callbacks,
+            stops=_stops(problem),
+            event=event,
         )
     return integrate_fixed(
         problem.f,
@@ -182,7 +245,26 @@ def run(
         perturb=bool(opts.get("perturb", False)),
         stats=stats,
         trace=trace,
+        callbacks=callbacks,
     )
+
+
+def method_options(method: str) -> tuple[frozenset[str], bool]:
+    """``(valid option names, adaptive?)`` of any method in :data:`SOLVERS` (``ValueError`` otherwise)."""
+    if method in TABLEAUS:
+        adaptive = TABLEAUS[method].adaptive
+        return (ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS), adaptive
+    if method in EXTRA_METHODS:
+        return EXTRA_METHODS[method].options, False
+    raise ValueError(f"method={method!r} is not a known method; valid methods: {', '.join(SOLVERS)}")
+
+
+def method_callbacks(method: str) -> frozenset[str]:
+    """The callback names ``method`` calls (torchdiffeq's sets: all three for adaptive methods, only
+    ``callback_step`` on fixed grids, none for ``scipy_solver``)."""
+    if method in EXTRA_METHODS:
+        return EXTRA_METHODS[method].callbacks
+    return ADAPTIVE_CALLBACKS if TABLEAUS[method].adaptive else FIXED_CALLBACKS
 
 
 def _controller(tab, opts) -> Controller:
@@ -235,12 +317,18 @@ def make_problem(func, y0, t, rtol, atol, method, options) -> Problem:
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     method = "dopri5" if method is None else method
-    if not isinstance(method, str) or method not in TABLEAUS:
+    if not isinstance(method, str) or (method not in TABLEAUS and method not in EXTRA_METHODS):
         raise ValueError(f"method={method!r} is not a known method; valid methods: {', '.join(SOLVERS)}")
-    options = {} if options is None else dict(options)
-    if not isinstance(options, dict):
+    if options is not None and not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
-    valid = ADAPTIVE_OPTIONS if TABLEAUS[method].adaptive else FIXED_OPTIONS
+    options = {} if options is None else dict(options)
+    if method in EXTRA_METHODS:
+        valid = EXTRA_METHODS[method].options
+        supported_callbacks = EXTRA_METHODS[method].callbacks
+    elif TABLEAUS[method].adaptive:
+        valid, supported_callbacks = ADAPTIVE_OPTIONS, ADAPTIVE_CALLBACKS
+    else:
+        valid, supported_callbacks = FIXED_OPTIONS, FIXED_CALLBACKS
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(
@@ -267,8 +355,18 @@ def make_problem(func, y0, t, rtol, atol, method, options) -> Problem:
             return torch.cat([o.reshape(-1) for o in out])
 
     f0 = _check_func_output(func, f, t_list[0], y0, shapes, tdtype, device)
+    callbacks = collect_callbacks(func, method, supported_callbacks, shapes)
     return Problem(
-        f=f, y0=y0, t=t_list, method=method, options=options, rtol=rtol, atol=atol, shapes=shapes, f0=f0
+        f=f,
+        y0=y0,
+        t=t_list,
+        method=method,
+        options=options,
+        rtol=rtol,
+        atol=atol,
+        shapes=shapes,
+        f0=f0,
+        callbacks=callbacks,
     )
 
 
@@ -378,6 +476,55 @@ def _check_step_options(options: dict) -> None:
         raise ValueError(f"options['interp']={options['interp']!r}; expected 'linear' or 'cubic'")
     if "norm" in options and not callable(options["norm"]):
         raise TypeError(f"options['norm'] must be callable, got {type(options['norm']).__name__}")
+    if options.get("step_size") is not None and options.get("grid_constructor") is not None:
+        raise ValueError(
+            "options['step_size'] and options['grid_constructor'] are mutually exclusive; give one"
+        )
+    if "grid_points" in options:
+        # torchdiffeq before 0.2: grid_points (+ eps) marked discontinuities; jump_t does that now.
+        warnings.warn("options['grid_points'] is deprecated; use options['jump_t']", stacklevel=4)
+        if options.get("jump_t") is not None:
+            raise ValueError("give options['jump_t'] or the deprecated options['grid_points'], not both")
+        options["jump_t"] = options.pop("grid_points")
+    if "eps" in options:
+        warnings.warn(
+            "options['eps'] is ignored: at a jump_t the vector field is evaluated at the one-sided limit",
+            stacklevel=4,
+        )
+        options.pop("eps")
+    for key in ("step_t", "jump_t"):
+        if options.get(key) is not None:
+            options[key] = _check_times(key, options[key])
+    both = set(options.get("step_t") or ()) & set(options.get("jump_t") or ())
+    if both:
+        raise ValueError(
+            f"options['step_t'] and options['jump_t'] must not share elements; both contain {sorted(both)}"
+        )
+
+
+def _check_times(key: str, value) -> list[float]:
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1:
+            raise ValueError(f"options['{key}'] must be 1-D, got shape {tuple(value.shape)}")
+        values = value.detach().reshape(-1).tolist()
+    elif isinstance(value, (list, tuple)):
+        values = [float(v) for v in value]
+    else:
+        raise TypeError(
+            f"options['{key}'] must be a 1-D tensor or a sequence of times, got {type(value).__name__}"
+        )
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"options['{key}'] contains NaN or inf")
+    return [float(v) for v in values]
+
+
+def _stops(problem: Problem) -> list[tuple[float, bool]]:
+    """``step_t``/``jump_t`` after ``t[0]`` in the direction of integration, as ``(time, is_jump)``."""
+    opts, t = problem.options, problem.t
+    direction = 1.0 if len(t) < 2 or t[-1] > t[0] else -1.0
+    pts = [(v, False) for v in opts.get("step_t") or ()] + [(v, True) for v in opts.get("jump_t") or ()]
+    pts = sorted({p for p in pts if direction * (p[0] - t[0]) > 0}, key=lambda p: direction * p[0])
+    return pts
 
 
 def _check_func_output(func, f, t0: float, y0: torch.Tensor, shapes, tdtype, device) -> torch.Tensor:

@@ -19,7 +19,7 @@ from neuralode._errors import SolverError
 from neuralode._stats import SolveStats
 from neuralode._tableau import ButcherTableau
 
-__all__ = ["dense_eval", "integrate_adaptive", "integrate_fixed", "rk_step"]
+__all__ = ["dense_eval", "integrate_adaptive", "integrate_fixed", "rk_step", "rk_stepper"]
 
 Func = Callable[[float, torch.Tensor], torch.Tensor]
 
@@ -123,12 +123,22 @@ def integrate_adaptive(
     stats: SolveStats,
     trace: list | None = None,
     callbacks=None,
+    stops: Sequence[tuple[float, bool]] = (),
+    event=None,
 ) -> list[torch.Tensor]:
     """Adaptive solve through the times ``t_out`` (monotonic; ``t_out[0]`` is the start).
 
     Output times never shorten a step: values between steps come from the dense output. Only the last
     step is clipped to end exactly at ``t_out[-1]``. ``trace`` (if given) receives ``(t, h)`` of every
     accepted step, which is all it takes to replay the solve (checkpointing).
+
+    ``stops``: ``(time, is_jump)`` pairs in the direction of integration (options ``step_t``/``jump_t``):
+    a step that would cross one is shortened to end on it; after a jump, ``f`` is re-evaluated as the
+    one-sided limit past it (FSAL does not hold across a discontinuity).
+    ``event`` (terminal events, see ``_event.py``): ``event.crossed(t1, y1)`` returns a 0-d tensor fetched
+    in the same synchronisation as the error ratio; on an accepted step where it is non-zero the loop
+    calls ``event.found(t, h, y, k_ext, t1, y1)`` (the step's start, size, state, extended stages for
+    ``dense_eval`` and end) and stops. ``t_out[-1]`` may then be ±inf.
     """
     t_end = t_out[-1]
     direction = 1.0 if t_end > t_out[0] else -1.0
@@ -139,10 +149,17 @@ def integrate_adaptive(
     h = min(abs(h0), max_step)
     prev_ratio = 1.0
     n_steps = 0
+    i_stop = 0
+    while i_stop < len(stops) and direction * (stops[i_stop][0] - t) <= 0:
+        i_stop += 1
     while i_out < n_out:
         h = max(h, min_step)
         last = h >= abs(t_end - t)
         h_signed = (t_end - t) if last else direction * h
+        stop = None
+        if i_stop < len(stops) and direction * (stops[i_stop][0] - (t + h_signed)) < 0:
+            stop = stops[i_stop]
+            h_signed, last = stop[0] - t, False
         if t + h_signed == t:
             raise SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
         if n_steps >= max_num_steps:
@@ -155,22 +172,35 @@ def integrate_adaptive(
             )
         if callbacks is not None:
             callbacks.step(t, y, h_signed)
-        y1, k = rk_step(f, tab, t, h_signed, y, f0)
+        # A step onto a jump evaluates its end-time stages as the one-sided limit before the jump.
+        f_step = f if stop is None or not stop[1] else _before(f, stop[0], direction)
+        y1, k = rk_step(f_step, tab, t, h_signed, y, f0)
         stats.nfe += tab.stages - 1
         n_steps += 1
-        ratio = float(_error_ratio(tab, k, h_signed, y, y1, rtol, atol, norm))  # the one sync per step
+        ratio_t = _error_ratio(tab, k, h_signed, y, y1, rtol, atol, norm)
+        if event is None:
+            ratio = float(ratio_t)  # the one sync per step
+        else:  # the event's sign check rides on the same sync
+            t1_try = stop[0] if stop is not None else t + h_signed
+            pair = torch.stack([ratio_t.to(torch.float64), event.crossed(t1_try, y1).to(torch.float64)])
+            ratio, crossed = pair.tolist()
         accepted = ratio <= 1.0 or abs(h_signed) <= min_step
         if not math.isfinite(ratio):
             accepted = False
             if not bool(torch.isfinite(y).all()):
                 raise SolverError("nonfinite", "non-finite state", t=t, step_size=h_signed, n_steps=n_steps)
         if accepted:
-            t1 = t_end if last else t + h_signed
-            if tab.fsal:
+            t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
+            if stop is not None and stop[1]:
+                f1 = f(t1, y1, perturb=int(direction))  # one-sided limit past the jump
+                stats.nfe += 1
+            elif tab.fsal:
                 f1 = k[-1]
             else:
                 f1 = f(t1, y1)
                 stats.nfe += 1
+            if stop is not None:
+                i_stop += 1
             if callbacks is not None:
                 callbacks.accept(t, y, h_signed)
             if trace is not None:
@@ -187,10 +217,15 @@ def integrate_adaptive(
             if i_out < n_out and t_out[i_out] == t1:
                 outputs.append(y1)
                 i_out += 1
+            stop_now = event is not None and bool(crossed)
+            if stop_now:
+                event.found(t, h_signed, y, [*k, f1], t1, y1)
             t, y, f0 = t1, y1, f1
             stats.n_accepted += 1
             stats.last_step = abs(h_signed)
             prev_ratio = ratio
+            if stop_now:
+                break
         else:
             stats.n_rejected += 1
             if callbacks is not None:
@@ -213,9 +248,13 @@ def integrate_fixed(
     stats: SolveStats,
     trace: list | None = None,
     callbacks=None,
+    stepper=None,
 ) -> list[torch.Tensor]:
     """Fixed-grid solve: one step per grid interval; outputs between grid points by linear (default) or
-    cubic Hermite interpolation. ``grid`` runs from ``t_out[0]`` to ``t_out[-1]``."""
+    cubic Hermite interpolation. ``grid`` runs from ``t_out[0]`` to ``t_out[-1]``.
+
+    ``stepper(f, t, h, y, f0, stats) -> (y1, f1 or None)`` replaces the explicit RK step of ``tab`` (used
+    by the implicit and Adams methods; ``f1`` is ``f(t + h, y1)`` when the step has it for free)."""
     n_out = len(t_out)
     direction = 1.0 if t_out[-1] > t_out[0] else -1.0
     outputs = [y0]
@@ -223,6 +262,7 @@ def integrate_fixed(
     y = y0
     f_next: torch.Tensor | None = None if perturb else f0
     f_plain = f
+    stepper = rk_stepper(tab) if stepper is None else stepper
     for g0, g1 in itertools.pairwise(grid):
         h = g1 - g0
         if perturb:  # one-sided limits at the step's ends (for discontinuities at grid points)
@@ -232,13 +272,12 @@ def integrate_fixed(
             stats.nfe += 1
         if callbacks is not None:
             callbacks.step(g0, y, h)
-        y1, k = rk_step(f, tab, g0, h, y, f_next)
-        stats.nfe += tab.stages - 1
+        y1, f1 = stepper(f, g0, h, y, f_next, stats)
+        k = [f_next]
         if callbacks is not None:
             callbacks.accept(g0, y, h)
         if trace is not None:
             trace.append((g0, h))
-        f1 = k[-1] if tab.fsal else None
         j = i_out
         while j < n_out and direction * (t_out[j] - g1) < 0:
             j += 1
@@ -260,6 +299,29 @@ def integrate_fixed(
         stats.n_accepted += 1
         stats.last_step = abs(h)
     return outputs
+
+
+def _before(f, t_jump: float, direction: float):
+    """``f`` with evaluations at ``t_jump`` (to rounding) moved one ulp back, before the jump."""
+    slack = 4 * math.ulp(max(1.0, abs(t_jump)))
+
+    def fb(t: float, y: torch.Tensor) -> torch.Tensor:
+        if abs(t - t_jump) <= slack:
+            return f(t_jump, y, perturb=-int(direction))
+        return f(t, y)
+
+    return fb
+
+
+def rk_stepper(tab: ButcherTableau):
+    """The explicit RK step of ``tab`` in the fixed-grid stepper protocol (see ``integrate_fixed``)."""
+
+    def step(f, t, h, y, f0, stats):
+        y1, k = rk_step(f, tab, t, h, y, f0)
+        stats.nfe += tab.stages - 1
+        return y1, (k[-1] if tab.fsal else None)
+
+    return step
 
 
 def _one_sided(f, g0: float, g1: float, direction: float):

@@ -1,0 +1,78 @@
+"""``method="scipy_solver"``: ``scipy.integrate.solve_ivp`` behind ``odeint``'s interface.
+
+Options: ``solver`` (any ``solve_ivp`` method: ``"RK45"``, ``"RK23"``, ``"DOP853"``, ``"Radau"``,
+``"BDF"``, ``"LSODA"``; default ``"LSODA"`` as torchdiffeq), ``min_step`` (LSODA only), ``max_step``,
+``first_step``; ``norm`` and ``dtype`` are accepted and ignored (SciPy uses its own norm and float64).
+
+As in torchdiffeq, the solve runs in NumPy on the host: the result carries no gradient, ``func`` is called
+under ``torch.no_grad()`` with the state copied to and from the host, and events and callbacks are not
+supported. SciPy is an optional dependency (``pip install neuralode[scipy]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neuralode._registry import MethodSpec
+
+OPTIONS = frozenset({"solver", "min_step", "max_step", "first_step", "norm", "dtype"})
+SOLVERS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
+
+
+def _import_scipy():
+    try:
+        from scipy.integrate import solve_ivp
+    except ImportError as err:  # pragma: no cover - scipy is installed in the dev environment
+        raise ImportError(
+            "method='scipy_solver' needs SciPy, which is not installed; install it with "
+            "`pip install scipy` (or `pip install neuralode[scipy]`), or pick another method"
+        ) from err
+    return solve_ivp
+
+
+def _run(problem, stats, y0):
+    solve_ivp = _import_scipy()
+    import numpy as np
+
+    opts = problem.options
+    solver = opts.get("solver", "LSODA")
+    if not (isinstance(solver, str) and solver in SOLVERS) and not isinstance(solver, type):
+        raise ValueError(f"options['solver']={solver!r}; expected one of {', '.join(SOLVERS)}")
+    kwargs = {}
+    if "max_step" in opts:
+        kwargs["max_step"] = float(opts["max_step"])
+    if "first_step" in opts:
+        kwargs["first_step"] = float(opts["first_step"])
+    if "min_step" in opts or solver == "LSODA":
+        kwargs["min_step"] = float(opts.get("min_step", 0.0))
+    shape, dtype, device = y0.shape, y0.dtype, y0.device
+
+    def rhs(t, y):
+        with torch.no_grad():
+            yy = torch.as_tensor(y, dtype=dtype).to(device).reshape(shape)
+            return problem.f(float(t), yy).detach().cpu().double().numpy().reshape(-1)
+
+    def tol(x):
+        return x.detach().cpu().double().numpy().reshape(-1) if isinstance(x, torch.Tensor) else x
+
+    t = problem.t
+    sol = solve_ivp(
+        rhs,
+        t_span=(t[0], t[-1]),
+        y0=y0.detach().cpu().double().numpy().reshape(-1),
+        t_eval=np.asarray(t),
+        method=solver,
+        rtol=tol(problem.rtol),
+        atol=tol(problem.atol),
+        **kwargs,
+    )
+    stats.nfe += int(sol.nfev)
+    if not sol.success:
+        raise RuntimeError(f"scipy_solver ({solver}) failed: {sol.message}")
+    ys = torch.as_tensor(sol.y.T, dtype=dtype).to(device)
+    return [ys[i].reshape(shape) for i in range(ys.shape[0])]
+
+
+SPECS = [
+    MethodSpec(name="scipy_solver", options=OPTIONS, callbacks=frozenset(), order=0, run=_run, events=False)
+]
