@@ -166,21 +166,29 @@ def test_data_base_data_round_trip_within_10x_tol(field):
 
 
 @pytest.mark.parametrize(
-    ("divergence", "adjoint_options"), [("exact", None), ("hutchinson", {"norm": "seminorm"})]
+    ("gradient", "divergence", "adjoint_options"),
+    [
+        ("adjoint", "exact", None),
+        ("adjoint", "hutchinson", {"norm": "seminorm"}),
+        ("checkpoint", "hutchinson", None),
+    ],
 )
-def test_adjoint_gradients_match_direct(divergence, adjoint_options):
+def test_gradient_methods_match_direct(gradient, divergence, adjoint_options):
     torch.manual_seed(0)
     field = ConcatSquashMLP(2, (8, 8)).double()
     x = sample_toy("circles", 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     grads = []
-    for gradient in ("direct", "adjoint"):
+    for method in ("direct", gradient):
         model = CNF(field, 2, end_time=0.7, learn_end_time=True, divergence=divergence, regularize=True,
-                    rtol=1e-8, atol=1e-8, gradient=gradient, adjoint_options=adjoint_options)  # fmt: skip
+                    rtol=1e-8, atol=1e-8, gradient=method, adjoint_options=adjoint_options)  # fmt: skip
         model = model.double()
         torch.manual_seed(5)  # same Hutchinson noise for both
         out = model(x)
         loss = -out.log_prob.mean() + 0.1 * out.kinetic.mean() + 0.1 * out.jacobian.mean()
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
+        assert out.stats.nfe > 0
+        if method != "direct":
+            assert out.stats.nfe_backward > 0  # backward solves are reported through record_stats
     assert len(grads[0]) == len(list(field.parameters())) + 1  # the end time is a parameter
     for gd, ga in zip(*grads):
         torch.testing.assert_close(ga, gd, rtol=1e-5, atol=1e-7)
@@ -199,7 +207,7 @@ def test_reports_stats_and_bad_input():
     model = CNF(GatedPlanarField(2, 4), 2)
     out = model(torch.randn(5, 2))
     assert out.stats is model.last_stats
-    assert out.dynamics.n_evals >= 2
+    assert out.dynamics.n_evals >= 2 and out.stats.nfe == out.dynamics.n_evals
     with pytest.raises(ValueError, match="divergence"):
         CNF(GatedPlanarField(2, 4), 2, divergence="trace")
     with pytest.raises(ValueError, match=r"shape \(B, 2\)"):
