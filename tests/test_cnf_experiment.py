@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from neuralode.cli import main
+from neuralode.experiments.cnf import CNFConfig, train_cnf
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +71,9 @@ def test_train_nf_and_figure4(tmp_path):
     assert (out / "figure4.png").exists() and (out / "figure4_loss.png").exists()
 
 
-def test_bad_data_name(tmp_path):
-    with pytest.raises(ValueError, match="toy data set"):
+def test_bad_data_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse: usage error listing the choices
         main(["train", "cnf", "--data", "spiral", "--out", str(tmp_path)])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="toy data set"):
+        train_cnf(CNFConfig(data="spiral", out=str(tmp_path)))

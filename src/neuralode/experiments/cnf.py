@@ -643,16 +643,65 @@ def _plot_figure4(results: dict, samples: dict, run: RunDir) -> None:
 # --- command line ------------------------------------------------------------------------------------
 
 
-def _add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+_HELP = {
+    "data": "toy data set",
+    "field": "vector field: 'planar' (paper's gated planar hypernetwork) or 'mlp' (FFJORD concat-squash)",
+    "width": "planar: number of units M",
+    "hyper_hidden": "planar: hypernetwork width",
+    "hidden": "mlp: hidden widths, e.g. 64-64-64",
+    "activation": "mlp: tanh, softplus or elu",
+    "end_time": "initial end time T (data at t = T, base at t = 0)",
+    "learn_end_time": "train T",
+    "base_std": "standard deviation of the Gaussian base density",
+    "divergence": "trace during training: 'exact' (D VJPs) or 'hutchinson' (evaluation is always exact)",
+    "noise": "Hutchinson noise: gaussian or rademacher (drawn once per solve)",
+    "method": "ODE solver",
+    "eval_tol": "rtol = atol for test NLL and plots (0: the training tolerances)",
+    "gradient": "direct, adjoint or checkpoint",
+    "seminorm": "adjoint: leave the parameter adjoints out of the backward error norm",
+    "kinetic": "RNODE kinetic-energy weight",
+    "jacobian": "RNODE Jacobian-Frobenius weight",
+    "iters": "training iterations (fresh data every iteration)",
+    "lr_schedule": "constant or cosine (to 0 over --iters)",
+    "eval_every": "evaluate the test NLL (1000 points) and checkpoint every this many iterations",
+    "n_test": "held-out test points (final NLL on all of them)",
+    "threads": "torch CPU threads",
+    "out": "run folder",
+    "layers": "planar NF: number of layers K",
+    "optimizer": "adam or rmsprop",
+    "targets": "comma-separated target energies (Rezende & Mohamed's U1..U4)",
+    "sizes": "comma-separated K (NF layers) = M (CNF units)",
+    "n_eval": "samples for the final KL estimate",
+}
+_CHOICES = {
+    "data": sorted(TOY_DATASETS),
+    "field": list(_FIELDS),
+    "divergence": ["exact", "hutchinson"],
+    "noise": ["gaussian", "rademacher"],
+    "gradient": ["direct", "adjoint", "checkpoint"],
+    "lr_schedule": ["constant", "cosine"],
+    "optimizer": ["adam", "rmsprop"],
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         flag = "--" + f.name.replace("_", "-")
+        helptext = _HELP.get(f.name, "") + f" (default: {f.default})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name)
+            )
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, type(f.default))
-            parser.add_argument(flag, type=typ, default=f.default, metavar=f.name.upper())
+            parser.add_argument(
+                flag,
+                type=typ,
+                default=f.default,
+                metavar=f.name.upper(),
+                help=helptext,
+                choices=_CHOICES.get(f.name),
+            )
 
 
 def _config_from(args, cls):
