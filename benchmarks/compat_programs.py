@@ -12,7 +12,8 @@ behaviour of torchdiffeq's examples, shrunk to run in seconds):
   the ELBO (Adam);
 * ``cnf``: a continuous normalizing flow on two circles with a hypernetwork vector field, exact
   divergence, tuple state ``(z, Δlogp)`` (Adam);
-* ``bouncing_ball``: ``odeint_event`` with state resets and the gradients of the last collision time;
+* ``bouncing_ball``: ``odeint_event`` with state resets and the gradients of the last collision time,
+  through ``odeint`` and through ``odeint_adjoint``;
 * ``methods``: one small solve for each method both libraries have (fixed-grid, adaptive, Adams,
   scipy_solver), with tuple states, reverse time and torchdiffeq options.
 
@@ -233,7 +234,7 @@ def cnf(lib, iters: int = 8):
 # -- bouncing ball -----------------------------------------------------------------------------------
 
 
-def bouncing_ball(lib, bounces: int = 6):
+def bouncing_ball(lib, bounces: int = 6, adjoint: bool = False):
     f64 = torch.float64
 
     class Ball(nn.Module):
@@ -259,7 +260,15 @@ def bouncing_ball(lib, bounces: int = 6):
     t0, state = ball.t0, (ball.pos, ball.vel, ball.log_radius)
     times = []
     for _ in range(bounces):
-        t0, sol = lib.odeint_event(ball, state, t0, event_fn=ball.event_fn, rtol=1e-8, atol=1e-8)
+        t0, sol = lib.odeint_event(
+            ball,
+            state,
+            t0,
+            event_fn=ball.event_fn,
+            rtol=1e-8,
+            atol=1e-8,
+            odeint_interface=lib.odeint_adjoint if adjoint else lib.odeint,
+        )
         pos, vel, log_radius = (s[-1] for s in sol)
         state = (pos + 1e-7, -vel * 0.8, log_radius)
         times.append(t0)
@@ -334,6 +343,7 @@ PROGRAMS = {
     "latent": (latent, {}, 1e-3, ("last -ELBO",)),
     "cnf": (cnf, {}, 1e-3, ("last NLL",)),
     "bouncing_ball": (bouncing_ball, {}, 1e-6, ()),
+    "bouncing_ball-adjoint": (bouncing_ball, {"adjoint": True}, 1e-6, ()),
     "methods": (methods, {}, 1e-4, ()),
 }
 

@@ -344,7 +344,7 @@ def test_adjoint_bad_inputs():
     nonleaf = func.l1.weight * 2
     with pytest.raises(ValueError, match=r"adjoint_params\[0\] is not a leaf"):
         odeint_adjoint(func, y0, t, adjoint_params=(nonleaf,))
-    with pytest.raises(ValueError, match="odeint_event"):
+    with pytest.raises(ValueError, match="event_fn needs t with exactly 2"):
         odeint_adjoint(func, y0, t, event_fn=lambda tt, y: y.sum())
     with pytest.raises(ValueError, match="adjoint_method='nope'"):
         odeint_adjoint(func, y0, t, adjoint_method="nope")

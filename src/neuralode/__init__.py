@@ -4,7 +4,10 @@ Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_
 """
 
 from neuralode._adjoint import odeint_adjoint
+from neuralode._batched import PerSampleInfo, odeint_per_sample
+from neuralode._batched_adjoint import odeint_per_sample_adjoint
 from neuralode._checkpoint import odeint_checkpoint
+from neuralode._compiled import FixedGridSolver
 from neuralode._errors import SolverError
 from neuralode._event import odeint_event
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
@@ -20,13 +23,17 @@ __all__ = [
     "SOLVERS",
     "TABLEAUS",
     "ButcherTableau",
+    "FixedGridSolver",
     "NeuralODE",
+    "PerSampleInfo",
     "SolveStats",
     "SolverError",
     "odeint",
     "odeint_adjoint",
     "odeint_checkpoint",
     "odeint_event",
+    "odeint_per_sample",
+    "odeint_per_sample_adjoint",
     "record_stats",
 ]
 

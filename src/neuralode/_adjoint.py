@@ -69,7 +69,10 @@ def odeint_adjoint(
 
     Args:
         func, y0, t, rtol, atol, method, options: as for :func:`~neuralode.odeint`.
-        event_fn: not supported here; terminal events have their own entry point (``odeint_event``).
+        event_fn: terminal event, as for :func:`~neuralode.odeint`: returns ``(event_t, solution)``; the
+            state at the event is differentiated by the adjoint with the event time held fixed (use
+            :func:`~neuralode.odeint_event` for a differentiable event time). The event is located by a
+            gradient-free ``odeint`` solve first, then the adjoint solve runs to it.
         adjoint_rtol, adjoint_atol: tolerances of the backward solve; default ``rtol``/``atol``.
         adjoint_method: solver of the backward solve; default ``method``.
         adjoint_options: options of the backward solve; default ``options`` without its ``norm`` (when
@@ -90,9 +93,15 @@ def odeint_adjoint(
         ValueError, TypeError: bad arguments (the message names the argument).
         SolverError: the forward or the backward solve failed.
     """
-    if event_fn is not None:
-        raise ValueError(
-            "odeint_adjoint(event_fn=...) is not supported; solve to an event with neuralode.odeint_event"
+    if event_fn is not None:  # torchdiffeq's event mode: (event_t, solution), event_t without gradient
+        from neuralode._event import solve_to_event_with
+
+        kwargs = dict(rtol=rtol, atol=atol, method=method, options=options, adjoint_rtol=adjoint_rtol)
+        kwargs.update(
+            adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options
+        )
+        return solve_to_event_with(
+            odeint_adjoint, func, y0, t, event_fn, adjoint_params=adjoint_params, **kwargs
         )
     params = _check_params(func, adjoint_params)
     y0_flat = torch.cat([x.reshape(-1) for x in y0]) if isinstance(y0, (tuple, list)) else y0

@@ -86,14 +86,21 @@ def initial_step(
     direction: float,
 ) -> float:
     """Hairer, Nørsett & Wanner (1993, II.4) starting step; one evaluation of ``f``. Returns |h|."""
-    scale = y0.abs() * rtol + atol
-    d0, d1 = (
-        float(v)
-        for v in torch.stack([torch.as_tensor(norm(y0 / scale)), torch.as_tensor(norm(f0 / scale))]).tolist()
-    )
+    scale = y0.abs().mul_(rtol).add_(atol)
+    if norm is rms_norm:  # both norms in one reduction, 1/sqrt(n) on the host: 7 kernels fewer
+        inv_sqrt_n = 1.0 / math.sqrt(max(y0.numel(), 1))
+        both = torch.stack([y0.reshape(-1), f0.reshape(-1)]).div_(scale.reshape(-1))
+        d0, d1 = (v * inv_sqrt_n for v in torch.linalg.vector_norm(both, dim=1).tolist())
+    else:
+        d0, d1 = (
+            float(v)
+            for v in torch.stack(
+                [torch.as_tensor(norm(y0 / scale)), torch.as_tensor(norm(f0 / scale))]
+            ).tolist()
+        )
     h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-    f1 = f(t0 + direction * h0, y0 + (direction * h0) * f0)
-    d2 = float(norm((f1 - f0) / scale)) / h0
+    f1 = f(t0 + direction * h0, torch.add(y0, f0, alpha=direction * h0))
+    d2 = float(norm(torch.sub(f1, f0).div_(scale))) / h0
     if max(d1, d2) <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:

@@ -31,7 +31,7 @@ import torch
 
 from neuralode._errors import SolverError
 from neuralode._methods import TABLEAUS
-from neuralode._solve import _hermite, dense_eval, rk_stepper
+from neuralode._solve import _hermite, _one_sided, dense_eval, rk_stepper
 
 __all__ = ["odeint_event"]
 
@@ -135,13 +135,18 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
     stepper = rk_stepper(tab) if spec is None else spec.make_stepper(problem)
     h = direction * step
     interp_kind = problem.options.get("interp", "linear")
+    perturb = bool(problem.options.get("perturb", False))
     t, y = t0, y_start
     f0 = problem.f0 if f0 is None else f0
     for n in range(_MAX_FIXED_STEPS):
         if problem.callbacks is not None:
             problem.callbacks.step(t, y, h)
         t1 = t0 + (n + 1) * h
-        y1, f1 = stepper(problem.f, t, h, y, f0, stats)
+        f_step = _one_sided(problem.f, t, t1, direction) if perturb else problem.f
+        if perturb:  # one-sided limits at both ends of every step (as the fixed-grid loop)
+            f0 = f_step(t, y)
+            stats.nfe += 1
+        y1, f1 = stepper(f_step, t, h, y, f0, stats)
         stats.n_steps += 1
         stats.n_accepted += 1
         if bool(event.crossed(t1, y1)):  # one synchronisation per step
@@ -160,7 +165,7 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
             theta = _root(lambda th, t=t, interp=interp: event.value(t + th * h, interp(th)), abs(h), tol)
             return done(t + theta * h, interp(theta))
         t, y = t1, y1
-        if f1 is None:
+        if f1 is None and not perturb:
             f1 = problem.f(t, y)
             stats.nfe += 1
         f0 = f1
@@ -263,12 +268,32 @@ def odeint_event(
     if odeint_interface is odeint:
         event_t, solution = odeint(func, y0, t, event_fn=event_fn, **kwargs)
     else:
-        forward = {k: kwargs[k] for k in ("rtol", "atol", "method", "options") if k in kwargs}
-        with torch.no_grad():
-            event_t, _ = odeint(func, y0, t.detach(), event_fn=event_fn, **forward)
-        t_span = torch.cat([t0, event_t.detach().to(t0).reshape(-1)])
-        solution = odeint_interface(func, y0, t_span, **kwargs)
+        event_t, solution = solve_to_event_with(odeint_interface, func, y0, t, event_fn, **kwargs)
     return _reroute(func, event_fn, t0.detach().reshape(()), event_t, solution)
+
+
+def solve_to_event_with(interface: Callable, func, y0, t: torch.Tensor, event_fn: Callable, **kwargs):
+    """``(event_t, solution)`` with ``solution`` from ``interface`` (e.g. ``odeint_adjoint``): the event is
+    located by a gradient-free ``odeint`` solve, then ``interface`` solves from ``t[0]`` to it (the event
+    time held fixed). Costs one forward solve more than a solve that locates and differentiates at once.
+    """
+    from neuralode._odeint import odeint
+
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != 2:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(
+            f"event_fn needs t with exactly 2 entries (start, and a time giving the direction), got {got}"
+        )
+    forward = {k: kwargs[k] for k in ("rtol", "atol", "method", "options") if k in kwargs}
+    with torch.no_grad():
+        event_t, _ = odeint(func, y0, t.detach(), event_fn=event_fn, **forward)
+    t_span = torch.cat([t[:1], event_t.detach().to(t).reshape(1)])
+    if float(t_span[1].detach()) == float(t_span[0].detach()):  # already on the event: nothing to solve
+        sol = y0 if isinstance(y0, torch.Tensor) else tuple(y0)
+        if isinstance(sol, torch.Tensor):
+            return event_t, torch.stack([sol, sol])
+        return event_t, tuple(torch.stack([s, s]) for s in sol)
+    return event_t, interface(func, y0, t_span, **kwargs)
 
 
 def _reroute(func, event_fn, t0: torch.Tensor, event_t: torch.Tensor, solution):

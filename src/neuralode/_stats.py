@@ -92,7 +92,12 @@ def record_stats() -> Iterator[SolveStats]:
     try:
         yield stats
     finally:
-        stack.remove(stats)
+        # By identity: SolveStats is a dataclass, so ``list.remove`` (which uses ==) would drop an
+        # outer recorder whose counters happen to equal this one's (e.g. after a single nested solve).
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is stats:
+                del stack[i]
+                break
 
 
 def _report_forward(solve: SolveStats) -> list[SolveStats]:

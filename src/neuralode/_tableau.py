@@ -88,6 +88,16 @@ class ButcherTableau:
         return tuple(tuple((j, v) for j, v in enumerate(row) if v != 0.0) for row in self.a)
 
     @functools.cached_property
+    def b_nonzero(self) -> tuple[tuple[int, float], ...]:
+        """The (j, b_j) pairs with b_j != 0."""
+        return tuple((j, v) for j, v in enumerate(self.b) if v != 0.0)
+
+    @functools.cached_property
+    def b_error_nonzero(self) -> tuple[tuple[int, float], ...]:
+        """The (j, e_j) pairs of ``b_error`` with e_j != 0 (empty for fixed-step methods)."""
+        return tuple((j, v) for j, v in enumerate(self.b_error or ()) if v != 0.0)
+
+    @functools.cached_property
     def extra_nonzero(self) -> tuple[tuple[tuple[int, float], ...], ...]:
         return tuple(tuple((j, v) for j, v in enumerate(row) if v != 0.0) for row in self.extra_a)
 

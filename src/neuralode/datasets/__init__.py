@@ -1,1 +1,1 @@
-"""Data sets for the experiments."""
+"""Datasets of the paper's experiments, built on torch only."""

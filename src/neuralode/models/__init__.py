@@ -1,1 +1,1 @@
-"""Model building blocks (use only the public ``neuralode`` API)."""
+"""Models built on the public neuralode API (odeint, NeuralODE)."""

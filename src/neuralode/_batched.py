@@ -1,0 +1,509 @@
+"""Per-sample adaptive stepping: a batch of independent problems, each with its own step size.
+
+``odeint`` (the joint mode) steps the whole batch with one step size chosen from one error norm over
+all elements: the hardest sample sets the pace for every sample. Here every sample (row of the first
+dimension) has its own time, step size, accept/reject decision, step counters and status; the batch still
+goes through ``func`` together, one call per stage. Accept/reject and the controller are ``torch.where``
+masks; the loop waits for the device once per step (one small tensor: "is anyone still running" and
+which output columns the step crossed).
+
+Use it when the samples' dynamics differ a lot (stiffness, time scales, per-sample start and end
+times); keep the joint mode when they are alike: it runs fewer kernels per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from neuralode._errors import SolverError
+from neuralode._methods import ADAPTIVE_METHODS, TABLEAUS
+from neuralode._stats import SolveStats, _report_forward
+from neuralode._tableau import ButcherTableau
+
+__all__ = ["PerSampleInfo", "odeint_per_sample"]
+
+PER_SAMPLE_OPTIONS = frozenset(
+    {"first_step", "safety", "ifactor", "dfactor", "max_num_steps", "min_step", "max_step"}
+)
+
+#: Status codes of :class:`PerSampleInfo` (``status`` tensor).
+STATUS = {0: "success", 1: "max_num_steps", 2: "underflow", 3: "nonfinite"}
+_RUNNING_OR_OK, _MAX_STEPS, _UNDERFLOW, _NONFINITE = 0, 1, 2, 3
+
+
+@dataclasses.dataclass
+class PerSampleInfo:
+    """What happened to each sample of a per-sample solve (tensors of shape ``(B,)`` on y0's device).
+
+    Attributes:
+        status: 0 success, 1 ``max_num_steps`` exceeded, 2 step-size underflow, 3 non-finite state
+            (see ``STATUS``). Only returned with ``throw=False``; otherwise a failure raises.
+        n_steps, n_accepted, n_rejected: attempted / accepted / rejected steps of each sample.
+        t: time each sample reached.
+        nfe: calls of ``func`` on the whole batch (int); each call evaluates every sample.
+    """
+
+    status: torch.Tensor
+    n_steps: torch.Tensor
+    n_accepted: torch.Tensor
+    n_rejected: torch.Tensor
+    t: torch.Tensor
+    nfe: int
+
+
+def odeint_per_sample(
+    func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    y0: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    rtol: float | torch.Tensor = 1e-7,
+    atol: float | torch.Tensor = 1e-9,
+    method: str | None = None,
+    options: dict[str, Any] | None = None,
+    throw: bool = True,
+    return_info: bool = False,
+    stats: SolveStats | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, PerSampleInfo]:
+    """Solve a batch of independent ODEs ``dy_b/dt = func(t, y)_b``, each sample with its own steps.
+
+    Args:
+        func: ``func(t, y)`` with ``t`` of shape ``(B,)`` (each sample's current time, in ``y``'s dtype)
+            and ``y`` of shape ``(B, *shape)``; returns dy/dt of ``y``'s shape. Sample ``b`` of the
+            output must depend only on sample ``b`` of the input (as for any batched network without
+            batch norm).
+        y0: ``(B, *shape)`` floating tensor; the first dimension is the batch.
+        t: output times, 1-D ``(T,)`` shared by all samples, or 2-D ``(B, T)`` per sample (each row
+            strictly monotonic; rows may have different start and end times and directions). Column 0
+            is each sample's start time.
+        rtol, atol: positive floats, or tensors broadcastable to ``y0`` (e.g. ``(B, 1)`` per sample).
+        method: an adaptive method (default ``"dopri5"``).
+        options: ``first_step``, ``min_step``, ``max_step``, ``max_num_steps`` (per sample, default
+            1,000,000), ``safety``, ``ifactor``, ``dfactor`` (integral controller, as ``odeint``).
+        throw: raise :class:`SolverError` if any sample failed (default); with ``False`` failed
+            samples keep their last state and ``info.status`` says why.
+        return_info: also return a :class:`PerSampleInfo`.
+        stats: a :class:`SolveStats` to add this solve's counters to.
+
+    Returns:
+        ``(T, B, *shape)``: the solution at the output times (like ``odeint``), and the info if asked.
+        ``record_stats()`` receives ``nfe`` = calls of ``func`` on the whole batch and ``n_steps``,
+        ``n_accepted``, ``n_rejected`` summed over the samples.
+
+    The step sequence of each sample is the one ``odeint`` takes for that sample alone (same initial
+    step, controller and error norm), so the results agree with per-sample ``odeint`` solves to rounding.
+    Gradients flow by backpropagation through the steps (step-size control is not differentiated, as in
+    ``odeint``).
+    """
+    solve_stats = stats
+    tab, opts = _check_method(method, options)
+    y0, t2, rtol, atol = _check_inputs(func, y0, t, rtol, atol)
+    B = y0.shape[0]
+    shape = y0.shape
+    dtype = y0.dtype
+
+    def f(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return func(tt.to(dtype), y.view(shape)).reshape(B, -1)
+
+    f0_full = func(t2[:, 0].to(dtype), y0)
+    _check_output(f0_full, y0)
+    stats = SolveStats(n_solves=1, nfe=1)
+    ys, info = _integrate(
+        f, tab, y0.reshape(B, -1), f0_full.reshape(B, -1), t2, rtol, atol, opts, stats, throw
+    )
+    _report_forward(stats)
+    if solve_stats is not None:
+        solve_stats.add(stats)
+    if throw:
+        bad = (info.status != _RUNNING_OR_OK).nonzero().flatten().tolist()
+        if bad:
+            b = bad[0]
+            reason = STATUS[int(info.status[b])]
+            raise SolverError(
+                reason,
+                f"{len(bad)} of {B} samples failed (first: sample {b}, {reason})",
+                t=float(info.t[b]),
+                step_size=float("nan"),
+                n_steps=int(info.n_steps[b]),
+            )
+    out = ys.reshape(ys.shape[0], *shape)
+    return (out, info) if return_info else out
+
+
+# -- the loop ----------------------------------------------------------------------------------------------
+
+
+def _integrate(
+    f, tab: ButcherTableau, y, f0, tt, rtol, atol, opts, stats, throw: bool
+) -> tuple[torch.Tensor, PerSampleInfo]:
+    B, n = y.shape
+    T = tt.shape[1]
+    y_init = y
+    dtype, device = y.dtype, y.device
+    tdtype = tt.dtype
+    t, t_end = tt[:, 0].clone(), tt[:, -1].clone()
+    direction = torch.sign(t_end - t)
+    safety, ifactor, dfactor = opts["safety"], opts["ifactor"], opts["dfactor"]
+    min_step, max_step, max_num_steps = opts["min_step"], opts["max_step"], opts["max_num_steps"]
+    inv_order = -1.0 / tab.order
+    if opts["first_step"] is None:
+        h = _initial_step(f, t, y, f0, tab.order, rtol, atol, direction)
+        stats.nfe += 1
+    else:
+        h = torch.as_tensor(opts["first_step"], dtype=tdtype, device=device).abs().expand(B).clone()
+    h = h.clamp(max=max_step)
+    # Error weights with the constants folded in (scalar tolerances): rms(e / (atol + rtol·m)) =
+    # ‖(e / (rtol·sqrt(n))) / (m + atol/rtol)‖₂.
+    groups = opts.get("_groups")
+    # Internal (per-sample adjoint): quad(stage_ts, stage_ys, w) is called once per step after the
+    # accept/reject decision, w = h on accepted samples and 0 elsewhere, to accumulate a quadrature
+    # along each sample's accepted steps without it being part of the state.
+    quad = opts.get("_quad")
+    scalar_tol = (
+        isinstance(rtol, float) and isinstance(atol, float) and tab.b_error_aux is None and groups is None
+    )
+    e_pairs = tab.b_error_nonzero
+    if scalar_tol:
+        e_factor = abs(e_pairs[0][1]) / (rtol * math.sqrt(max(n, 1)))
+        c_tol = torch.scalar_tensor(atol / rtol, dtype=dtype, device=device)
+
+    running = torch.ones(B, dtype=torch.bool, device=device)
+    status = torch.zeros(B, dtype=torch.int8, device=device)
+    n_steps = torch.zeros(B, dtype=torch.int64, device=device)
+    n_acc = torch.zeros_like(n_steps)
+    dense_out = T > 2  # with only (t0, t1) the answer is the state where each sample stops
+    if dense_out:
+        next_out = torch.ones(B, dtype=torch.int64, device=device)
+        coef = _coefficients(tab, dtype, device)
+        cols = [y] * (T - 1)
+    iteration = 0
+    while True:
+        if iteration >= max_num_steps:  # every running sample has taken exactly this many steps
+            status = torch.where(running, _MAX_STEPS, status).to(torch.int8)
+            running = running & False
+            break
+        iteration += 1
+        if min_step > 0:
+            h = h.clamp(min=min_step)
+        dist = (t_end - t) * direction  # 0 for samples that are done: they take steps of size 0
+        last = h >= dist
+        h_signed = torch.where(last, dist, h) * direction
+        t_try = t + h_signed
+        hc = h_signed.to(dtype).unsqueeze(1)  # (B, 1)
+        t_lo = t if dtype == tdtype else t.to(dtype)
+        h_lo = h_signed if dtype == tdtype else h_signed.to(dtype)
+
+        # Stages: y_i = y + h ∘ Σ_j a_ij k_j (one addcmul for the per-sample h).
+        k = [f0]
+        y_stage = y
+        if quad is not None:
+            stage_ts, stage_ys = [t_lo], [y]
+        for i in range(1, tab.stages):
+            y_stage = _step_comb(y, hc, k, tab.a_nonzero[i])
+            t_stage = torch.add(t_lo, h_lo, alpha=tab.c[i])
+            k.append(f(t_stage, y_stage))
+            if quad is not None:
+                stage_ts.append(t_stage)
+                stage_ys.append(y_stage)
+        stats.nfe += tab.stages - 1
+        y1 = y_stage if tab.fsal else _step_comb(y, hc, k, tab.b_nonzero)
+        t_new = torch.where(last, t_end, t_try)
+        if tab.fsal:
+            f1 = k[-1]
+        else:
+            f1 = f(t_new if dtype == tdtype else t_new.to(dtype), y1)
+            stats.nfe += 1
+
+        with torch.no_grad():
+            if scalar_tol:  # the constant factor |e_0|/(rtol·sqrt(n)) is applied in the time dtype
+                scale = torch.maximum(y.abs(), y1.abs()).add_(c_tol)
+                ratio = torch.linalg.vector_norm(_ratio_comb(k, e_pairs).mul_(hc).div_(scale), dim=1)
+                ratio = ratio.to(tdtype).mul_(e_factor)
+            else:
+                ratio = _ratio(tab, k, hc, y, y1, rtol, atol, groups)
+                if ratio.dtype != tdtype:
+                    ratio = ratio.to(tdtype)
+        accept = (ratio <= 1.0) & running
+        if min_step > 0:
+            accept = accept | (running & (h_signed.abs() <= min_step) & torch.isfinite(ratio))
+        running_next = running & ~(accept & last)
+        underflow = (t_try == t) & running
+        flags = torch.stack([running_next.any(), torch.isfinite(ratio).all(), underflow.any()])
+        if dense_out:
+            # Columns up to each sample's new time; the step crossed [next_out, count).
+            crossed = (direction.unsqueeze(1) * (tt - t_new.unsqueeze(1)) <= 0).sum(1)
+            count = torch.where(accept, crossed, next_out)
+            moved = count > next_out
+            window = torch.stack([torch.where(moved, next_out, T).min(), torch.where(moved, count, 0).max()])
+            flags = torch.cat([flags.to(torch.int64), window])
+        flag_values = flags.tolist()  # the one host-device sync per step
+        keep_going, all_finite, any_underflow = (bool(v) for v in flag_values[:3])
+
+        if not all_finite or any_underflow:  # rare: stop the samples that cannot go on
+            # As odeint: a non-finite error only rejects the step (it shrinks by dfactor); the sample
+            # stops when its current state is non-finite or its step no longer moves t.
+            bad_state = running & ~torch.isfinite(ratio) & ~torch.isfinite(y).all(dim=1)
+            stuck = underflow
+            status = torch.where(bad_state, _NONFINITE, torch.where(stuck, _UNDERFLOW, status)).to(torch.int8)
+            stop = bad_state | stuck
+            accept = accept & ~stop
+            running_next = running_next & ~stop
+            t_end = torch.where(stop, t, t_end)
+            keep_going = bool(running_next.any())
+        if dense_out:
+            lo, hi = flag_values[3], flag_values[4]
+            if hi > lo:
+                cols = _write_outputs(
+                    tab, coef, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k, f1, stats
+                )
+                next_out = count
+
+        if quad is not None:
+            quad(stage_ts, stage_ys, torch.where(accept, h_signed, torch.zeros_like(h_signed)).to(dtype))
+        # Accepted samples move; the controller proposes the next step for everyone.
+        acc_col = accept.unsqueeze(1)
+        y = torch.where(acc_col, y1, y)
+        f0 = torch.where(acc_col, f1, f0)
+        t = torch.where(accept, t_new, t)
+        n_steps = n_steps + running
+        n_acc = n_acc + accept
+        with torch.no_grad():
+            fac = ratio.pow(inv_order).mul_(safety).clamp_(dfactor, ifactor)
+            fac = torch.where(ratio < 1.0, fac.clamp(min=1.0), fac)
+            if not all_finite:
+                fac = torch.where(torch.isfinite(ratio), fac, dfactor)
+            h = h_signed.abs().mul_(fac)
+            if max_step < math.inf:
+                h = h.clamp_(max=max_step)
+        running = running_next
+        if not keep_going:
+            break
+    outs = [y_init, *cols] if dense_out else [y_init, y]
+    if not throw:  # columns a failed sample never reached are NaN, not a stale value
+        failed = status != _RUNNING_OR_OK
+        for j in range(1, T):
+            unreached = failed & (j >= next_out) if dense_out else failed
+            outs[j] = torch.where(unreached.unsqueeze(1), torch.full_like(outs[j], math.nan), outs[j])
+    ys = torch.stack(outs)
+    stats.n_steps = int(n_steps.sum())
+    stats.n_accepted = int(n_acc.sum())
+    stats.n_rejected = stats.n_steps - stats.n_accepted
+    info = PerSampleInfo(
+        status=status, n_steps=n_steps, n_accepted=n_acc, n_rejected=n_steps - n_acc, t=t, nfe=stats.nfe
+    )
+    return ys, info
+
+
+def _write_outputs(tab, coef, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k, f1, stats):
+    """Dense output at the crossed columns ``lo..hi-1`` (exact ``y1`` where a column equals t_new);
+    column ``j`` is written for the samples with ``next_out <= j < count``."""
+    k_ext = [*k, f1]
+    if tab.uses_extra_stages:
+        hc = h_signed.to(y.dtype).unsqueeze(1)
+        t_lo = t.to(y.dtype)
+        h_lo = h_signed.to(y.dtype)
+        for i, row in enumerate(tab.extra_nonzero):
+            y_i = _step_comb(y, hc, k_ext, row)
+            k_ext.append(f(torch.add(t_lo, h_lo, alpha=tab.extra_c[i]), y_i))
+            stats.nfe += 1
+    K = torch.stack(k_ext, dim=1)  # (B, S, n)
+    window = tt[:, lo:hi]
+    safe_h = torch.where(h_signed == 0, torch.ones_like(h_signed), h_signed)
+    theta = ((window - t.unsqueeze(1)) / safe_h.unsqueeze(1)).to(y.dtype)  # (B, W)
+    powers = torch.stack([theta ** (p + 1) for p in range(coef.shape[1])], dim=-1)  # (B, W, P)
+    w = (powers @ coef.T) * h_signed.to(y.dtype).view(-1, 1, 1)  # (B, W, S)
+    dense = torch.baddbmm(y.unsqueeze(1), w, K)  # (B, W, n)
+    exact = (window == t_new.unsqueeze(1)).unsqueeze(2)
+    dense = torch.where(exact, y1.unsqueeze(1), dense)
+    cols = list(cols)
+    for j in range(lo, hi):
+        hit = ((next_out <= j) & (j < count)).unsqueeze(1)
+        cols[j - 1] = torch.where(hit, dense[:, j - lo], cols[j - 1])
+    return cols
+
+
+def _coefficients(tab: ButcherTableau, dtype, device) -> torch.Tensor:
+    """Dense-output polynomial coefficients as an (S_ext, P) tensor (coefficient of θ^(p+1))."""
+    P = max(len(p) for p in tab.dense)
+    rows = [list(p) + [0.0] * (P - len(p)) for p in tab.dense]
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def _step_comb(y: torch.Tensor, hc: torch.Tensor, k, pairs) -> torch.Tensor:
+    """``y + h ∘ Σ_j a_j k_j`` as ``addcmul(y, h, k_0 + Σ (a_j/a_0) k_j, value=a_0)``: every coefficient is
+    a kernel argument (``alpha``/``value``), never a Python scalar operand, which would cost a hidden
+    conversion kernel for float32 states."""
+    (j0, a0), *rest = pairs
+    if not rest:
+        return torch.addcmul(y, hc, k[j0], value=a0)
+    acc = torch.add(k[j0], k[rest[0][0]], alpha=rest[0][1] / a0)
+    for j, a in rest[1:]:
+        acc.add_(k[j], alpha=a / a0)
+    return torch.addcmul(y, hc, acc, value=a0)
+
+
+def _ratio_comb(k, pairs) -> torch.Tensor:
+    """The error combination ``Σ_j e_j k_j`` divided by ``e_0``: ``k_0 + Σ (e_j/e_0) k_j`` (the norm is
+    taken later, so the factor ``|e_0|`` is applied to it, in the time dtype)."""
+    (j0, e0), *rest = pairs
+    if not rest:
+        return k[j0].clone()
+    acc = torch.add(k[j0], k[rest[0][0]], alpha=rest[0][1] / e0)
+    for j, e in rest[1:]:
+        acc.add_(k[j], alpha=e / e0)
+    return acc
+
+
+def _sum(k, pairs) -> torch.Tensor:
+    """Σ_j a_j k_j over non-zero (j, a_j) pairs, as fused multiply-adds."""
+    (j0, a0), *rest = pairs
+    out = torch.mul(k[j0], a0)
+    for j, a in rest:
+        out = out.add_(k[j], alpha=a)
+    return out
+
+
+def _rms_rows(x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
+    """Per-row RMS; with ``groups`` (column counts), the max over the groups of each group's RMS."""
+    if groups is None:
+        return torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))
+    parts = [_rms_rows(p) for p in x.split(list(groups), dim=1) if p.shape[1] > 0]
+    return torch.stack(parts, dim=1).amax(dim=1)
+
+
+def _ratio(tab, k, hc, y, y1, rtol, atol, groups=None) -> torch.Tensor:
+    """Per-sample RMS error ratio (B,); DOP853's combined estimate when the tableau has two."""
+    tol = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
+    r = _rms_rows(_sum(k, tab.b_error_nonzero).mul_(hc).div_(tol), groups)
+    if tab.b_error_aux is None:
+        return r
+    aux = tuple((j, v) for j, v in enumerate(tab.b_error_aux) if v != 0.0)
+    r3 = _rms_rows(_sum(k, aux).mul_(hc).div_(tol), groups)
+    den = torch.sqrt(r * r + 0.01 * r3 * r3)
+    return torch.where(den > 0, r * r / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(r))
+
+
+@torch.no_grad()
+def _initial_step(f, t0, y0, f0, order, rtol, atol, direction) -> torch.Tensor:
+    """Hairer's starting step (as ``neuralode._control.initial_step``), one value per sample."""
+    tdtype = t0.dtype
+    scale = y0.abs() * rtol + atol
+    d0 = _rms_rows(y0 / scale).to(tdtype)
+    d1 = _rms_rows(f0 / scale).to(tdtype)
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = torch.where(
+        small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.where(small, torch.ones_like(d1), d1)
+    )
+    hs = direction * h0
+    f1 = f(t0 + hs, y0 + hs.to(y0.dtype).unsqueeze(1) * f0)
+    d2 = _rms_rows((f1 - f0) / scale).to(tdtype) / h0
+    dmax = torch.maximum(d1, d2)
+    tiny = dmax <= 1e-15
+    h1 = torch.where(
+        tiny,
+        torch.clamp(h0 * 1e-3, min=1e-6),
+        (0.01 / torch.where(tiny, torch.ones_like(dmax), dmax)) ** (1.0 / order),
+    )
+    return torch.minimum(100 * h0, h1)
+
+
+# -- validation --------------------------------------------------------------------------------------------
+
+
+def _check_method(method, options) -> tuple[ButcherTableau, dict]:
+    method = "dopri5" if method is None else method
+    if not isinstance(method, str) or method not in ADAPTIVE_METHODS:
+        raise ValueError(
+            f"method={method!r} is not an adaptive method; per-sample stepping needs one of "
+            f"{', '.join(ADAPTIVE_METHODS)}"
+        )
+    options = {} if options is None else dict(options)
+    unknown = sorted(set(options) - PER_SAMPLE_OPTIONS - {"_groups", "_quad"})  # internal: the adjoint
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for per-sample stepping; valid options: "
+            f"{', '.join(sorted(PER_SAMPLE_OPTIONS))}"
+        )
+    opts = {
+        "first_step": options.get("first_step"),
+        "safety": float(options.get("safety", 0.9)),
+        "ifactor": float(options.get("ifactor", 10.0)),
+        "dfactor": float(options.get("dfactor", 0.2)),
+        "min_step": float(options.get("min_step", 0.0)),
+        "max_step": float(options.get("max_step", math.inf)),
+        "max_num_steps": options.get("max_num_steps", 1_000_000),
+        "_groups": options.get("_groups"),
+        "_quad": options.get("_quad"),
+    }
+    if not isinstance(opts["max_num_steps"], int) or opts["max_num_steps"] <= 0:
+        raise ValueError(f"options['max_num_steps'] must be a positive int, got {opts['max_num_steps']!r}")
+    for key in ("min_step", "max_step"):
+        if not opts[key] >= 0:
+            raise ValueError(f"options['{key}'] must be >= 0, got {opts[key]}")
+    return TABLEAUS[method], opts
+
+
+def _check_inputs(func, y0, t, rtol, atol):
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"y0 must be a tensor of shape (batch, ...), got {type(y0).__name__}")
+    if not y0.is_floating_point():
+        raise TypeError(f"y0 must be a floating-point tensor, got dtype {y0.dtype}")
+    if y0.dim() < 1 or y0.shape[0] == 0:
+        raise ValueError(f"y0 must have a non-empty batch dimension first, got shape {tuple(y0.shape)}")
+    if not bool(torch.isfinite(y0).all()):
+        raise ValueError("y0 contains NaN or inf values")
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"t must be a floating-point tensor of times, got {t!r:.60}")
+    if t.device != y0.device:
+        raise ValueError(f"t is on {t.device} but y0 is on {y0.device}; put both on the same device")
+    B = y0.shape[0]
+    tdtype = torch.float64 if y0.device.type != "mps" else torch.float32
+    if t.dim() == 1:
+        t2 = t.detach().to(tdtype).unsqueeze(0).expand(B, -1)
+    elif t.dim() == 2 and t.shape[0] == B:
+        t2 = t.detach().to(tdtype)
+    else:
+        raise ValueError(f"t must be (T,) or (batch={B}, T), got shape {tuple(t.shape)}")
+    if t.requires_grad:
+        raise ValueError("gradients with respect to t are not supported in per-sample mode; detach t")
+    if t2.shape[1] < 2:
+        raise ValueError(f"t needs at least a start and an end time per sample, got {t2.shape[1]} column(s)")
+    if not bool(torch.isfinite(t2).all()):
+        raise ValueError("t contains NaN or inf values")
+    d = t2.diff(dim=1)
+    direction = torch.sign(t2[:, -1:] - t2[:, :1])
+    if not bool(((d * direction) > 0).all()):
+        raise ValueError("each row of t must be strictly increasing or strictly decreasing")
+    return y0, t2.contiguous(), _check_tol("rtol", rtol, y0), _check_tol("atol", atol, y0)
+
+
+def _check_tol(name, tol, y0):
+    B = y0.shape[0]
+    if isinstance(tol, torch.Tensor):
+        if not bool((tol > 0).all()) or not bool(torch.isfinite(tol).all()):
+            raise ValueError(f"{name} must be positive and finite everywhere")
+        try:
+            tol = tol.to(dtype=y0.dtype, device=y0.device).expand(y0.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(tol.shape)} does not broadcast to y0's shape {tuple(y0.shape)}"
+            ) from None
+        return tol.reshape(B, -1)
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not (tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"{name} must be a positive finite float or a tensor, got {tol!r}")
+    return float(tol)
+
+
+def _check_output(out, y0) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"func(t0, y0) must return a tensor, got {type(out).__name__}")
+    if out.shape != y0.shape:
+        raise ValueError(f"func(t0, y0) returned shape {tuple(out.shape)}; expected {tuple(y0.shape)}")
+    if out.dtype != y0.dtype:
+        raise TypeError(f"func(t0, y0) returned dtype {out.dtype}; expected {y0.dtype}")

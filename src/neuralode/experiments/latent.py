@@ -1,0 +1,580 @@
+"""Latent ODE vs RNN on irregularly sampled spirals: the paper's Table 2 and Figures 8-9.
+
+Commands::
+
+    neuralode train latent --obs 30 --model latent-ode --out runs/latent-obs30
+    neuralode train latent --obs 30 --model rnn --out runs/rnn-obs30
+    neuralode table2 --iters 2000 --runs-dir runs/table2 --out docs/results/latent
+
+A run folder holds ``config.json``, ``metrics.jsonl`` (one line per evaluation), ``metrics.json``
+(final: ``rmse_extrapolation``/``rmse_interpolation`` against the clean truth, ``*_noisy`` against the
+noisy data, ``nfe_forward``, wall time), ``checkpoint.pt`` and plots. Evaluation conditions on each
+test spiral's observed points (first 100 time steps) and predicts all 200; the latent ODE decodes the
+posterior mean of ``z(t0)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuralode import GRADIENT_METHODS, record_stats
+from neuralode.datasets.spirals import SpiralData, make_spirals
+from neuralode.experiments._runs import (
+    RunDir,
+    get_rng_state,
+    load_checkpoint,
+    progress,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from neuralode.models.latent_ode import ENCODERS, LatentODE, pack_observations
+from neuralode.models.rnn_baseline import RNNBaseline
+
+__all__ = ["LatentConfig", "evaluate", "register", "run_table2", "train"]
+
+MODELS = ("latent-ode", "rnn")
+
+# Chen et al. 2018, Table 2: predictive RMSE on 100 time points after the observed window.
+PAPER_TABLE2 = {
+    "rnn": {30: 0.3937, 50: 0.3202, 100: 0.1813},
+    "latent-ode": {30: 0.1642, 50: 0.1502, 100: 0.1346},
+}
+
+
+@dataclasses.dataclass
+class LatentConfig:
+    """Everything that defines one run (written to ``config.json``)."""
+
+    model: str = "latent-ode"
+    obs: int = 30
+    # data (see neuralode.datasets.spirals)
+    noise_std: float = 0.3
+    clockwise_shape: str = "mirror"
+    n_spirals: int = 1000
+    n_train: int = 800
+    data_seed: int = 0
+    # latent ODE
+    latent_dim: int = 4
+    encoder: str = "rnn"
+    enc_cell: str = "gru"
+    enc_hidden: int = 25
+    dyn_hidden: int = 20
+    dyn_layers: int = 2
+    dyn_activation: str = "elu"
+    dec_hidden: int = 20
+    poisson: bool = False
+    # RNN baseline
+    rnn_hidden: int = 25
+    rnn_cell: str = "gru"
+    rnn_time_input: bool = True
+    # likelihood: fixed observation std (None → noise_std, at least 0.01)
+    obs_std: float | None = None
+    # solver
+    method: str = "dopri5"
+    rtol: float = 1e-3
+    atol: float = 1e-4
+    gradient: str = "direct"
+    # optimisation
+    iters: int = 2000
+    lr: float = 1e-2
+    lr_decay: float = 0.999  # lr · max(lr_decay^i, 0.1), as in Rubanova et al.'s code
+    batch_size: int = 0  # 0: full batch (torchdiffeq's example)
+    eval_every: int = 100
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r} is unknown; expected one of {MODELS}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder={self.encoder!r} is unknown; expected one of {ENCODERS}")
+        if self.gradient not in GRADIENT_METHODS:
+            raise ValueError(f"gradient={self.gradient!r} is unknown; expected one of {GRADIENT_METHODS}")
+        if self.iters < 0 or self.eval_every < 1:
+            raise ValueError(f"iters must be ≥ 0 and eval_every ≥ 1, got {self.iters} and {self.eval_every}")
+
+    @property
+    def likelihood_std(self) -> float:
+        return self.obs_std if self.obs_std is not None else max(self.noise_std, 0.01)
+
+
+def make_data(cfg: LatentConfig) -> SpiralData:
+    return make_spirals(
+        n_spirals=cfg.n_spirals,
+        n_train=cfg.n_train,
+        noise_std=cfg.noise_std,
+        n_obs=cfg.obs,
+        seed=cfg.data_seed,
+        clockwise_shape=cfg.clockwise_shape,
+    )
+
+
+def build_model(cfg: LatentConfig) -> torch.nn.Module:
+    if cfg.model == "rnn":
+        return RNNBaseline(
+            2, cfg.rnn_hidden, cell=cfg.rnn_cell, time_input=cfg.rnn_time_input, obs_std=cfg.likelihood_std
+        )
+    return LatentODE(
+        2, cfg.latent_dim, encoder=cfg.encoder, enc_hidden=cfg.enc_hidden, enc_cell=cfg.enc_cell,
+        dyn_hidden=cfg.dyn_hidden, dyn_layers=cfg.dyn_layers, dyn_activation=cfg.dyn_activation,
+        dec_hidden=cfg.dec_hidden,
+        obs_std=cfg.likelihood_std, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol, gradient=cfg.gradient,
+        poisson=cfg.poisson,
+    )  # fmt: skip
+
+
+def _same_config(saved: dict, cfg: LatentConfig, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether a saved config (from an older version, maybe lacking newer fields) equals ``cfg``."""
+    defaults = dataclasses.asdict(LatentConfig())
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return all(saved.get(k, defaults[k]) == v for k, v in now.items() if k not in ignore)
+
+
+def _window(data: SpiralData) -> tuple[float, float]:
+    """``(t0, t_end)`` of the observation window."""
+    return float(data.times[0]), float(data.times[data.config.n_context - 1])
+
+
+def _loss(model, cfg: LatentConfig, batch, data: SpiralData) -> dict[str, torch.Tensor]:
+    if cfg.model == "rnn":
+        return model.loss(batch.times, batch.values, batch.mask)
+    t0, t_end = _window(data)
+    return model.elbo(batch.times, batch.values, batch.mask, t0=t0, t_end=t_end)
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    sq = (a - b).pow(2)
+    if mask is None:
+        return math.sqrt(float(sq.mean()))
+    m = mask.unsqueeze(-1).expand_as(sq).to(sq.dtype)
+    return math.sqrt(float((sq * m).sum() / m.sum()))
+
+
+@torch.no_grad()
+def predict_all(model, cfg: LatentConfig, data: SpiralData, idx: torch.Tensor) -> dict[str, Any]:
+    """Predictions for spirals ``idx`` conditioned on their observations: ``full`` ``(B, 200, 2)`` (latent
+    ODE: decoded posterior mean at every time; RNN: NaN in the observed window) and, for the RNN,
+    one-step-ahead predictions at the observed points."""
+    batch = data.observed(idx)
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    times = data.times.to(device)
+    with record_stats() as stats:
+        if cfg.model == "rnn":
+            fut = model.forecast(batch.times, batch.values, batch.mask, times[data.future_slice])
+            full = torch.full((len(idx), data.config.window, 2), float("nan"), device=device)
+            full[:, data.future_slice] = fut
+            one = model.loss(batch.times, batch.values, batch.mask)
+            out: dict[str, Any] = {"full": full, "one_step": one}
+        else:
+            t0, t_end = _window(data)
+            mean, logvar = model.encode(batch.times, batch.values, batch.mask, t0, t_end)
+            full = model.predict(mean, t0, times)
+            out = {"full": full, "z0_mean": mean, "z0_logvar": logvar}
+    out["nfe"] = stats.nfe
+    out["batch"] = batch
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, cfg: LatentConfig, data: SpiralData, split: str = "test") -> dict[str, float]:
+    """RMSE of extrapolation (time steps 100..199) and interpolation against clean and noisy data.
+
+    Interpolation: the latent ODE's reconstruction at all 100 time steps of the observed window; the RNN's
+    one-step-ahead predictions at the observed points (it cannot predict between them without seeing them).
+    """
+    model.eval()
+    idx = data.split(split)
+    p = predict_all(model, cfg, data, idx)
+    dev = p["full"].device
+    clean, noisy = data.clean[idx].to(dev), data.noisy[idx].to(dev)
+    fut, ctx = data.future_slice, data.context_slice
+    m: dict[str, float] = {
+        "rmse_extrapolation": _rmse(p["full"][:, fut], clean[:, fut]),
+        "rmse_extrapolation_noisy": _rmse(p["full"][:, fut], noisy[:, fut]),
+        "nfe_forward": float(p["nfe"]),
+    }
+    if cfg.model == "rnn":
+        b, one = p["batch"], p["one_step"]
+        clean_packed = pack_observations(b.times, _on(clean, data, b), b.mask, pad_time=b.times[-1])[1][:, 1:]
+        m["rmse_interpolation"] = _rmse(one["pred"], clean_packed, one["target_valid"])
+        m["rmse_interpolation_noisy"] = _rmse(one["pred"], one["target"], one["target_valid"])
+    else:
+        m["rmse_interpolation"] = _rmse(p["full"][:, ctx], clean[:, ctx])
+        m["rmse_interpolation_noisy"] = _rmse(p["full"][:, ctx], noisy[:, ctx])
+    model.train()
+    return m
+
+
+def _on(values: torch.Tensor, data: SpiralData, batch) -> torch.Tensor:
+    """``values (B, window, D)`` restricted to the time points of ``batch.times`` (a subset of the grid)."""
+    j = torch.searchsorted(data.times.to(batch.times.device), batch.times)
+    return values[:, j]
+
+
+def train(cfg: LatentConfig, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Train one model; returns the final metrics (also written to ``out/metrics.json``)."""
+    torch.set_num_threads(max(1, cfg.threads))
+    device = resolve_device(cfg.device)
+    run = RunDir(out)
+    seed_everything(cfg.seed)
+    data = make_data(cfg)
+    model = build_model(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(cfg.lr_decay**i, 0.1))
+    start, elapsed, n_logged = 0, 0.0, 0
+    if resume and run.checkpoint.exists():
+        ck = load_checkpoint(run.checkpoint, map_location=device)
+        saved = ck["config"]
+        if not _same_config(saved, cfg, ignore=("iters",)):
+            raise ValueError(
+                f"--resume: the run in {str(run.root)!r} has a different config; use another --out"
+            )
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        start, elapsed, n_logged = ck["iteration"], ck["elapsed_s"], ck["log_lines"]
+        run.truncate_jsonl("metrics.jsonl", n_logged)
+    else:
+        for name in ("metrics.jsonl", "metrics.json"):
+            if run.path(name).exists():
+                run.path(name).unlink()
+    run.write_json("config.json", cfg)
+    train_all = data.observed("train").to(device)
+    n_train = data.train_idx.numel()
+    last: dict[str, float] = {}
+    bar = progress(total=cfg.iters, desc=f"{cfg.model} obs={cfg.obs}", initial=start)
+    t_start = time.perf_counter() - elapsed
+    for it in range(start, cfg.iters):
+        if cfg.batch_size and cfg.batch_size < n_train:
+            batch = train_all[torch.randperm(n_train, device=device)[: cfg.batch_size]]
+        else:
+            batch = train_all
+        with record_stats() as stats:
+            out_d = _loss(model, cfg, batch, data)
+        opt.zero_grad(set_to_none=True)
+        out_d["loss"].backward()
+        opt.step()
+        sched.step()
+        loss = float(out_d["loss"].detach())
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss} at iteration {it}; lower --lr or tighten --rtol/--atol"
+            )
+        done = it + 1
+        if done % cfg.eval_every == 0 or done == cfg.iters:
+            last = evaluate(model, cfg, data)
+            row = {"iteration": done, "loss": loss, "nfe_train": stats.nfe,
+                   "nfe_train_backward": stats.backward.nfe, "lr": sched.get_last_lr()[0],
+                   "time_s": time.perf_counter() - t_start, **last}  # fmt: skip
+            if cfg.model == "latent-ode":
+                row["elbo"] = float(out_d["elbo"].detach().mean())
+                row["kl"] = float(out_d["kl"].detach().mean())
+            run.append_jsonl("metrics.jsonl", row)
+            n_logged += 1
+            save_checkpoint(run.checkpoint, {
+                "config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": get_rng_state(), "iteration": done,
+                "elapsed_s": time.perf_counter() - t_start, "log_lines": n_logged,
+            })  # fmt: skip
+        post = {"loss": f"{loss:.4g}", "nfe": stats.nfe}
+        if last:
+            post["rmse_ext"] = f"{last['rmse_extrapolation']:.4f}"
+        bar.set_postfix(**post)
+        bar.update(1)
+    bar.close()
+    wall = time.perf_counter() - t_start
+    final = evaluate(model, cfg, data) if not last else last
+    metrics = {**final, "iterations": cfg.iters, "wall_time_s": wall, "model": cfg.model, "obs": cfg.obs,
+               "n_parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    run.write_json("metrics.json", metrics)
+    try:
+        make_plots(model, cfg, data, run.root)
+    except ImportError as exc:  # matplotlib is an optional extra
+        print(f"plots skipped: {exc}")
+    return metrics
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _pick_examples(data: SpiralData, k: int = 6) -> torch.Tensor:
+    test = data.test_idx
+    cw, ccw = test[data.clockwise[test]], test[~data.clockwise[test]]
+    return torch.cat([ccw[: k // 2], cw[: k - k // 2]])
+
+
+@torch.no_grad()
+def make_plots(model, cfg: LatentConfig, data: SpiralData, folder: Path) -> list[Path]:
+    """Figure 8 (observations, reconstruction, extrapolation); for the latent ODE also the latent
+    trajectories projected to 2-D and a traversal of one latent dimension (Figure 9)."""
+    plt = _plt()
+    model.eval()
+    folder = Path(folder)
+    paths = []
+    idx = _pick_examples(data)
+    p = predict_all(model, cfg, data, idx)
+    full = p["full"].cpu()
+    times = data.times
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6))
+    back = None
+    if cfg.model == "latent-ode":  # also integrate backwards, before the first observation time
+        t0 = float(times[0])
+        t_back = torch.linspace(t0 - 1.5, t0, 40)[:-1]
+        back = model.predict(p["z0_mean"], t0, t_back.to(p["z0_mean"].device)).cpu()
+    n_ctx = data.config.n_context
+    for ax, k, i in zip(axes.flat, range(len(idx)), idx.tolist()):
+        ax.plot(*data.clean[i].T, color="0.75", lw=1, label="truth")
+        obs = data.obs_mask[i]
+        ax.scatter(*data.noisy[i][obs].T, s=9, color="k", zorder=3, label="observed")
+        if cfg.model == "latent-ode":
+            ax.plot(*full[k, :n_ctx].T, color="tab:blue", lw=1.5, label="reconstruction")
+            ax.plot(*back[k].T, color="tab:green", lw=1.2, ls="--", label="backwards")
+        else:
+            one = p["one_step"]
+            v = one["target_valid"][k].cpu()
+            ax.plot(*one["pred"][k].cpu()[v].T, ".", color="tab:blue", ms=4, label="one-step")
+        ax.plot(*full[k, n_ctx:].T, color="tab:red", lw=1.5, label="extrapolation")
+        ax.set_title(f"test #{i} ({'cw' if data.clockwise[i] else 'ccw'})", fontsize=9)
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7, loc="best")
+    name = "Latent ODE" if cfg.model == "latent-ode" else "RNN"
+    fig.suptitle(f"{name}, {cfg.obs} observations of the first {n_ctx} steps", fontsize=11)
+    fig.tight_layout()
+    paths.append(folder / "fig8_reconstructions.png")
+    fig.savefig(paths[-1], dpi=80)
+    plt.close(fig)
+
+    if cfg.model == "latent-ode":
+        paths += _latent_plots(model, cfg, data, folder, plt)
+    model.train()
+    return paths
+
+
+def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
+    test = data.test_idx[:200]
+    p = predict_all(model, cfg, data, test)
+    mean = p["z0_mean"]
+    t0 = float(data.times[0])
+    zs = model.latent_trajectory(mean, t0, data.times.to(mean.device))
+    zs = (zs[0] if cfg.poisson else zs).cpu()  # (B, T, L)
+    flat = zs[:, : data.config.n_context].reshape(-1, zs.shape[-1])
+    centre = flat.mean(0)
+    _, _, v = torch.linalg.svd(flat - centre, full_matrices=False)
+    proj = (zs - centre) @ v[:2].T  # (B, T, 2)
+    cw = data.clockwise[test]
+    n_ctx = data.config.n_context
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, stop, title in ((axes[0], n_ctx, "observed window"), (axes[1], None, "with extrapolation")):
+        p2 = proj[:, :n_ctx] if stop else proj  # the projection is fitted on the observed window only
+        for j in range(p2.shape[0]):
+            ax.plot(*p2[j].T, color="tab:red" if cw[j] else "tab:blue", lw=0.6, alpha=0.6)
+        ax.scatter(*p2[:, 0].T, s=5, c=["tab:red" if c else "tab:blue" for c in cw.tolist()], zorder=3)
+        ax.set_title(f"z(t), 2 principal components: {title}", fontsize=9)
+    axes[0].plot([], [], color="tab:blue", label="counter-clockwise")
+    axes[0].plot([], [], color="tab:red", label="clockwise")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = [folder / "latent_trajectories.png"]
+    fig.savefig(out[-1], dpi=80)
+    plt.close(fig)
+
+    # Figure 9: vary the latent dimension that best separates the two directions.
+    m0 = mean.cpu()
+    sep = (m0[cw].mean(0) - m0[~cw].mean(0)).abs() / (m0.std(0) + 1e-8)
+    d = int(sep.argmax())
+    lo, hi = (float(q) for q in torch.quantile(m0[:, d], torch.tensor([0.05, 0.95])))
+    values = torch.linspace(lo, hi, 9)
+    base = m0[~cw][0] if (~cw).any() else m0[0]
+    z0 = base.repeat(len(values), 1)
+    z0[:, d] = values
+    window = data.times[: data.config.n_context].to(mean.device)  # the span the model was trained on
+    traj = model.predict(z0.to(mean.device), t0, window).cpu()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    cmap = plt.get_cmap("coolwarm")
+    for j, val in enumerate(values.tolist()):
+        ax.plot(*traj[j].T, color=cmap(j / (len(values) - 1)), lw=1.2, label=f"z[{d}]={val:.2f}")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(fontsize=6, ncol=3, loc="best")
+    ax.set_title(f"Figure 9: decoded z(t), t in the observed window, as z0[{d}] varies", fontsize=9)
+    fig.tight_layout()
+    out.append(folder / "fig9_traversal.png")
+    fig.savefig(out[-1], dpi=80)
+    plt.close(fig)
+    return out
+
+
+# -- Table 2 ---------------------------------------------------------------------------------------
+def run_table2(
+    base: LatentConfig,
+    runs_dir: str | Path,
+    out: str | Path,
+    obs_list=(30, 50, 100),
+    models=MODELS,
+    force: bool = False,
+) -> str:
+    """Train every (model, n_obs) pair (reusing finished runs with the same config), then write
+    ``table2.md``/``table2.json`` and copy the small Figure 8/9 PNGs to ``out``."""
+    runs_dir, out = Path(runs_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[int, dict]] = {m: {} for m in models}
+    for n in obs_list:
+        for model in models:
+            cfg = dataclasses.replace(base, model=model, obs=n)
+            folder = runs_dir / f"{model}-obs{n}"
+            done = folder / "metrics.json"
+            same = done.exists() and _same_config(json.loads((folder / "config.json").read_text()), cfg)
+            if same and not force:
+                metrics = json.loads(done.read_text())
+            else:
+                print(f"== training {model} with {n} observations → {folder}", flush=True)
+                metrics = train(cfg, folder, resume=not force)
+            results[model][n] = metrics
+            for png in ("fig8_reconstructions.png", "latent_trajectories.png", "fig9_traversal.png"):
+                if (folder / png).exists():
+                    shutil.copy(folder / png, out / f"{Path(png).stem}_{model}_obs{n}.png")
+    text = format_table2(results, base, obs_list)
+    (out / "table2.md").write_text(text)
+    as_json = {m: {str(n): r for n, r in v.items()} for m, v in results.items()}
+    (out / "table2.json").write_text(json.dumps(as_json, indent=2) + "\n")
+    print(text)
+    return text
+
+
+def format_table2(results: dict[str, dict[int, dict]], base: LatentConfig, obs_list) -> str:
+    names = {"rnn": "RNN", "latent-ode": "Latent ODE"}
+    head = "| model | " + " | ".join(f"{n}/100" for n in obs_list) + " |"
+    sep = "|---|" + "---|" * len(obs_list)
+    lines = [
+        f"Extrapolation RMSE on time steps 101-200 of the {base.n_spirals - base.n_train} test spirals "
+        f"(noise std {base.noise_std}; {base.iters} iterations; solver {base.method} rtol={base.rtol} "
+        f"atol={base.atol}).",
+        "",
+        head,
+        sep,
+    ]
+    for key, label in (
+        ("rmse_extrapolation", "vs clean truth"),
+        ("rmse_extrapolation_noisy", "vs noisy data"),
+    ):
+        for m, res in results.items():
+            cells = [f"{res[n][key]:.4f}" if n in res else "—" for n in obs_list]
+            lines.append(f"| {names[m]} (ours, {label}) | " + " | ".join(cells) + " |")
+    for m in results:
+        lines.append(f"| {names[m]} (paper) | " + " | ".join(f"{PAPER_TABLE2[m].get(n, float('nan')):.4f}"
+                                                            for n in obs_list) + " |")  # fmt: skip
+    lines += ["", "Interpolation RMSE vs clean truth (latent ODE: all 100 window points; RNN: one-step-ahead "
+              "at observed points), wall time per run:", "", head, sep]  # fmt: skip
+    for m, res in results.items():
+        cells = [
+            f"{res[n]['rmse_interpolation']:.4f} ({res[n]['wall_time_s'] / 60:.1f} min)" if n in res else "—"
+            for n in obs_list
+        ]
+        lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- command line ----------------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    d = LatentConfig()
+    p.add_argument("--noise-std", type=float, default=d.noise_std, help="observation noise of the data")
+    p.add_argument(
+        "--clockwise-shape",
+        choices=("mirror", "hyperbolic"),
+        default=d.clockwise_shape,
+        help="clockwise spirals: mirror image of the Archimedean one, or torchdiffeq's hyperbolic one",
+    )
+    p.add_argument("--n-spirals", type=int, default=d.n_spirals)
+    p.add_argument("--n-train", type=int, default=d.n_train)
+    p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument("--latent-dim", type=int, default=d.latent_dim)
+    p.add_argument("--encoder", choices=ENCODERS, default=d.encoder, help="latent ODE recognition network")
+    p.add_argument("--enc-hidden", type=int, default=d.enc_hidden)
+    p.add_argument("--dyn-hidden", type=int, default=d.dyn_hidden, help="latent dynamics width")
+    p.add_argument("--dyn-activation", choices=("elu", "tanh"), default=d.dyn_activation)
+    p.add_argument("--rnn-hidden", type=int, default=d.rnn_hidden)
+    p.add_argument("--no-time-input", action="store_true", help="RNN baseline without the time-gap input")
+    p.add_argument("--poisson", action="store_true", help="add the Poisson-process likelihood of the times")
+    p.add_argument("--obs-std", type=float, default=None, help="likelihood std (default: --noise-std)")
+    p.add_argument("--method", default=d.method, help="latent ODE solver")
+    p.add_argument("--rtol", type=float, default=d.rtol)
+    p.add_argument("--atol", type=float, default=d.atol)
+    p.add_argument("--gradient", choices=GRADIENT_METHODS, default=d.gradient)
+    p.add_argument("--iters", type=int, default=d.iters)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="0 = full batch")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--device", default=d.device)
+
+
+def _config_from(args: argparse.Namespace, **extra) -> LatentConfig:
+    return LatentConfig(
+        noise_std=args.noise_std, clockwise_shape=args.clockwise_shape, n_spirals=args.n_spirals,
+        n_train=args.n_train, data_seed=args.data_seed,
+        latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden,
+        dyn_hidden=args.dyn_hidden, dyn_activation=args.dyn_activation,
+        rnn_hidden=args.rnn_hidden,
+        rnn_time_input=not args.no_time_input, poisson=args.poisson, obs_std=args.obs_std, method=args.method,
+        rtol=args.rtol, atol=args.atol, gradient=args.gradient, iters=args.iters, lr=args.lr,
+        batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed, threads=args.threads,
+        device=args.device, **extra,
+    )  # fmt: skip
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config_from(args, model=args.model, obs=args.obs)
+    out = args.out or f"runs/latent/{cfg.model}-obs{cfg.obs}"
+    metrics = train(cfg, out, resume=args.resume)
+    keys = ("rmse_extrapolation", "rmse_extrapolation_noisy", "rmse_interpolation", "wall_time_s")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    return 0
+
+
+def _cmd_table2(args: argparse.Namespace) -> int:
+    base = _config_from(args)
+    run_table2(base, args.runs_dir, args.out, obs_list=args.obs, models=args.models, force=args.force)
+    return 0
+
+
+def register(commands, train_parsers) -> None:
+    p = train_parsers.add_parser("latent", help="latent ODE or RNN on irregular spirals (Table 2)")
+    p.add_argument(
+        "--obs", type=int, default=30, help="observed points of the first 100 (paper: 30, 50, 100)"
+    )
+    p.add_argument("--model", choices=MODELS, default="latent-ode")
+    p.add_argument("--out", default=None, help="run folder (default runs/latent/MODEL-obsN)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+
+    t = commands.add_parser("table2", help="Table 2: latent ODE and RNN at 30/50/100 observations")
+    t.add_argument("--obs", type=int, nargs="+", default=[30, 50, 100])
+    t.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    t.add_argument("--runs-dir", default="runs/table2", help="where the six run folders go")
+    t.add_argument("--out", default="runs/table2", help="where table2.md and the PNGs go")
+    t.add_argument("--force", action="store_true", help="retrain even if a finished run exists")
+    _add_common(t)
+    t.set_defaults(func=_cmd_table2)
