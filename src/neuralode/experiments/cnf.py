@@ -193,18 +193,7 @@ def train_cnf(cfg: CNFConfig, *, resume: bool = False) -> dict[str, Any]:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg.lr_schedule, cfg.iters)
     data_gen = torch.Generator().manual_seed(cfg.seed)
-    start, history, elapsed, window = 0, [], 0.0, []
-    if resume and run.checkpoint.exists():
-        ck = load_checkpoint(run.checkpoint)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        data_gen.set_state(ck["data_rng"])
-        start, history, elapsed, window = ck["iter"], ck["history"], ck["elapsed"], ck["window"]
-        run.truncate_jsonl("metrics.jsonl", len(history))
-    else:
-        run.path("metrics.jsonl").unlink(missing_ok=True)
+    start, history, elapsed, window = _start_or_resume(run, resume, model, opt, sched, data_gen)
     run.write_json("config.json", cfg)
     x_test = _test_set(cfg)
     t0 = time.monotonic() - elapsed
@@ -321,18 +310,7 @@ def train_nf(cfg: NFConfig, *, resume: bool = False) -> dict[str, Any]:
     opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     sched = _schedule(opt, cfg.lr_schedule, cfg.iters)
     data_gen = torch.Generator().manual_seed(cfg.seed)
-    start, history, elapsed, window = 0, [], 0.0, []
-    if resume and run.checkpoint.exists():
-        ck = load_checkpoint(run.checkpoint)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        data_gen.set_state(ck["data_rng"])
-        start, history, elapsed, window = ck["iter"], ck["history"], ck["elapsed"], ck["window"]
-        run.truncate_jsonl("metrics.jsonl", len(history))
-    else:
-        run.path("metrics.jsonl").unlink(missing_ok=True)
+    start, history, elapsed, window = _start_or_resume(run, resume, model, opt, sched, data_gen)
     run.write_json("config.json", cfg)
     x_test = _test_set(cfg)
     t0 = time.monotonic() - elapsed
@@ -740,3 +718,18 @@ def register(commands, train) -> None:
     p = commands.add_parser("figure4", help="paper Figure 4: density matching, planar NF vs CNF")
     _add_config_args(p, Figure4Config)
     p.set_defaults(func=_run_figure4)
+
+
+def _start_or_resume(run: RunDir, resume: bool, model, opt, sched, data_gen: torch.Generator):
+    """Fresh start, or the state of ``run``'s checkpoint: ``(iteration, history, elapsed s, window)``."""
+    if not (resume and run.checkpoint.exists()):
+        run.path("metrics.jsonl").unlink(missing_ok=True)
+        return 0, [], 0.0, []
+    ck = load_checkpoint(run.checkpoint)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    set_rng_state(ck["rng"])
+    data_gen.set_state(ck["data_rng"])
+    run.truncate_jsonl("metrics.jsonl", len(ck["history"]))
+    return ck["iter"], ck["history"], ck["elapsed"], ck["window"]
