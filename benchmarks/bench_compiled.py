@@ -29,26 +29,12 @@ import warnings
 import torch
 
 import neuralode
+from bench_solvers import MLP  # the same 2-64-64-2 tanh field as the solver benchmark
 
 try:
     import torchdiffeq
 except ImportError:  # pragma: no cover
     torchdiffeq = None
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, d=2, w=64):
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(d, w),
-            torch.nn.Tanh(),
-            torch.nn.Linear(w, w),
-            torch.nn.Tanh(),
-            torch.nn.Linear(w, d),
-        )
-
-    def forward(self, t, y):
-        return self.net(y)
 
 
 def main(argv=None) -> int:
@@ -74,7 +60,7 @@ def main(argv=None) -> int:
     for batch in [int(b) for b in args.batches.split(",")]:
         torch.manual_seed(0)
         torch._dynamo.reset()
-        f = MLP().to(device)
+        f = MLP(2, 64).to(device)
         y0 = torch.randn(batch, 2, device=device)
         opts = {"step_size": args.step}
         modes = {"odeint": lambda f=f, y0=y0, o=opts: neuralode.odeint(f, y0, t, method="rk4", options=o)}

@@ -72,40 +72,20 @@ class NeuralODE(nn.Module):
         self.last_stats: SolveStats = SolveStats(backward=SolveStats())
 
     def forward(self, y0: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        from neuralode import odeint, odeint_adjoint
+        from neuralode import odeint, odeint_adjoint, odeint_checkpoint
 
         t = self.t if t is None else t
+        common = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
         with record_stats() as stats:
             if self.gradient == "adjoint":
                 ys = odeint_adjoint(
-                    self.func,
-                    y0,
-                    t,
-                    rtol=self.rtol,
-                    atol=self.atol,
-                    method=self.method,
-                    options=self.options,
-                    adjoint_rtol=self.adjoint_rtol,
-                    adjoint_atol=self.adjoint_atol,
+                    self.func, y0, t, **common, adjoint_rtol=self.adjoint_rtol, adjoint_atol=self.adjoint_atol,
                     adjoint_options=self.adjoint_options,
-                )
+                )  # fmt: skip
             elif self.gradient == "checkpoint":
-                from neuralode import odeint_checkpoint
-
-                ys = odeint_checkpoint(
-                    self.func,
-                    y0,
-                    t,
-                    rtol=self.rtol,
-                    atol=self.atol,
-                    method=self.method,
-                    options=self.options,
-                    checkpoints=self.checkpoints,
-                )
+                ys = odeint_checkpoint(self.func, y0, t, **common, checkpoints=self.checkpoints)
             else:
-                ys = odeint(
-                    self.func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method, options=self.options
-                )
+                ys = odeint(self.func, y0, t, **common)
         self.last_stats = stats
         return ys[-1] if self.only_last else ys
 
