@@ -93,6 +93,7 @@ class LatentConfig:
     iters: int = 2000
     lr: float = 1e-2
     lr_decay: float = 0.999  # lr · max(lr_decay^i, 0.1), as in Rubanova et al.'s code
+    grad_clip: float = 0.0  # clip the gradient's global L2 norm to this (0: no clipping)
     batch_size: int = 0  # 0: full batch (torchdiffeq's example)
     eval_every: int = 100
     seed: int = 0
@@ -113,6 +114,10 @@ class LatentConfig:
         if self.poisson and self.train_horizon != 100:
             raise ValueError(
                 "poisson=True needs train_horizon=100 (the Poisson term covers the observed window)"
+            )
+        if self.grad_clip < 0 or not 0 < self.lr_decay <= 1:
+            raise ValueError(
+                f"grad_clip must be ≥ 0 and 0 < lr_decay ≤ 1, got {self.grad_clip} and {self.lr_decay}"
             )
         if self.iters < 0 or self.eval_every < 1:
             raise ValueError(f"iters must be ≥ 0 and eval_every ≥ 1, got {self.iters} and {self.eval_every}")
@@ -299,6 +304,8 @@ def train(cfg: LatentConfig, out: str | Path, *, resume: bool = False) -> dict[s
             out_d = _loss(model, cfg, batch, data, enc)
         opt.zero_grad(set_to_none=True)
         out_d["loss"].backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         loss = float(out_d["loss"].detach())
@@ -560,7 +567,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", choices=ENCODERS, default=d.encoder, help="latent ODE recognition network")
     p.add_argument("--enc-hidden", type=int, default=d.enc_hidden)
     p.add_argument("--dyn-hidden", type=int, default=d.dyn_hidden, help="latent dynamics width")
+    p.add_argument("--dyn-layers", type=int, default=d.dyn_layers, help="latent dynamics hidden layers")
     p.add_argument("--dyn-activation", choices=("elu", "tanh"), default=d.dyn_activation)
+    p.add_argument("--dec-hidden", type=int, default=d.dec_hidden, help="decoder width (one ReLU layer)")
     p.add_argument("--rnn-hidden", type=int, default=d.rnn_hidden)
     p.add_argument("--no-time-input", action="store_true", help="RNN baseline without the time-gap input")
     p.add_argument("--poisson", action="store_true", help="add the Poisson-process likelihood of the times")
@@ -571,6 +580,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient", choices=GRADIENT_METHODS, default=d.gradient)
     p.add_argument("--iters", type=int, default=d.iters)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-decay", type=float, default=d.lr_decay, help="lr · max(lr_decay^i, 0.1)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="0 = full batch")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -583,7 +594,8 @@ def _config_from(args: argparse.Namespace, **extra) -> LatentConfig:
         noise_std=args.noise_std, clockwise_shape=args.clockwise_shape, n_spirals=args.n_spirals,
         n_train=args.n_train, data_seed=args.data_seed, train_horizon=args.train_horizon,
         latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden,
-        dyn_hidden=args.dyn_hidden, dyn_activation=args.dyn_activation,
+        dyn_hidden=args.dyn_hidden, dyn_layers=args.dyn_layers, dyn_activation=args.dyn_activation,
+        dec_hidden=args.dec_hidden, lr_decay=args.lr_decay, grad_clip=args.grad_clip,
         rnn_hidden=args.rnn_hidden,
         rnn_time_input=not args.no_time_input, poisson=args.poisson, obs_std=args.obs_std, method=args.method,
         rtol=args.rtol, atol=args.atol, gradient=args.gradient, iters=args.iters, lr=args.lr,
