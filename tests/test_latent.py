@@ -286,7 +286,18 @@ def test_cli_train_resume_and_table2(tmp_path):
     pytest.importorskip("matplotlib")
     from neuralode.cli import main
 
-    small = ["--n-spirals", "24", "--n-train", "16", "--eval-every", "2", "--threads", "1"]
+    small = [
+        "--n-spirals",
+        "24",
+        "--n-train",
+        "16",
+        "--eval-every",
+        "2",
+        "--threads",
+        "1",
+        "--grad-clip",
+        "5",
+    ]
     out = tmp_path / "run"
     assert (
         main(["train", "latent", "--obs", "10", "--iters", "2", "--out", str(out), "--rtol", "1e-2", *small])
@@ -353,3 +364,17 @@ def test_nested_record_stats_with_equal_counters():
         node(torch.ones(1, 2))
         node(torch.ones(1, 2))
     assert outer.nfe == 2 * node.last_stats.nfe > 0
+
+
+def test_config_sizes_and_optimiser_options():
+    from neuralode.experiments.latent import LatentConfig, build_model
+
+    cfg = LatentConfig(latent_dim=6, dec_hidden=50, dyn_hidden=32, dyn_layers=3, grad_clip=1.0)
+    model = build_model(cfg)
+    assert model.decoder[0].out_features == 50 and model.decoder[0].in_features == 6
+    linears = [m for m in model.dynamics.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 and linears[0].out_features == 32
+    with pytest.raises(ValueError, match="grad_clip"):
+        LatentConfig(grad_clip=-1.0)
+    with pytest.raises(ValueError, match="lr_decay"):
+        LatentConfig(lr_decay=0.0)
