@@ -538,11 +538,11 @@ def _stops(problem: Problem) -> list[tuple[float, bool]]:
 
 def _check_func_output(func, f, t0: float, y0: torch.Tensor, shapes, tdtype, device) -> torch.Tensor:
     if shapes is None:
-        out = func(torch.tensor(t0, dtype=tdtype, device=device), y0)
+        out = func(_time(t0, tdtype, device), y0)
         _check_one("func(t0, y0)", out, y0)
         return out
     parts = tuple(p.view(s) for p, s in zip(y0.split([math.prod(s) for s in shapes]), shapes))
-    out = func(torch.tensor(t0, dtype=tdtype, device=device), parts)
+    out = func(_time(t0, tdtype, device), parts)
     if not isinstance(out, (tuple, list)) or len(out) != len(shapes):
         raise TypeError(
             f"func(t0, y0) must return a tuple of {len(shapes)} tensors for a tuple y0, got {type(out).__name__}"
