@@ -334,6 +334,17 @@ def test_cli_train_resume_and_table2(tmp_path):
     assert "Latent ODE (paper) | 0.1642" not in text  # obs 5 has no paper number
     assert "RNN (ours, vs clean truth)" in text and (tdir / "fig8_reconstructions_rnn_obs5.png").exists()
 
+    sdir = tmp_path / "t2seeds"
+    args = ["table2", "--obs", "5", "--iters", "2", "--runs-dir", str(sdir), "--out", str(sdir)]
+    assert main([*args, "--models", "rnn", "--seeds", "0", "1", "--jobs", "2", *small]) == 0
+    text = (sdir / "table2.md").read_text()
+    assert "mean over seeds 0, 1" in text and "RNN, seed 1 |" in text
+    table = json.loads((sdir / "table2.json").read_text())["rnn"]["5"]
+    per_seed = [table["seeds"][s]["rmse_extrapolation"] for s in ("0", "1")]
+    assert per_seed[0] != per_seed[1]
+    assert math.isclose(table["mean"]["rmse_extrapolation"], sum(per_seed) / 2)
+    assert (sdir / "rnn-obs5-seed1" / "metrics.json").exists()
+
 
 @pytest.mark.parametrize("poisson", [False, True])
 def test_adjoint_gradients_match_direct(poisson):

@@ -465,6 +465,11 @@ def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
 
 
 # -- Table 2 ---------------------------------------------------------------------------------------
+def _train_cell(args: tuple[LatentConfig, str, bool]) -> dict[str, Any]:
+    cfg, folder, resume = args
+    return train(cfg, folder, resume=resume)
+
+
 def run_table2(
     base: LatentConfig,
     runs_dir: str | Path,
@@ -472,43 +477,97 @@ def run_table2(
     obs_list=(30, 50, 100),
     models=MODELS,
     force: bool = False,
+    seeds: tuple[int, ...] | None = None,
+    jobs: int = 1,
 ) -> str:
-    """Train every (model, n_obs) pair (reusing finished runs with the same config), then write
-    ``table2.md``/``table2.json`` and copy the small Figure 8/9 PNGs to ``out``."""
+    """Train every (model, n_obs, seed) cell (reusing finished runs with the same config), then write
+    ``table2.md``/``table2.json`` and copy the small Figure 8/9 PNGs to ``out``.
+
+    ``seeds`` (default: ``base.seed`` only): with more than one, each cell is trained once per seed in
+    ``MODEL-obsN-seedS`` and the table reports the mean over seeds next to every seed's value.
+    ``jobs`` > 1 trains that many cells at once in separate processes (each with ``base.threads``
+    threads)."""
     runs_dir, out = Path(runs_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[int, dict]] = {m: {} for m in models}
+    seeds = (base.seed,) if not seeds else tuple(dict.fromkeys(seeds))
+    if jobs < 1:
+        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
+    cells = {}
     for n in obs_list:
         for model in models:
-            cfg = dataclasses.replace(base, model=model, obs=n)
-            folder = runs_dir / f"{model}-obs{n}"
-            done = folder / "metrics.json"
-            same = done.exists() and _same_config(json.loads((folder / "config.json").read_text()), cfg)
-            if same and not force:
-                metrics = json.loads(done.read_text())
-            else:
-                print(f"== training {model} with {n} observations → {folder}", flush=True)
-                metrics = train(cfg, folder, resume=not force)
-            results[model][n] = metrics
+            for seed in seeds:
+                cfg = dataclasses.replace(base, model=model, obs=n, seed=seed)
+                name = f"{model}-obs{n}" if len(seeds) == 1 else f"{model}-obs{n}-seed{seed}"
+                cells[(model, n, seed)] = (cfg, runs_dir / name)
+    todo, metrics = [], {}
+    for key, (cfg, folder) in cells.items():
+        done = folder / "metrics.json"
+        same = done.exists() and _same_config(json.loads((folder / "config.json").read_text()), cfg)
+        if same and not force:
+            metrics[key] = json.loads(done.read_text())
+        else:
+            todo.append(key)
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
+            futures = {}
+            for key in todo:
+                cfg, folder = cells[key]
+                print(
+                    f"== training {key[0]} with {key[1]} observations, seed {key[2]} → {folder}", flush=True
+                )
+                futures[key] = pool.submit(_train_cell, (cfg, str(folder), not force))
+            for key, fut in futures.items():
+                metrics[key] = fut.result()
+    else:
+        for key in todo:
+            cfg, folder = cells[key]
+            print(f"== training {key[0]} with {key[1]} observations, seed {key[2]} → {folder}", flush=True)
+            metrics[key] = train(cfg, folder, resume=not force)
+    results: dict[str, dict[int, dict[int, dict]]] = {m: {} for m in models}
+    for (model, n, seed), (_, folder) in cells.items():
+        results[model].setdefault(n, {})[seed] = metrics[(model, n, seed)]
+        if seed == seeds[0]:
             for png in ("fig8_reconstructions.png", "latent_trajectories.png", "fig9_traversal.png"):
                 if (folder / png).exists():
                     shutil.copy(folder / png, out / f"{Path(png).stem}_{model}_obs{n}.png")
     text = format_table2(results, base, obs_list)
     (out / "table2.md").write_text(text)
-    as_json = {m: {str(n): r for n, r in v.items()} for m, v in results.items()}
+    as_json = {
+        m: {str(n): {"mean": _mean_metrics(by_seed), "seeds": {str(s): r for s, r in by_seed.items()}}
+            for n, by_seed in v.items()}
+        for m, v in results.items()
+    }  # fmt: skip
     (out / "table2.json").write_text(json.dumps(as_json, indent=2) + "\n")
     print(text)
     return text
 
 
-def format_table2(results: dict[str, dict[int, dict]], base: LatentConfig, obs_list) -> str:
+_TABLE_KEYS = ("rmse_extrapolation", "rmse_extrapolation_noisy", "rmse_interpolation", "wall_time_s")
+
+
+def _mean_metrics(by_seed: dict[int, dict]) -> dict[str, float]:
+    return {k: sum(r[k] for r in by_seed.values()) / len(by_seed) for k in _TABLE_KEYS}
+
+
+def format_table2(results: dict[str, dict[int, dict[int, dict]]], base: LatentConfig, obs_list) -> str:
+    """Markdown for ``results[model][n_obs][seed] = metrics``; cells are means over the seeds."""
     names = {"rnn": "RNN", "latent-ode": "Latent ODE"}
     head = "| model | " + " | ".join(f"{n}/100" for n in obs_list) + " |"
     sep = "|---|" + "---|" * len(obs_list)
+    seeds = sorted({s for res in results.values() for by_seed in res.values() for s in by_seed})
+    sizes = (
+        f"latent {base.latent_dim}, encoder {base.encoder} {base.enc_hidden}, dynamics {base.dyn_layers}×"
+        f"{base.dyn_hidden} {base.dyn_activation}, decoder {base.dec_hidden}; RNN {base.rnn_hidden}"
+    )
     lines = [
         f"Extrapolation RMSE on time steps 101-200 of the {base.n_spirals - base.n_train} test spirals "
         f"(noise std {base.noise_std}; {base.iters} iterations; solver {base.method} rtol={base.rtol} "
-        f"atol={base.atol}).",
+        f"atol={base.atol}; {sizes}; "
+        + (f"seed {seeds[0]})." if len(seeds) == 1 else f"mean over seeds {', '.join(map(str, seeds))})."),
         "",
         "Training objective: "
         + (
@@ -522,21 +581,36 @@ def format_table2(results: dict[str, dict[int, dict]], base: LatentConfig, obs_l
         head,
         sep,
     ]
+
+    def cell(res, n, key, fmt="{:.4f}"):
+        if n not in res:
+            return "—"
+        return fmt.format(sum(r[key] for r in res[n].values()) / len(res[n]))
+
     for key, label in (
         ("rmse_extrapolation", "vs clean truth"),
         ("rmse_extrapolation_noisy", "vs noisy data"),
     ):
         for m, res in results.items():
-            cells = [f"{res[n][key]:.4f}" if n in res else "—" for n in obs_list]
+            cells = [cell(res, n, key) for n in obs_list]
             lines.append(f"| {names[m]} (ours, {label}) | " + " | ".join(cells) + " |")
     for m in results:
-        lines.append(f"| {names[m]} (paper) | " + " | ".join(f"{PAPER_TABLE2[m].get(n, float('nan')):.4f}"
-                                                            for n in obs_list) + " |")  # fmt: skip
+        paper = [f"{PAPER_TABLE2[m][n]:.4f}" if n in PAPER_TABLE2[m] else "—" for n in obs_list]
+        lines.append(f"| {names[m]} (paper) | " + " | ".join(paper) + " |")
+    if len(seeds) > 1:
+        lines += ["", "Every seed, extrapolation RMSE vs clean truth:", "", head, sep]
+        for m, res in results.items():
+            for s in seeds:
+                cells = [f"{res[n][s]['rmse_extrapolation']:.4f}" if s in res.get(n, {}) else "—"
+                         for n in obs_list]  # fmt: skip
+                lines.append(f"| {names[m]}, seed {s} | " + " | ".join(cells) + " |")
     lines += ["", "Interpolation RMSE vs clean truth (latent ODE: all 100 window points; RNN: one-step-ahead "
-              "at observed points), wall time per run:", "", head, sep]  # fmt: skip
+              "at observed points), mean wall time per run:", "", head, sep]  # fmt: skip
     for m, res in results.items():
         cells = [
-            f"{res[n]['rmse_interpolation']:.4f} ({res[n]['wall_time_s'] / 60:.1f} min)" if n in res else "—"
+            f"{cell(res, n, 'rmse_interpolation')} ({float(cell(res, n, 'wall_time_s', '{}')) / 60:.1f} min)"
+            if n in res
+            else "—"
             for n in obs_list
         ]
         lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
@@ -615,7 +689,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_table2(args: argparse.Namespace) -> int:
     base = _config_from(args)
-    run_table2(base, args.runs_dir, args.out, obs_list=args.obs, models=args.models, force=args.force)
+    run_table2(
+        base, args.runs_dir, args.out, obs_list=args.obs, models=args.models, force=args.force,
+        seeds=tuple(args.seeds) if args.seeds else None, jobs=args.jobs,
+    )  # fmt: skip
     return 0
 
 
@@ -636,5 +713,7 @@ def register(commands, train_parsers) -> None:
     t.add_argument("--runs-dir", default="runs/table2", help="where the six run folders go")
     t.add_argument("--out", default="runs/table2", help="where table2.md and the PNGs go")
     t.add_argument("--force", action="store_true", help="retrain even if a finished run exists")
+    t.add_argument("--seeds", type=int, nargs="+", default=None, help="train each cell once per seed; mean")
+    t.add_argument("--jobs", type=int, default=1, help="cells trained at once (separate processes)")
     _add_common(t)
     t.set_defaults(func=_cmd_table2)
