@@ -389,3 +389,16 @@ def test_config_sizes_and_optimiser_options():
         LatentConfig(grad_clip=-1.0)
     with pytest.raises(ValueError, match="lr_decay"):
         LatentConfig(lr_decay=0.0)
+
+
+def test_reuse_ignores_fields_the_model_does_not_use():
+    import dataclasses
+
+    from neuralode.experiments.latent import LatentConfig, _same_config
+
+    saved = dataclasses.asdict(LatentConfig(model="latent-ode", rnn_hidden=25))
+    assert _same_config(saved, LatentConfig(model="latent-ode", rnn_hidden=48))
+    assert not _same_config(saved, LatentConfig(model="latent-ode", dec_hidden=100))
+    saved = dataclasses.asdict(LatentConfig(model="rnn", dec_hidden=20))
+    assert _same_config(saved, LatentConfig(model="rnn", dec_hidden=100))
+    assert not _same_config(saved, LatentConfig(model="rnn", rnn_hidden=48))

@@ -157,11 +157,21 @@ def build_model(cfg: LatentConfig) -> torch.nn.Module:
 _LEGACY_DEFAULTS = {"train_horizon": 100}
 
 
+# Fields that do not change what a model of the other kind trains or computes.
+_IRRELEVANT = {
+    "latent-ode": ("rnn_hidden", "rnn_cell", "rnn_time_input"),
+    "rnn": ("latent_dim", "encoder", "enc_cell", "enc_hidden", "dyn_hidden", "dyn_layers",
+            "dyn_activation", "dec_hidden", "poisson", "method", "rtol", "atol", "gradient"),
+}  # fmt: skip
+
+
 def _same_config(saved: dict, cfg: LatentConfig, ignore: tuple[str, ...] = ()) -> bool:
-    """Whether a saved config (from an older version, maybe lacking newer fields) equals ``cfg``."""
+    """Whether a saved config (from an older version, maybe lacking newer fields) equals ``cfg`` in
+    every field that matters to ``cfg.model``."""
     defaults = {**dataclasses.asdict(LatentConfig()), **_LEGACY_DEFAULTS}
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    return all(saved.get(k, defaults[k]) == v for k, v in now.items() if k not in ignore)
+    skip = set(ignore) | set(_IRRELEVANT[cfg.model])
+    return all(saved.get(k, defaults[k]) == v for k, v in now.items() if k not in skip)
 
 
 def _window(data: SpiralData) -> tuple[float, float]:
