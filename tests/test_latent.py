@@ -203,11 +203,14 @@ def test_analytic_kl_matches_monte_carlo():
     torch.testing.assert_close(kl, torch.distributions.kl_divergence(q, p).sum(-1))
 
 
-def test_elbo_improves_on_tiny_problem():
+@pytest.mark.parametrize("anchor", ["start", "end"])
+def test_elbo_improves_on_tiny_problem(anchor):
     torch.manual_seed(0)
     d = make_spirals(n_spirals=10, n_train=8, n_obs=10, noise_std=0.1)
     b = d.observed("train")
-    model = LatentODE(2, 4, enc_hidden=12, dyn_hidden=12, dec_hidden=12, obs_std=0.3, rtol=1e-2, atol=1e-3)
+    model = LatentODE(
+        2, 4, enc_hidden=12, dyn_hidden=12, dec_hidden=12, obs_std=0.3, rtol=1e-2, atol=1e-3, anchor=anchor
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     t_end = float(d.times[99])
 
@@ -402,3 +405,35 @@ def test_reuse_ignores_fields_the_model_does_not_use():
     saved = dataclasses.asdict(LatentConfig(model="rnn", dec_hidden=20))
     assert _same_config(saved, LatentConfig(model="rnn", dec_hidden=100))
     assert not _same_config(saved, LatentConfig(model="rnn", rnn_hidden=48))
+
+
+def test_encoder_in_time_order_and_end_anchor():
+    times = [torch.tensor([0.0, 0.5, 2.0]), torch.tensor([0.25, 1.0, 1.5, 2.5])]
+    values = [torch.stack([t + 1, t], dim=1) for t in times]  # x[0] = its time + 1, x[1] = its time
+    b = IrregularBatch.from_ragged(times, values)
+    enc = RNNEncoder(2, 3, 8, reverse=False)
+    enc.cell = _Recorder(enc.cell)
+    enc(b.times, b.values, b.mask, torch.tensor(0.0), torch.tensor(3.0))
+    seen = torch.stack(enc.cell.seen, dim=1)
+    for k, t in enumerate(times):  # real inputs arrive earliest first
+        real = seen[k][seen[k] != 0]
+        assert real.tolist() == sorted((t + 1).tolist())
+
+    model = LatentODE(2, 2, anchor="end", rtol=1e-7, atol=1e-9).double()
+    assert model.anchor_time(0.0, 3.0) == 3.0 and not model.encoder.reverse
+    model.ode.func = _Rotation()
+    model.decoder = nn.Identity()
+    torch.manual_seed(0)
+    out = model.elbo(b.times, b.values.double(), b.mask, 0.0, 3.0)
+    # the decoded trajectory passes through the sampled state at t_end = 3: rotate it back by 3 − t
+    z_end = out["z0"]
+    ang = 3.0 - b.times.double()
+    c, s = torch.cos(ang), torch.sin(ang)
+    expected = torch.stack(
+        [z_end[:, :1] * c + z_end[:, 1:] * s, -z_end[:, :1] * s + z_end[:, 1:] * c], dim=-1
+    )
+    torch.testing.assert_close(out["pred"], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="anchor"):
+        LatentODE(2, 2, anchor="middle")
+    with pytest.raises(ValueError, match="anchor='end'"):
+        LatentODE(2, 2, anchor="end", encoder="ode-rnn")

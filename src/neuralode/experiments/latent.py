@@ -38,7 +38,7 @@ from neuralode.experiments._runs import (
     seed_everything,
     set_rng_state,
 )
-from neuralode.models.latent_ode import ENCODERS, LatentODE, pack_observations
+from neuralode.models.latent_ode import ANCHORS, ENCODERS, LatentODE, pack_observations
 from neuralode.models.rnn_baseline import RNNBaseline
 
 __all__ = ["LatentConfig", "evaluate", "register", "run_table2", "train"]
@@ -78,6 +78,8 @@ class LatentConfig:
     dyn_activation: str = "elu"
     dec_hidden: int = 20
     poisson: bool = False
+    # "start": q(z(t0)) as in the paper; "end": q(z(t_end)), encoder in time order (see LatentODE)
+    anchor: str = "start"
     # RNN baseline
     rnn_hidden: int = 25
     rnn_cell: str = "gru"
@@ -149,7 +151,7 @@ def build_model(cfg: LatentConfig) -> torch.nn.Module:
         dyn_hidden=cfg.dyn_hidden, dyn_layers=cfg.dyn_layers, dyn_activation=cfg.dyn_activation,
         dec_hidden=cfg.dec_hidden,
         obs_std=cfg.likelihood_std, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol, gradient=cfg.gradient,
-        poisson=cfg.poisson,
+        poisson=cfg.poisson, anchor=cfg.anchor,
     )  # fmt: skip
 
 
@@ -161,7 +163,7 @@ _LEGACY_DEFAULTS = {"train_horizon": 100}
 _IRRELEVANT = {
     "latent-ode": ("rnn_hidden", "rnn_cell", "rnn_time_input"),
     "rnn": ("latent_dim", "encoder", "enc_cell", "enc_hidden", "dyn_hidden", "dyn_layers",
-            "dyn_activation", "dec_hidden", "poisson", "method", "rtol", "atol", "gradient"),
+            "dyn_activation", "dec_hidden", "poisson", "anchor", "method", "rtol", "atol", "gradient"),
 }  # fmt: skip
 
 
@@ -224,7 +226,7 @@ def predict_all(model, cfg: LatentConfig, data: SpiralData, idx: torch.Tensor) -
         else:
             t0, t_end = _window(data)
             mean, logvar = model.encode(batch.times, batch.values, batch.mask, t0, t_end)
-            full = model.predict(mean, t0, times)
+            full = model.predict(mean, model.anchor_time(t0, t_end), times)
             out = {"full": full, "z0_mean": mean, "z0_logvar": logvar}
     out["nfe"] = stats.nfe
     out["batch"] = batch
@@ -384,13 +386,12 @@ def make_plots(model, cfg: LatentConfig, data: SpiralData, folder: Path) -> list
     idx = _pick_examples(data)
     p = predict_all(model, cfg, data, idx)
     full = p["full"].cpu()
-    times = data.times
     fig, axes = plt.subplots(2, 3, figsize=(9, 6))
     back = None
     if cfg.model == "latent-ode":  # also integrate backwards, before the first observation time
-        t0 = float(times[0])
+        t0, t_end = _window(data)
         t_back = torch.linspace(t0 - 1.5, t0, 40)[:-1]
-        back = model.predict(p["z0_mean"], t0, t_back.to(p["z0_mean"].device)).cpu()
+        back = model.predict(p["z0_mean"], model.anchor_time(t0, t_end), t_back.to(p["z0_mean"].device)).cpu()
     n_ctx = data.config.n_context
     for ax, k, i in zip(axes.flat, range(len(idx)), idx.tolist()):
         ax.plot(*data.clean[i].T, color="0.75", lw=1, label="truth")
@@ -425,8 +426,8 @@ def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
     test = data.test_idx[:200]
     p = predict_all(model, cfg, data, test)
     mean = p["z0_mean"]
-    t0 = float(data.times[0])
-    zs = model.latent_trajectory(mean, t0, data.times.to(mean.device))
+    t_a = model.anchor_time(*_window(data))
+    zs = model.latent_trajectory(mean, t_a, data.times.to(mean.device))
     zs = (zs[0] if cfg.poisson else zs).cpu()  # (B, T, L)
     flat = zs[:, : data.config.n_context].reshape(-1, zs.shape[-1])
     centre = flat.mean(0)
@@ -459,7 +460,7 @@ def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
     z0 = base.repeat(len(values), 1)
     z0[:, d] = values
     window = data.times[: data.config.n_context].to(mean.device)  # the span the model was trained on
-    traj = model.predict(z0.to(mean.device), t0, window).cpu()
+    traj = model.predict(z0.to(mean.device), t_a, window).cpu()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     cmap = plt.get_cmap("coolwarm")
     for j, val in enumerate(values.tolist()):
@@ -653,6 +654,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dyn-hidden", type=int, default=d.dyn_hidden, help="latent dynamics width")
     p.add_argument("--dyn-layers", type=int, default=d.dyn_layers, help="latent dynamics hidden layers")
     p.add_argument("--dyn-activation", choices=("elu", "tanh"), default=d.dyn_activation)
+    p.add_argument("--anchor", choices=ANCHORS, default=d.anchor,
+                   help="latent ODE posterior at the window's start (paper) or end")  # fmt: skip
     p.add_argument("--dec-hidden", type=int, default=d.dec_hidden, help="decoder width (one ReLU layer)")
     p.add_argument("--rnn-hidden", type=int, default=d.rnn_hidden)
     p.add_argument("--no-time-input", action="store_true", help="RNN baseline without the time-gap input")
@@ -679,7 +682,7 @@ def _config_from(args: argparse.Namespace, **extra) -> LatentConfig:
         n_train=args.n_train, data_seed=args.data_seed, train_horizon=args.train_horizon,
         latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden,
         dyn_hidden=args.dyn_hidden, dyn_layers=args.dyn_layers, dyn_activation=args.dyn_activation,
-        dec_hidden=args.dec_hidden, lr_decay=args.lr_decay, grad_clip=args.grad_clip,
+        dec_hidden=args.dec_hidden, anchor=args.anchor, lr_decay=args.lr_decay, grad_clip=args.grad_clip,
         rnn_hidden=args.rnn_hidden,
         rnn_time_input=not args.no_time_input, poisson=args.poisson, obs_std=args.obs_std, method=args.method,
         rtol=args.rtol, atol=args.atol, gradient=args.gradient, iters=args.iters, lr=args.lr,

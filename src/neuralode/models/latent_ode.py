@@ -34,6 +34,7 @@ from torch import nn
 from neuralode import NeuralODE
 
 __all__ = [
+    "ANCHORS",
     "ENCODERS",
     "LatentODE",
     "ODERNNEncoder",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 ENCODERS = ("rnn", "ode-rnn")
+ANCHORS = ("start", "end")
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -139,16 +141,21 @@ class _RescaledField(nn.Module):
 
 
 class RNNEncoder(nn.Module):
-    """Recurrent recognition network run over the observations in reverse time order.
+    """Recurrent recognition network run over the observations in reverse time order (the paper's), or
+    in time order (``reverse=False``: its final state then summarises the data at the window's end).
 
-    Input at observation ``i``: ``[x_i, t_prev − t_i, t_i − t0]``, where ``t_prev`` is the time of the
-    previously processed (later) observation, ``t_end`` for the last one. Output: ``(mean, logvar)``,
-    each ``(B, latent_dim)``.
+    Input at observation ``i`` in reverse order: ``[x_i, t_prev − t_i, t_i − t0]``, where ``t_prev`` is
+    the time of the previously processed (later) observation, ``t_end`` for the first processed one. In
+    time order: ``[x_i, t_i − t_prev, t_end − t_i]`` with ``t_prev`` the earlier observation (``t0`` for
+    the first). Gaps and distances are non-negative either way. Output: ``(mean, logvar)``, each
+    ``(B, latent_dim)``.
     """
 
-    def __init__(self, obs_dim: int, latent_dim: int, hidden: int = 25, cell: str = "gru"):
+    def __init__(
+        self, obs_dim: int, latent_dim: int, hidden: int = 25, cell: str = "gru", reverse: bool = True
+    ):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.reverse = hidden, reverse
         self.cell = _cell(cell, obs_dim + 2, hidden)
         self.out = nn.Linear(hidden, 2 * latent_dim)
 
@@ -156,10 +163,11 @@ class RNNEncoder(nn.Module):
         obs_t, obs_x, valid = pack_observations(times, values, mask, pad_time=t_end)
         B, N = valid.shape
         h = values.new_zeros(B, self.hidden)
-        t_prev = obs_t.new_full((B,), float(t_end))
-        for k in range(N - 1, -1, -1):
+        t_prev = obs_t.new_full((B,), float(t_end if self.reverse else t0))
+        for k in range(N - 1, -1, -1) if self.reverse else range(N):
             tk = obs_t[:, k]
-            inp = torch.cat([obs_x[:, k], (t_prev - tk).unsqueeze(1), (tk - t0).unsqueeze(1)], dim=1)
+            gap, dist = (t_prev - tk, tk - t0) if self.reverse else (tk - t_prev, t_end - tk)
+            inp = torch.cat([obs_x[:, k], gap.unsqueeze(1), dist.unsqueeze(1)], dim=1)
             h = torch.where(valid[:, k : k + 1], self.cell(inp, h), h)
             t_prev = tk
         mean, logvar = self.out(h).chunk(2, dim=-1)
@@ -236,6 +244,11 @@ class LatentODE(nn.Module):
         method, rtol, atol, options, gradient: the latent ODE solve (see :class:`neuralode.NeuralODE`).
         poisson: also model the observation times with a Poisson process (adds ``poisson_loglik``).
         poisson_weight: weight of that term in the objective.
+        anchor: where the posterior lives. ``"start"`` (the paper): ``q(z(t0))``, encoder in reverse time,
+            the latent ODE runs forwards through the window and on into the future. ``"end"``:
+            ``q(z(t_end))`` from the encoder run in time order; the window is reconstructed by solving
+            backwards from ``t_end`` and the future forwards, so extrapolation starts from the latest
+            data instead of integrating across the whole window first (RNN encoder only, no Poisson term).
     """
 
     def __init__(
@@ -259,16 +272,24 @@ class LatentODE(nn.Module):
         poisson: bool = False,
         poisson_weight: float = 1.0,
         encoder_method: str = "rk4",
+        anchor: str = "start",
     ):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder={encoder!r} is unknown; expected one of {ENCODERS}")
+        if anchor not in ANCHORS:
+            raise ValueError(f"anchor={anchor!r} is unknown; expected one of {ANCHORS}")
+        if anchor == "end" and (encoder != "rnn" or poisson):
+            raise ValueError("anchor='end' needs encoder='rnn' and poisson=False")
+        self.anchor = anchor
         if obs_std <= 0:
             raise ValueError(f"obs_std must be > 0, got {obs_std}")
         self.latent_dim, self.obs_std = latent_dim, float(obs_std)
         self.poisson, self.poisson_weight = poisson, float(poisson_weight)
         if encoder == "rnn":
-            self.encoder: nn.Module = RNNEncoder(obs_dim, latent_dim, enc_hidden, cell=enc_cell)
+            self.encoder: nn.Module = RNNEncoder(
+                obs_dim, latent_dim, enc_hidden, cell=enc_cell, reverse=anchor == "start"
+            )
         else:
             self.encoder = ODERNNEncoder(
                 obs_dim,
@@ -288,9 +309,14 @@ class LatentODE(nn.Module):
         self.ode = NeuralODE(field, method=method, rtol=rtol, atol=atol, options=options, gradient=gradient)
 
     # -- inference ---------------------------------------------------------------------------------
+    def anchor_time(self, t0, t_end):
+        """The time of the encoded state: ``t0`` (``anchor="start"``) or ``t_end``."""
+        return t0 if self.anchor == "start" else t_end
+
     def encode(self, times, values, mask, t0=None, t_end=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, logvar)`` of ``q(z(t0) | observations)``, each ``(B, latent_dim)``. ``t0`` defaults
-        to ``times[0]``, ``t_end`` (end of the observation window) to ``times[-1]``."""
+        """``(mean, logvar)`` of ``q(z(t_a) | observations)``, each ``(B, latent_dim)``, at the anchor
+        time ``t_a = anchor_time(t0, t_end)``. ``t0`` defaults to ``times[0]``, ``t_end`` (end of the
+        observation window) to ``times[-1]``."""
         _check_obs(times, values, mask)
         t0 = times[0] if t0 is None else torch.as_tensor(t0, dtype=times.dtype)
         t_end = times[-1] if t_end is None else torch.as_tensor(t_end, dtype=times.dtype)
@@ -354,6 +380,7 @@ class LatentODE(nn.Module):
         t_end = times[-1] if t_end is None else torch.as_tensor(t_end, dtype=times.dtype)
         mean, logvar = self.encode(times, values, enc_mask, t0, t_end)
         z0 = self.sample(mean, logvar)
+        t_a = self.anchor_time(t0, t_end)
         out: dict[str, torch.Tensor] = {}
         if self.poisson:
             if encoder_mask is not None and bool(times[-1] > t_end):
@@ -369,7 +396,7 @@ class LatentODE(nn.Module):
                 lam_int[:, -1, 0] - lam_int_t0
             )
         else:
-            zs = self.latent_trajectory(z0, t0, times)
+            zs = self.latent_trajectory(z0, t_a, times)
         pred = self.decode(zs)
         loglik = gaussian_log_likelihood(values, pred, self.obs_std, mask)
         kl = gaussian_kl(mean, logvar)
