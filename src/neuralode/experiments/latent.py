@@ -572,7 +572,8 @@ def format_table2(results: dict[str, dict[int, dict[int, dict]]], base: LatentCo
     seeds = sorted({s for res in results.values() for by_seed in res.values() for s in by_seed})
     sizes = (
         f"latent {base.latent_dim}, encoder {base.encoder} {base.enc_hidden}, dynamics {base.dyn_layers}×"
-        f"{base.dyn_hidden} {base.dyn_activation}, decoder {base.dec_hidden}; RNN {base.rnn_hidden}"
+        f"{base.dyn_hidden} {base.dyn_activation}, decoder {base.dec_hidden}, anchor {base.anchor}; "
+        f"RNN {base.rnn_hidden}"
     )
     lines = [
         f"Extrapolation RMSE on time steps 101-200 of the {base.n_spirals - base.n_train} test spirals "
