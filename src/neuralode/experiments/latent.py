@@ -390,8 +390,8 @@ def make_plots(model, cfg: LatentConfig, data: SpiralData, folder: Path) -> list
     back = None
     if cfg.model == "latent-ode":  # also integrate backwards, before the first observation time
         t0, t_end = _window(data)
-        t_back = torch.linspace(t0 - 1.5, t0, 40)[:-1]
-        back = model.predict(p["z0_mean"], model.anchor_time(t0, t_end), t_back.to(p["z0_mean"].device)).cpu()
+        t_back = torch.linspace(t0 - 1.5, t0, 40)[:-1].to(p["z0_mean"].device)
+        back = model.predict(p["z0_mean"], model.anchor_time(t0, t_end), t_back).cpu()
     n_ctx = data.config.n_context
     for ax, k, i in zip(axes.flat, range(len(idx)), idx.tolist()):
         ax.plot(*data.clean[i].T, color="0.75", lw=1, label="truth")
@@ -478,6 +478,7 @@ def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
 # -- Table 2 ---------------------------------------------------------------------------------------
 def _train_cell(args: tuple[LatentConfig, str, bool]) -> dict[str, Any]:
     cfg, folder, resume = args
+    print(f"== training {cfg.model} with {cfg.obs} observations, seed {cfg.seed} → {folder}", flush=True)
     return train(cfg, folder, resume=resume)
 
 
@@ -518,26 +519,16 @@ def run_table2(
             metrics[key] = json.loads(done.read_text())
         else:
             todo.append(key)
+    work = [(cells[key][0], str(cells[key][1]), not force) for key in todo]
     if jobs > 1 and len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
-            futures = {}
-            for key in todo:
-                cfg, folder = cells[key]
-                print(
-                    f"== training {key[0]} with {key[1]} observations, seed {key[2]} → {folder}", flush=True
-                )
-                futures[key] = pool.submit(_train_cell, (cfg, str(folder), not force))
-            for key, fut in futures.items():
-                metrics[key] = fut.result()
+            metrics.update(zip(todo, pool.map(_train_cell, work)))
     else:
-        for key in todo:
-            cfg, folder = cells[key]
-            print(f"== training {key[0]} with {key[1]} observations, seed {key[2]} → {folder}", flush=True)
-            metrics[key] = train(cfg, folder, resume=not force)
+        metrics.update(zip(todo, map(_train_cell, work)))
     results: dict[str, dict[int, dict[int, dict]]] = {m: {} for m in models}
     for (model, n, seed), (_, folder) in cells.items():
         results[model].setdefault(n, {})[seed] = metrics[(model, n, seed)]
@@ -594,17 +585,13 @@ def format_table2(results: dict[str, dict[int, dict[int, dict]]], base: LatentCo
         sep,
     ]
 
-    def cell(res, n, key, fmt="{:.4f}"):
-        if n not in res:
-            return "—"
-        return fmt.format(sum(r[key] for r in res[n].values()) / len(res[n]))
-
+    means = {m: {n: _mean_metrics(by_seed) for n, by_seed in res.items()} for m, res in results.items()}
     for key, label in (
         ("rmse_extrapolation", "vs clean truth"),
         ("rmse_extrapolation_noisy", "vs noisy data"),
     ):
-        for m, res in results.items():
-            cells = [cell(res, n, key) for n in obs_list]
+        for m, res in means.items():
+            cells = [f"{res[n][key]:.4f}" if n in res else "—" for n in obs_list]
             lines.append(f"| {names[m]} (ours, {label}) | " + " | ".join(cells) + " |")
     for m in results:
         paper = [f"{PAPER_TABLE2[m][n]:.4f}" if n in PAPER_TABLE2[m] else "—" for n in obs_list]
@@ -618,11 +605,9 @@ def format_table2(results: dict[str, dict[int, dict[int, dict]]], base: LatentCo
                 lines.append(f"| {names[m]}, seed {s} | " + " | ".join(cells) + " |")
     lines += ["", "Interpolation RMSE vs clean truth (latent ODE: all 100 window points; RNN: one-step-ahead "
               "at observed points), mean wall time per run:", "", head, sep]  # fmt: skip
-    for m, res in results.items():
+    for m, res in means.items():
         cells = [
-            f"{cell(res, n, 'rmse_interpolation')} ({float(cell(res, n, 'wall_time_s', '{}')) / 60:.1f} min)"
-            if n in res
-            else "—"
+            f"{res[n]['rmse_interpolation']:.4f} ({res[n]['wall_time_s'] / 60:.1f} min)" if n in res else "—"
             for n in obs_list
         ]
         lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
