@@ -34,4 +34,7 @@ timeout 90 $PY benchmarks/bench_per_sample.py --device cuda --repeats 5 --json "
 echo "== eager vs compiled vs CUDA graph"
 timeout 180 $PY benchmarks/bench_compiled.py --device cuda --batches 64,1024 --repeats 10 \
     --json "$OUT/compiled_cuda.json" 2>&1 | tee "$OUT/compiled_cuda.txt" | tail -20
+echo "== eager vs compiled adaptive step (options={'compile': True})"
+timeout 100 $PY benchmarks/bench_compiled_adaptive.py --device cuda --rows "2-64-64-2 b=64 f32" --budget 3 \
+    --json "$OUT/compiled_adaptive_cuda.json" 2>&1 | tee "$OUT/compiled_adaptive_cuda.txt" | tail -10
 echo "== done; results in $OUT"

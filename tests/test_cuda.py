@@ -63,3 +63,25 @@ def test_float32_state_float64_times_on_cuda():
     assert ys.device.type == "cuda" and ys.dtype == torch.float32
     assert all(s == (torch.float32, "cuda") for s in seen)
     torch.testing.assert_close(ys[-1].cpu(), torch.full((4,), float(torch.exp(torch.tensor(-1.0)))))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_cuda_compiled_adaptive_step_matches_eager(backend):
+    dtype = torch.float64
+    net = _field("cuda", dtype)
+    y0 = torch.linspace(-1, 1, 24, dtype=dtype, device="cuda").reshape(8, 3).requires_grad_()
+    t = torch.linspace(0, 2, 5, dtype=dtype, device="cuda")
+    out = {}
+
+    def f(t, y):
+        return net(y)
+
+    for opt in (None, {"backend": backend}):
+        with record_stats() as stats:
+            ys = odeint(f, y0, t, rtol=1e-8, atol=1e-10, options={"compile": opt})
+        g = torch.autograd.grad(ys.square().sum(), [y0, *net.parameters()])
+        out[opt is None] = (ys.detach(), g, stats.nfe)
+    assert out[True][2] == out[False][2]
+    torch.testing.assert_close(out[False][0], out[True][0], rtol=1e-10, atol=1e-11)
+    for a, b in zip(out[False][1], out[True][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

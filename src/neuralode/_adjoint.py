@@ -169,7 +169,11 @@ def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, 
         )
     valid, adaptive = method_options(method)
     if options is None:
-        options = {k: v for k, v in (fwd_options or {}).items() if k != "norm" and k in valid}
+        # The backward dynamics call the autograd engine, which torch.compile cannot trace: the forward
+        # solve's "compile" stays with the forward solve.
+        options = {
+            k: v for k, v in (fwd_options or {}).items() if k not in ("norm", "compile") and k in valid
+        }
     elif not isinstance(options, dict):
         raise TypeError(f"adjoint_options must be a dict, got {type(options).__name__}")
     else:
@@ -181,6 +185,12 @@ def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, 
                 f"unknown adjoint_options {unknown} for adjoint_method {method!r}; valid options: "
                 f"{', '.join(sorted(valid))}"
             )
+    if options.get("compile"):
+        raise ValueError(
+            "adjoint_options['compile'] is not supported: the backward dynamics run the autograd engine, "
+            "which torch.compile cannot trace (options['compile'] still compiles the forward solve)"
+        )
+    options.pop("compile", None)
     norm = options.pop("norm", None)
     if norm is not None and not adaptive:
         raise ValueError(

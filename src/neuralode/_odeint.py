@@ -46,6 +46,7 @@ ADAPTIVE_OPTIONS = frozenset(
         "jump_t",
         "grid_points",
         "eps",
+        "compile",
     }
 )
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "interp", "perturb", "dtype"})
@@ -68,6 +69,7 @@ class Problem:
     shapes: list[torch.Size] | None  # tuple state: shapes of its tensors
     f0: torch.Tensor
     callbacks: Any = None  # _callbacks.Callbacks found on func, or None
+    func: Callable | None = None  # the user's func(t: Tensor, y), for the compiled step
 
     def unflatten(self, ys: torch.Tensor) -> TensorOrTuple:
         """(T, *flat) → (T, *y0.shape) or a tuple of (T, *shape_i)."""
@@ -110,7 +112,10 @@ def odeint(
             methods): every sample of the first dimension gets its own step size; see
             :func:`neuralode.odeint_per_sample` (``func`` then receives ``t`` of shape ``(batch,)``).
             Adaptive also: ``step_t``/``jump_t`` (times to step exactly onto; at a ``jump_t`` ``func`` is
-            re-evaluated past the discontinuity). Other methods (``explicit_adams``, ``implicit_adams``,
+            re-evaluated past the discontinuity); ``compile`` (``True`` or a dict of ``torch.compile``
+            arguments, e.g. ``{"backend": "aot_eager"}``): each RK step (its ``func`` calls, stage
+            combinations and error ratio) runs as one compiled graph, cached per ``func``; ``func`` must
+            be traceable by ``torch.compile``, and the first solve pays the compilation. Other methods (``explicit_adams``, ``implicit_adams``,
             ``scipy_solver``, the implicit Runge-Kutta methods) list theirs in ``docs/compatibility.md``.
             Callbacks ``callback_step``/``callback_accept_step``/``callback_reject_step`` are found as
             attributes of ``func`` (see ``neuralode._callbacks``).
@@ -218,6 +223,7 @@ def run(
             problem.shapes,
         )
         controller = _controller(tab, opts)
+        step_c = None if not opts.get("compile") else _compiled(problem, tab, y0)
         direction = 1.0 if problem.t[-1] > problem.t[0] else -1.0
         h0 = opts.get("first_step")
         if h0 is None:
@@ -244,6 +250,7 @@ def run(
             callbacks=callbacks,
             stops=_stops(problem),
             event=event,
+            compiled=step_c,
         )
     return integrate_fixed(
         problem.f,
@@ -258,6 +265,20 @@ def run(
         trace=trace,
         callbacks=callbacks,
     )
+
+
+def _compiled(problem: Problem, tab, y0: torch.Tensor):
+    """``step(t, h, y, f0) -> (y1, stages, error ratio)`` through the compiled step (options['compile'])."""
+    from neuralode._compiled_step import compiled_step
+
+    opts, rtol, atol = problem.options, problem.rtol, problem.atol
+    step = compiled_step(problem.func, tab, problem.shapes, opts.get("norm"), rtol, atol, opts["compile"])
+    device = y0.device
+
+    def run_step(t: float, h: float, y: torch.Tensor, f0: torch.Tensor):
+        return step(torch.tensor([t, h], dtype=torch.float64, device=device), y, f0, rtol, atol)
+
+    return run_step
 
 
 def method_options(method: str) -> tuple[frozenset[str], bool]:
@@ -340,11 +361,20 @@ def make_problem(func, y0, t, rtol, atol, method, options) -> Problem:
         valid, supported_callbacks = ADAPTIVE_OPTIONS, ADAPTIVE_CALLBACKS
     else:
         valid, supported_callbacks = FIXED_OPTIONS, FIXED_CALLBACKS
+    if "compile" in options and "compile" not in valid:
+        raise ValueError(
+            f"options['compile'] applies to the adaptive Runge-Kutta methods, not {method!r}; for a "
+            "compiled fixed-grid solve use neuralode.FixedGridSolver"
+        )
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(
             f"unknown option(s) {unknown} for method {method!r}; valid options: {', '.join(sorted(valid))}"
         )
+    if "compile" in options:
+        from neuralode._compiled_step import check_compile_option
+
+        options["compile"] = check_compile_option(options["compile"])
     y0, shapes = _check_y0(y0)
     t_list = _check_t(t, y0)
     rtol = _check_tol("rtol", rtol, y0, shapes)
@@ -378,6 +408,7 @@ def make_problem(func, y0, t, rtol, atol, method, options) -> Problem:
         shapes=shapes,
         f0=f0,
         callbacks=callbacks,
+        func=func,
     )
 
 

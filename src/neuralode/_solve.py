@@ -164,6 +164,7 @@ def integrate_adaptive(
     callbacks=None,
     stops: Sequence[tuple[float, bool]] = (),
     event=None,
+    compiled=None,
 ) -> list[torch.Tensor]:
     """Adaptive solve through the times ``t_out`` (monotonic; ``t_out[0]`` is the start).
 
@@ -192,7 +193,7 @@ def integrate_adaptive(
     while i_stop < len(stops) and direction * (stops[i_stop][0] - t) <= 0:
         i_stop += 1
     # Default RMS norm with scalar tolerances: the cheaper error ratio that reuses |y1| as the next |y|.
-    fast_norm = (
+    fast_norm = compiled is None and (
         norm is rms_norm and tab.b_error_aux is None and isinstance(rtol, float) and isinstance(atol, float)
     )
     if fast_norm:
@@ -220,13 +221,16 @@ def integrate_adaptive(
             callbacks.step(t, y, h_signed)
         # A step onto a jump evaluates its end-time stages as the one-sided limit before the jump.
         f_step = f if stop is None or not stop[1] else _before(f, stop[0], direction)
-        y1, k = rk_step(f_step, tab, t, h_signed, y, f0)
         stats.nfe += tab.stages - 1
         n_steps += 1
-        if fast_norm:  # squared RMS ratio up to a host-side factor
-            ratio_t, y1_abs = _rms_error_ratio(tab, k, y_abs, y1.detach(), c_tol)
+        if compiled is not None and f_step is f:
+            y1, k, ratio_t = compiled(t, h_signed, y, f0)
         else:
-            ratio_t = _error_ratio(tab, k, h_signed, y, y1, rtol, atol, norm)
+            y1, k = rk_step(f_step, tab, t, h_signed, y, f0)
+            if fast_norm:  # squared RMS ratio up to a host-side factor
+                ratio_t, y1_abs = _rms_error_ratio(tab, k, y_abs, y1.detach(), c_tol)
+            else:
+                ratio_t = _error_ratio(tab, k, h_signed, y, y1, rtol, atol, norm)
         if event is None:
             ratio = float(ratio_t)  # the one sync per step
         else:  # the event's sign check rides on the same sync

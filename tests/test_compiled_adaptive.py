@@ -1,0 +1,163 @@
+"""``odeint(..., options={"compile": ...})``: the adaptive step as one compiled graph.
+
+Checked against the eager loop: same steps, same solution to rounding, same gradients, with tuple states,
+tensor tolerances, DOP853's two error estimates, events and ``jump_t`` steps. The fast tests compile with
+``backend="aot_eager"`` (dynamo capture + AOTAutograd, no code generation); one ``slow`` test uses
+Inductor.
+"""
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+
+from neuralode import SolveStats, odeint, odeint_adjoint
+from neuralode._compiled_step import _CACHE
+
+AOT = {"backend": "aot_eager"}
+
+
+class Field(torch.nn.Module):
+    def __init__(self, d=2, w=16):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(d, w), torch.nn.Tanh(), torch.nn.Linear(w, d)).double()
+
+    def forward(self, t, y):
+        return self.net(y) * (1 + 0.1 * t)
+
+
+def _solve(f, y0, t, compile_opt, **kw):
+    stats = SolveStats()
+    opts = dict(kw.pop("options", {}))
+    if compile_opt is not None:
+        opts["compile"] = compile_opt
+    out = odeint(f, y0, t, options=opts, stats=stats, **kw)
+    return out, stats
+
+
+def test_same_steps_and_solution_as_eager():
+    torch.manual_seed(0)
+    f = Field()
+    y0 = torch.randn(8, 2, dtype=torch.float64)
+    t = torch.linspace(0.0, 3.0, 7, dtype=torch.float64)
+    with torch.no_grad():
+        ref, s_ref = _solve(f, y0, t, None, rtol=1e-7, atol=1e-9)
+        out, s = _solve(f, y0, t, AOT, rtol=1e-7, atol=1e-9)
+    assert (s.nfe, s.n_accepted, s.n_rejected) == (s_ref.nfe, s_ref.n_accepted, s_ref.n_rejected)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_backprop_gradients_match_eager():
+    torch.manual_seed(1)
+    f = Field()
+    y0 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 2.0, 4, dtype=torch.float64)
+    grads = []
+    for opt in (None, AOT):
+        out, _ = _solve(f, y0, t, opt, rtol=1e-6, atol=1e-8)
+        grads.append(torch.autograd.grad(out.square().sum(), [y0, *f.parameters()]))
+    for g_ref, g in zip(*grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_tuple_state_tensor_tolerances_and_dopri8():
+    def osc(t, s):
+        x, v = s
+        return v, -x
+
+    y0 = (torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    t = torch.linspace(0.0, 2.0, 5, dtype=torch.float64)
+    rtol = (torch.full((3,), 1e-8, dtype=torch.float64), 1e-6)
+    for method in ("dopri5", "dopri8", "bosh3"):
+        ref, s_ref = _solve(osc, y0, t, None, rtol=rtol, atol=1e-9, method=method)
+        out, s = _solve(osc, y0, t, AOT, rtol=rtol, atol=1e-9, method=method)
+        assert s.nfe == s_ref.nfe, method
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert abs(float(out[0][-1, 0]) - math.cos(2.0)) < 1e-5
+
+
+def test_events_and_jump_t_with_compile():
+    # A jump at t=1: the step onto it evaluates the one-sided limit eagerly; the others are compiled.
+    def f(t, y):
+        return torch.where(t < 1.0, torch.ones_like(y), -torch.ones_like(y))
+
+    y0 = torch.zeros(1, dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    out, _ = _solve(f, y0, t, AOT, options={"jump_t": torch.tensor([1.0], dtype=torch.float64)})
+    assert abs(float(out[-1, 0])) < 1e-10  # up 1 and back down 1
+
+    def g(t, y):
+        return -torch.ones_like(y)
+
+    event_t, _ = odeint(
+        g,
+        torch.ones(1, dtype=torch.float64),
+        torch.tensor([0.0, 5.0], dtype=torch.float64),
+        event_fn=lambda t, y: y[0],
+        options={"compile": AOT},
+    )
+    assert abs(float(event_t) - 1.0) < 1e-9
+
+
+def test_adjoint_compiles_the_forward_solve_only():
+    torch.manual_seed(2)
+    f = Field()
+    y0 = torch.randn(4, 2, dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, 3, dtype=torch.float64)
+    grads = []
+    for opt in (None, AOT):
+        opts = {} if opt is None else {"compile": opt}
+        out = odeint_adjoint(f, y0, t, rtol=1e-8, atol=1e-10, options=opts)
+        grads.append(torch.autograd.grad(out.square().sum(), list(f.parameters())))
+    for g_ref, g in zip(*grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="adjoint_options\\['compile'\\]"):
+        odeint_adjoint(f, y0, t, adjoint_options={"compile": True})
+
+
+def test_bad_compile_option_values():
+    f = Field()
+    y0 = torch.zeros(1, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(TypeError, match="options\\['compile'\\]"):
+        odeint(f, y0, t, options={"compile": "yes"})
+    with pytest.raises(ValueError, match="FixedGridSolver"):
+        odeint(f, y0, t, method="rk4", options={"compile": True, "step_size": 0.1})
+    out = odeint(f, y0, t, options={"compile": False})  # off: the eager loop
+    torch.testing.assert_close(out, odeint(f, y0, t))
+
+
+def test_cache_reuses_the_step_and_does_not_keep_the_model_alive():
+    torch.manual_seed(3)
+    f = Field()
+    y0 = torch.randn(2, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        odeint(f, y0, t, options={"compile": AOT})
+        (step,) = _CACHE[f].values()
+        odeint(f, y0, t, options={"compile": AOT})
+        assert list(_CACHE[f].values()) == [step]
+        # A bound method is cached on its instance, not on the short-lived method object.
+        odeint(f.forward, y0, t, options={"compile": AOT})
+        assert len(_CACHE[f]) == 2
+    ref = weakref.ref(f)
+    del f, step
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_inductor_matches_eager():
+    torch.manual_seed(4)
+    f = Field()
+    y0 = torch.randn(16, 2, dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ref, s_ref = _solve(f, y0, t, None)
+        out, s = _solve(f, y0, t, True)
+    assert s.nfe == s_ref.nfe
+    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-12)
