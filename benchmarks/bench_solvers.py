@@ -3,7 +3,10 @@
 Rows (issue #2): MLPs 2→64→64→2 and 32→256→256→32 (tanh), batch 1, 64, 1024, dopri5 at
 float32 rtol=1e-3/atol=1e-4 and float64 rtol=1e-6/atol=1e-8, t in [0, 1] and [0, 10]. Every library
 solves the same problem with the same network; the solves of one row are interleaved (library order
-rotates every repeat) so that the load of a shared machine hits them alike. Reported per library:
+rotates every repeat) so that the load of a shared machine hits them alike; ``--block N`` makes each
+timing sample N consecutive solves of one library (steady state, as in a training loop) instead of one
+solve between other libraries' solves (which also measures their code evicting its own from the
+caches: ~15% on neuralode's small rows). Reported per library:
 median wall time and median process CPU time of one solve, NFE, and against the bare network:
 
     overhead ratio  = solve time / (NFE × time of one bare func call)
@@ -155,7 +158,10 @@ def _time_call(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def bench_row(row: Row, libs: list[str], repeats: int, budget_s: float, device: torch.device) -> dict:
+def bench_row(
+    row: Row, libs: list[str], repeats: int, budget_s: float, device: torch.device, block: int = 1
+) -> dict:
+    """One row; each timing sample is ``block`` consecutive solves of one library (per solve)."""
     dtype, rtol, atol = PRECISIONS[row.precision]
     d, w = NETS[row.net]
     torch.manual_seed(0)
@@ -175,7 +181,7 @@ def bench_row(row: Row, libs: list[str], repeats: int, budget_s: float, device: 
             err = float((y1 - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             result["libs"][name] = {"nfe": counter.n, "rel_diff_vs_first": err, "wall": [], "cpu": []}
         t0_ = t[0]
-        n_block = 10
+        n_block = 10 * block
 
         def bare():
             for _ in range(n_block):
@@ -190,9 +196,9 @@ def bench_row(row: Row, libs: list[str], repeats: int, budget_s: float, device: 
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 solve = solvers[name]
-                wt, ct = _time_call(lambda solve=solve: (solve(f), sync()))
-                result["libs"][name]["wall"].append(wt)
-                result["libs"][name]["cpu"].append(ct)
+                wt, ct = _time_call(lambda solve=solve: ([solve(f) for _ in range(block)], sync()))
+                result["libs"][name]["wall"].append(wt / block)
+                result["libs"][name]["cpu"].append(ct / block)
             wt, ct = _time_call(bare)
             func_wall.append(wt / n_block)
             func_cpu.append(ct / n_block)
@@ -238,8 +244,12 @@ def _adjoint_is_ours() -> bool:
     return getattr(neuralode.odeint_adjoint, "__module__", "") != "neuralode._shim"
 
 
-def bench_spiral(iters: int, libs: list[str]) -> dict:
-    """Median time of one training iteration (batch 20 windows of 10 points, dopri5, default tolerances)."""
+def bench_spiral(iters: int, libs: list[str], compiled: bool = False) -> dict:
+    """Median time of one training iteration (batch 20 windows of 10 points, dopri5, default tolerances).
+
+    ``compiled`` adds neuralode with ``options={"compile": True}`` (the adaptive step as one Inductor
+    graph; with the adjoint only the forward solve is compiled). Its compilation falls in the two
+    warm-up iterations, which are not timed."""
     torch.manual_seed(0)
     A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
     t_all = torch.linspace(0.0, 25.0, 1000)
@@ -266,6 +276,13 @@ def bench_spiral(iters: int, libs: list[str]) -> dict:
         if _adjoint_is_ours():
             variants["neuralode adjoint"] = lambda fn, y0, t: neuralode.odeint_adjoint(
                 fn, y0, t, method="dopri5"
+            )
+        if compiled:
+            variants["neuralode backprop compiled"] = lambda fn, y0, t: neuralode.odeint(
+                fn, y0, t, method="dopri5", options={"compile": True}
+            )
+            variants["neuralode adjoint compiled"] = lambda fn, y0, t: neuralode.odeint_adjoint(
+                fn, y0, t, method="dopri5", options={"compile": True}
             )
     if "torchdiffeq" in libs and torchdiffeq is not None:
         variants["torchdiffeq backprop"] = lambda fn, y0, t: torchdiffeq.odeint(fn, y0, t, method="dopri5")
@@ -365,9 +382,21 @@ def main(argv=None) -> int:
         "--budget", type=float, default=20.0, help="seconds per row before stopping repeats (min 3)"
     )
     p.add_argument("--libs", default="neuralode,torchdiffeq,torchode,torchdyn")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="consecutive solves per timing sample (default 1: every solve sits between other libraries' "
+        "solves, which also measures their code evicting its own from the caches)",
+    )
     p.add_argument("--rows", default="", help="substring filter on row labels, e.g. 'b=64'")
     p.add_argument("--no-spiral", action="store_true")
     p.add_argument("--spiral-iters", type=int, default=30)
+    p.add_argument(
+        "--spiral-compile",
+        action="store_true",
+        help="add neuralode with options={'compile': True} to the spiral",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="clock of the printed table")
@@ -382,6 +411,7 @@ def main(argv=None) -> int:
     rows = quick_rows() if args.quick else all_rows()
     rows = [r for r in rows if args.rows in r.label]
     env = {
+        "block": args.block,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
@@ -395,7 +425,7 @@ def main(argv=None) -> int:
     print(json.dumps(env), flush=True)
     results = []
     for row in rows:
-        r = bench_row(row, libs, args.repeats, max(args.budget, 3.0), device)
+        r = bench_row(row, libs, args.repeats, max(args.budget, 3.0), device, max(args.block, 1))
         results.append(r)
         nd = r["libs"].get("neuralode", {})
         peers = ", ".join(
@@ -408,7 +438,7 @@ def main(argv=None) -> int:
         )
     spiral = None
     if not args.no_spiral and device.type == "cpu":
-        spiral = bench_spiral(10 if args.quick else args.spiral_iters, libs)
+        spiral = bench_spiral(10 if args.quick else args.spiral_iters, libs, args.spiral_compile)
     table = markdown(results, spiral, args.clock)
     print(f"\nclock: {args.clock} (median per solve)\n")
     print(table)

@@ -100,7 +100,11 @@ def initial_step(
         )
     h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     f1 = f(t0 + direction * h0, torch.add(y0, f0, alpha=direction * h0))
-    d2 = float(norm(torch.sub(f1, f0).div_(scale))) / h0
+    diff = torch.sub(f1, f0).div_(scale)
+    if norm is rms_norm:
+        d2 = float(torch.linalg.vector_norm(diff)) * inv_sqrt_n / h0
+    else:
+        d2 = float(norm(diff)) / h0
     if max(d1, d2) <= 1e-15:
         h1 = max(1e-6, h0 * 1e-3)
     else:
