@@ -121,6 +121,7 @@ def test_resume_rejects_changed_config_and_missing_runs(tmp_path, capsys):
         (["--data-size", "100", "--batch-size", "95"], "batch_size=95 exceeds the 90 possible window starts"),
         (["--batch-time", "1"], "batch_time must be at least 2"),
         (["--device", "tpu:x"], "device='tpu:x' is not a device"),
+        (["--method", "rk4", "--compile"], "compile=True needs an adaptive method"),
     ],
 )
 def test_bad_options_give_clear_errors(argv, message, capsys, tmp_path):
@@ -156,3 +157,13 @@ def test_ground_truth_is_the_spiral():
     assert radius[-1] < 0.5 * radius[0]  # the spiral decays inwards
     # dy/dt = y³·A at (2, 0) is (-0.8, 16): y rises fast while x barely moves
     assert y[3, 1] > 0.5 and abs(y[3, 0] - 2.0) < 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiled_run_trains_and_records_the_option(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "spiral", "--iters", "4", *TINY, "--compile", "--no-plots", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["compile"] is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_loss"] < metrics["initial_loss"]

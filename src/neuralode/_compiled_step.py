@@ -25,7 +25,6 @@ from __future__ import annotations
 import inspect
 import math
 import types
-import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -134,25 +133,6 @@ def _weak_func(func: Callable) -> tuple[Any, Callable[[], Callable]] | None:
     return func, ref
 
 
-class _Step:
-    """A compiled step; its first call (the tracing) hides a warning PyTorch raises while wrapping a
-    non-leaf input that requires grad (``.grad`` of a non-leaf tensor accessed), which is not the user's."""
-
-    __slots__ = ("fn", "traced")
-
-    def __init__(self, fn: Callable):
-        self.fn, self.traced = fn, False
-
-    def __call__(self, *args):
-        if self.traced:
-            return self.fn(*args)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
-            out = self.fn(*args)
-        self.traced = True
-        return out
-
-
 def compiled_step(
     func: Callable, tab: ButcherTableau, shapes, user_norm, rtol, atol, compile_kwargs: dict
 ) -> Callable[..., tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]]:
@@ -171,13 +151,13 @@ def compiled_step(
     )
     weak = _weak_func(func)
     if weak is None:  # e.g. a builtin: compiled afresh for this solve
-        return _Step(
-            torch.compile(_make_step(lambda: func, tab, shapes, user_norm, rtol_c, atol_c), **compile_kwargs)
+        return torch.compile(
+            _make_step(lambda: func, tab, shapes, user_norm, rtol_c, atol_c), **compile_kwargs
         )
     owner, get_func = weak
     per_owner = _CACHE.setdefault(owner, {})
     fn = per_owner.get(key)
     if fn is None:
         step = _make_step(get_func, tab, shapes, user_norm, rtol_c, atol_c)
-        fn = per_owner[key] = _Step(torch.compile(step, **compile_kwargs))
+        fn = per_owner[key] = torch.compile(step, **compile_kwargs)
     return fn

@@ -33,6 +33,7 @@ from torch import nn
 
 import neuralode
 from neuralode import GRADIENT_METHODS, SOLVERS, NeuralODE, odeint, record_stats
+from neuralode._methods import ADAPTIVE_METHODS
 from neuralode.experiments._runs import (
     RunDir,
     get_rng_state,
@@ -77,6 +78,8 @@ class SpiralConfig:
             usually faster).
         eval_every: evaluate the full trajectory (and write the checkpoint) every this many iterations.
         threads: torch intra-op threads (1 is fastest for a 2→50→2 network).
+        compile: run each solver step as one ``torch.compile`` graph (``options={"compile": True}``;
+            adaptive methods only); the first iteration pays the compilation.
     """
 
     iters: int = 2000
@@ -94,6 +97,7 @@ class SpiralConfig:
     device: str = "cpu"
     eval_every: int = 20
     threads: int = 1
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("iters", "batch_size", "batch_time", "data_size", "hidden", "eval_every", "threads"):
@@ -127,6 +131,12 @@ class SpiralConfig:
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        if self.compile and self.method not in ADAPTIVE_METHODS:
+            raise ValueError(
+                f"compile=True needs an adaptive method (one of {', '.join(ADAPTIVE_METHODS)}), got {self.method!r}"
+            )
         try:
             torch.device("cpu" if self.device == "auto" else self.device)
         except (RuntimeError, TypeError) as exc:
@@ -201,10 +211,16 @@ def _get_batch(
 # -------------------------------------------------------------------------------------------- training
 
 
+def _options(cfg: SpiralConfig) -> dict[str, Any] | None:
+    return {"compile": True} if cfg.compile else None
+
+
 def _evaluate(func: nn.Module, t: torch.Tensor, true_y: torch.Tensor, cfg: SpiralConfig):
     """Full trajectory from y(0): returns ``(pred (N, 2), L1 loss, forward NFE)``."""
     with torch.no_grad(), record_stats() as stats:
-        pred = odeint(func, true_y[0], t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method)
+        pred = odeint(
+            func, true_y[0], t, rtol=cfg.rtol, atol=cfg.atol, method=cfg.method, options=_options(cfg)
+        )
     return pred, float((pred - true_y).abs().mean()), stats.nfe
 
 
@@ -228,7 +244,9 @@ def train_spiral(
 
     seed_everything(cfg.seed)
     func = SpiralFunc(cfg.hidden).to(device)
-    node = NeuralODE(func, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol, gradient=cfg.gradient)
+    node = NeuralODE(
+        func, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol, gradient=cfg.gradient, options=_options(cfg)
+    )
     optimizer = torch.optim.RMSprop(func.parameters(), lr=cfg.lr)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -549,6 +567,14 @@ _OPTIONS = (
         {"type": _positive_int, "help": "evaluate and checkpoint every N iterations (default 20)"},
     ),
     ("--threads", "threads", {"type": _positive_int, "help": "torch CPU threads (default 1)"}),
+    (
+        "--compile",
+        "compile",
+        {
+            "action": "store_true",
+            "help": "each solver step as one torch.compile graph (adaptive methods; the first iteration compiles)",
+        },
+    ),
 )
 
 
