@@ -85,3 +85,26 @@ def test_cuda_compiled_adaptive_step_matches_eager(backend):
     torch.testing.assert_close(out[False][0], out[True][0], rtol=1e-10, atol=1e-11)
     for a, b in zip(out[False][1], out[True][1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_compiled_step_keeps_one_host_sync_per_step():
+    net = _field("cuda", torch.float32)
+    y0 = torch.randn(64, 3, device="cuda")
+    t = torch.tensor([0.0, 5.0], device="cuda")
+
+    def f(t, y):
+        return net(y)
+
+    opts = {"compile": {"backend": "aot_eager"}}
+    with torch.no_grad():
+        odeint(f, y0, t, rtol=1e-4, atol=1e-6, options=opts)  # compiles
+    with warnings.catch_warnings(record=True) as caught, record_stats() as st:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.no_grad():
+                odeint(f, y0, t, rtol=1e-4, atol=1e-6, options=opts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= st.n_steps + 6, (len(syncs), st.n_steps)

@@ -273,10 +273,23 @@ def _compiled(problem: Problem, tab, y0: torch.Tensor):
 
     opts, rtol, atol = problem.options, problem.rtol, problem.atol
     step = compiled_step(problem.func, tab, problem.shapes, opts.get("norm"), rtol, atol, opts["compile"])
-    device = y0.device
+    device, f64 = y0.device, torch.float64
 
-    def run_step(t: float, h: float, y: torch.Tensor, f0: torch.Tensor):
-        return step(torch.tensor([t, h], dtype=torch.float64, device=device), y, f0, rtol, atol)
+    if device.type == "cpu":
+
+        def run_step(t: float, h: float, y: torch.Tensor, f0: torch.Tensor):
+            return step(torch.tensor([t, h], dtype=f64), y, f0, rtol, atol)
+
+    else:  # two fill kernels and a stack: a host-to-device copy of [t, h] would synchronise
+
+        def run_step(t: float, h: float, y: torch.Tensor, f0: torch.Tensor):
+            th = torch.stack(
+                (
+                    torch.scalar_tensor(t, dtype=f64, device=device),
+                    torch.scalar_tensor(h, dtype=f64, device=device),
+                )
+            )
+            return step(th, y, f0, rtol, atol)
 
     return run_step
 
