@@ -5,6 +5,8 @@ batch 1, 64, 1024. Modes, interleaved in one process:
 
 * ``odeint``: neuralode's eager loop (``method="rk4", options={"step_size": 0.05}``).
 * ``torchdiffeq``: the same grid in torchdiffeq.
+* ``odeint compile``: ``odeint(..., options={"step_size": h, "compile": True})``: the same loop with each
+  step one Inductor graph.
 * ``compile``: :class:`neuralode.FixedGridSolver` with the RK step compiled by ``torch.compile``
   (Inductor); its first call's wall time is reported as the compile time.
 * CUDA only: ``cuda_graph`` (the whole solve captured in one CUDA graph and replayed) and
@@ -68,6 +70,10 @@ def main(argv=None) -> int:
             modes["torchdiffeq"] = lambda f=f, y0=y0, o=opts: torchdiffeq.odeint(
                 f, y0, t, method="rk4", options=o
             )
+        opts_c = {**opts, "compile": True}
+        modes["odeint compile"] = lambda f=f, y0=y0, o=opts_c: neuralode.odeint(
+            f, y0, t, method="rk4", options=o
+        )
         solvers = {
             "compile": neuralode.FixedGridSolver(f, t, method="rk4", step_size=args.step, mode="compile")
         }

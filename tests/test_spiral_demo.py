@@ -121,7 +121,7 @@ def test_resume_rejects_changed_config_and_missing_runs(tmp_path, capsys):
         (["--data-size", "100", "--batch-size", "95"], "batch_size=95 exceeds the 90 possible window starts"),
         (["--batch-time", "1"], "batch_time must be at least 2"),
         (["--device", "tpu:x"], "device='tpu:x' is not a device"),
-        (["--method", "rk4", "--compile"], "compile=True needs an adaptive method"),
+        (["--method", "implicit_adams", "--compile"], "compile=True needs an explicit Runge-Kutta method"),
     ],
 )
 def test_bad_options_give_clear_errors(argv, message, capsys, tmp_path):

@@ -1,4 +1,4 @@
-"""``options={"compile": ...}``: one ``torch.compile`` graph per adaptive Runge-Kutta step.
+"""``options={"compile": ...}``: one ``torch.compile`` graph per explicit Runge-Kutta step.
 
 In eager mode every stage combination, every time value and every piece of the error estimate is a
 kernel launch of its own (about 7 per function evaluation for dopri5), each costing microseconds of
@@ -7,7 +7,8 @@ whole step (every ``func`` call, the stage combinations and the error ratio) is 
 the combinations into the network's kernels. The loop around it (accept/reject, step-size control, dense
 output, events, ``step_t``/``jump_t``, callbacks) is the ordinary one in ``_solve.py``, so everything
 ``odeint`` does still works; steps that must evaluate ``func`` as a one-sided limit at a ``jump_t`` run
-eagerly.
+eagerly. On a fixed grid the step of a non-FSAL method also evaluates its first stage inside the graph
+(so only ``interp="linear"`` without ``perturb`` is offered: neither needs that stage afterwards).
 
 The step takes the time and step size as one float64 tensor ``[t, h]``, so a new step size never
 recompiles (as 0-d tensors or floats they would be guarded as Python scalars, through a slower Python
@@ -80,7 +81,8 @@ def _make_step(
 
     def step(th, y, f0, rtol_t, atol_t):
         """``(y1, stages, error ratio)`` of one step of size ``h`` from ``(t, y)``; ``th = [t, h]``
-        (float64); ``rtol_t``/``atol_t`` are used where the float tolerances ``rtol_c``/``atol_c`` are None."""
+        (float64); ``rtol_t``/``atol_t`` are used where the float tolerances ``rtol_c``/``atol_c`` are None.
+        ``f0=None`` evaluates the first stage inside the graph; a fixed-step tableau's ratio is None."""
         func = get_func()
         t, h = th[0], th[1]
         rtol = rtol_t if rtol_c is None else rtol_c
@@ -94,12 +96,14 @@ def _make_step(
                 return torch.cat([o.reshape(-1) for o in func(tt, parts)])
 
         hy = h.to(y.dtype)
-        k = [f0]
+        k = [call(t.to(y.dtype), y) if f0 is None else f0]
         y_stage = y
         for i in range(1, stages):
             y_stage = y + hy * _lin(k, a[i])
             k.append(call((t + c[i] * h).to(y.dtype), y_stage))
         y1 = y_stage if fsal else y + hy * _lin(k, b)
+        if not e:
+            return y1, k, None
         with torch.no_grad():
             tol = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
             ks = [x.detach() for x in k]

@@ -21,7 +21,7 @@ from neuralode._callbacks import ADAPTIVE_CALLBACKS, FIXED_CALLBACKS, chain_call
 from neuralode._control import Controller, initial_step, make_norm
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._registry import EXTRA_METHODS
-from neuralode._solve import integrate_adaptive, integrate_fixed
+from neuralode._solve import compiled_stepper, integrate_adaptive, integrate_fixed
 from neuralode._stats import SolveStats, _report_forward
 
 __all__ = ["SOLVERS", "odeint"]
@@ -49,7 +49,7 @@ ADAPTIVE_OPTIONS = frozenset(
         "compile",
     }
 )
-FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "interp", "perturb", "dtype"})
+FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "interp", "perturb", "dtype", "compile"})
 
 #: Every method name ``odeint`` accepts.
 SOLVERS: tuple[str, ...] = ADAPTIVE_METHODS + FIXED_METHODS + tuple(EXTRA_METHODS)
@@ -112,8 +112,9 @@ def odeint(
             methods): every sample of the first dimension gets its own step size; see
             :func:`neuralode.odeint_per_sample` (``func`` then receives ``t`` of shape ``(batch,)``).
             Adaptive also: ``step_t``/``jump_t`` (times to step exactly onto; at a ``jump_t`` ``func`` is
-            re-evaluated past the discontinuity); ``compile`` (``True`` or a dict of ``torch.compile``
-            arguments, e.g. ``{"backend": "aot_eager"}``): each RK step (its ``func`` calls, stage
+            re-evaluated past the discontinuity). Explicit Runge-Kutta methods, adaptive and fixed-grid
+            (``interp="linear"``, no ``perturb``): ``compile`` (``True`` or a dict of ``torch.compile``
+            arguments, e.g. ``{"backend": "aot_eager"}``): each step (its ``func`` calls, stage
             combinations and error ratio) runs as one compiled graph, cached per ``func``; ``func`` must
             be traceable by ``torch.compile``, and the first solve pays the compilation. Other methods (``explicit_adams``, ``implicit_adams``,
             ``scipy_solver``, the implicit Runge-Kutta methods) list theirs in ``docs/compatibility.md``.
@@ -264,6 +265,7 @@ def run(
         stats=stats,
         trace=trace,
         callbacks=callbacks,
+        stepper=compiled_stepper(tab, _compiled(problem, tab, y0)) if opts.get("compile") else None,
     )
 
 
@@ -376,8 +378,8 @@ def make_problem(func, y0, t, rtol, atol, method, options) -> Problem:
         valid, supported_callbacks = FIXED_OPTIONS, FIXED_CALLBACKS
     if "compile" in options and "compile" not in valid:
         raise ValueError(
-            f"options['compile'] applies to the adaptive Runge-Kutta methods, not {method!r}; for a "
-            "compiled fixed-grid solve use neuralode.FixedGridSolver"
+            f"options['compile'] applies to the explicit Runge-Kutta methods, not {method!r}; "
+            f"valid methods: {', '.join(TABLEAUS)}"
         )
     unknown = sorted(set(options) - valid)
     if unknown:
@@ -388,6 +390,12 @@ def make_problem(func, y0, t, rtol, atol, method, options) -> Problem:
         from neuralode._compiled_step import check_compile_option
 
         options["compile"] = check_compile_option(options["compile"])
+        if options["compile"] and not TABLEAUS[method].adaptive:
+            if options.get("interp", "linear") != "linear" or options.get("perturb"):
+                raise ValueError(
+                    "options['compile'] on a fixed grid needs interp='linear' and no perturb (the compiled "
+                    "step evaluates its first stage inside the graph)"
+                )
     y0, shapes = _check_y0(y0)
     t_list = _check_t(t, y0)
     rtol = _check_tol("rtol", rtol, y0, shapes)

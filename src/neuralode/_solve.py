@@ -19,7 +19,7 @@ from neuralode._errors import SolverError
 from neuralode._stats import SolveStats
 from neuralode._tableau import ButcherTableau
 
-__all__ = ["dense_eval", "integrate_adaptive", "integrate_fixed", "rk_step", "rk_stepper"]
+__all__ = ["compiled_stepper", "dense_eval", "integrate_adaptive", "integrate_fixed", "rk_step", "rk_stepper"]
 
 Func = Callable[[float, torch.Tensor], torch.Tensor]
 
@@ -320,11 +320,14 @@ def integrate_fixed(
     f_next: torch.Tensor | None = None if perturb else f0
     f_plain = f
     stepper = rk_stepper(tab) if stepper is None else stepper
+    # A stepper that evaluates the first stage itself when handed None (the compiled step); then f0 is not
+    # available for cubic interpolation, so the caller uses it with interp="linear" only.
+    first_stage_inside = getattr(stepper, "first_stage_inside", False)
     for g0, g1 in itertools.pairwise(grid):
         h = g1 - g0
         if perturb:  # one-sided limits at the step's ends (for discontinuities at grid points)
             f = _one_sided(f_plain, g0, g1, direction)
-        if f_next is None:
+        if f_next is None and not first_stage_inside:
             f_next = f(g0, y)
             stats.nfe += 1
         if callbacks is not None:
@@ -368,6 +371,19 @@ def _before(f, t_jump: float, direction: float):
         return f(t, y)
 
     return fb
+
+
+def compiled_stepper(tab: ButcherTableau, compiled):
+    """``compiled(t, h, y, f0 or None) -> (y1, stages, _)`` (``_compiled_step.py``) in the fixed-grid stepper
+    protocol; it evaluates the first stage inside the graph when ``f0`` is None (non-FSAL tableaus)."""
+
+    def step(f, t, h, y, f0, stats):
+        y1, k, _ = compiled(t, h, y, f0)
+        stats.nfe += tab.stages - (0 if f0 is None else 1)
+        return y1, (k[-1] if tab.fsal else None)
+
+    step.first_stage_inside = True
+    return step
 
 
 def rk_stepper(tab: ButcherTableau):

@@ -33,7 +33,7 @@ from torch import nn
 
 import neuralode
 from neuralode import GRADIENT_METHODS, SOLVERS, NeuralODE, odeint, record_stats
-from neuralode._methods import ADAPTIVE_METHODS
+from neuralode._methods import TABLEAUS
 from neuralode.experiments._runs import (
     RunDir,
     get_rng_state,
@@ -79,7 +79,7 @@ class SpiralConfig:
         eval_every: evaluate the full trajectory (and write the checkpoint) every this many iterations.
         threads: torch intra-op threads (1 is fastest for a 2→50→2 network).
         compile: run each solver step as one ``torch.compile`` graph (``options={"compile": True}``;
-            adaptive methods only); the first iteration pays the compilation.
+            explicit Runge-Kutta methods); the first iteration pays the compilation.
     """
 
     iters: int = 2000
@@ -133,9 +133,10 @@ class SpiralConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
-        if self.compile and self.method not in ADAPTIVE_METHODS:
+        if self.compile and self.method not in TABLEAUS:
             raise ValueError(
-                f"compile=True needs an adaptive method (one of {', '.join(ADAPTIVE_METHODS)}), got {self.method!r}"
+                f"compile=True needs an explicit Runge-Kutta method (one of {', '.join(TABLEAUS)}), "
+                f"got {self.method!r}"
             )
         try:
             torch.device("cpu" if self.device == "auto" else self.device)
@@ -572,7 +573,7 @@ _OPTIONS = (
         "compile",
         {
             "action": "store_true",
-            "help": "each solver step as one torch.compile graph (adaptive methods; the first iteration compiles)",
+            "help": "each solver step as one torch.compile graph (explicit RK methods; the first iteration compiles)",
         },
     ),
 )
