@@ -49,17 +49,31 @@ def test_same_steps_and_solution_as_eager():
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_backprop_gradients_match_eager():
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("dopri5", {}),
+        ("euler", {"step_size": 0.03}),
+        ("midpoint", {"step_size": 0.03}),
+        ("rk4", {"step_size": 0.03}),
+    ],
+)
+def test_backprop_solution_and_gradients_match_eager(method, options):
+    # On a fixed grid the first stage of a non-FSAL step is evaluated inside the graph; outputs between
+    # grid points are linear interpolations as in the eager loop.
     torch.manual_seed(1)
     f = Field()
     y0 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     t = torch.linspace(0.0, 2.0, 4, dtype=torch.float64)
-    grads = []
+    results = []
     for opt in (None, AOT):
-        out, _ = _solve(f, y0, t, opt, rtol=1e-6, atol=1e-8)
-        grads.append(torch.autograd.grad(out.square().sum(), [y0, *f.parameters()]))
-    for g_ref, g in zip(*grads):
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+        out, stats = _solve(f, y0, t, opt, rtol=1e-6, atol=1e-8, method=method, options=options)
+        results.append((out, torch.autograd.grad(out.square().sum(), [y0, *f.parameters()]), stats.nfe))
+    (ref, g_ref, nfe_ref), (out, g, nfe) = results
+    assert nfe == nfe_ref
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for x_ref, x in zip(g_ref, g):
+        torch.testing.assert_close(x, x_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_tuple_state_tensor_tolerances_and_dopri8():
@@ -77,24 +91,6 @@ def test_tuple_state_tensor_tolerances_and_dopri8():
         for a, b in zip(out, ref):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         assert abs(float(out[0][-1, 0]) - math.cos(2.0)) < 1e-5
-
-
-@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
-def test_fixed_grid_steps_match_eager(method):
-    # The first stage of a non-FSAL step is evaluated inside the graph; outputs between grid points are
-    # linear interpolations as in the eager loop.
-    torch.manual_seed(5)
-    f = Field()
-    y0 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    t = torch.linspace(0.0, 1.0, 7, dtype=torch.float64)
-    results = []
-    for opt in (None, AOT):
-        out, stats = _solve(f, y0, t, opt, method=method, options={"step_size": 0.03})
-        results.append((out, torch.autograd.grad(out.square().sum(), y0)[0], stats.nfe))
-    (ref, g_ref, nfe_ref), (out, g, nfe) = results
-    assert nfe == nfe_ref
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
 def test_events_and_jump_t_with_compile():
