@@ -103,6 +103,25 @@ def test_nonfinite_during_solve():
     assert isinstance(info.value, RuntimeError)
 
 
+def test_nonfinite_func_at_the_start_fails_at_once():
+    # f(t0, y0) = NaN makes the initial step size NaN; no step can succeed, so the first one raises
+    # (it used to retry NaN-sized steps until max_num_steps).
+    with pytest.raises(SolverError, match="func returned NaN/inf") as info:
+        odeint(lambda t, y: y * float("nan"), Y0, T, options={"max_num_steps": 10_000})
+    assert info.value.reason == "nonfinite" and info.value.n_steps == 1
+
+    def nan_for_sample_1(t, y):
+        return -y + torch.tensor([[0.0], [float("nan")], [0.0]], dtype=y.dtype)
+
+    with pytest.raises(SolverError, match="sample 1, nonfinite"):
+        odeint(
+            nan_for_sample_1,
+            torch.ones(3, 2, dtype=F64),
+            T,
+            options={"per_sample": True, "max_num_steps": 10_000},
+        )
+
+
 def test_step_size_underflow():
     # y' = y² from y0 = 1 blows up at t = 1.
     with pytest.raises(SolverError, match="underflow|non-finite") as info:

@@ -246,7 +246,9 @@ def _integrate(
         if not all_finite or any_underflow:  # rare: stop the samples that cannot go on
             # As odeint: a non-finite error only rejects the step (it shrinks by dfactor); the sample
             # stops when its current state is non-finite or its step no longer moves t.
-            bad_state = running & ~torch.isfinite(ratio) & ~torch.isfinite(y).all(dim=1)
+            # f(t, y) itself non-finite (or a NaN step size): no smaller step can help either.
+            bad_f = ~torch.isfinite(f0.reshape(B, -1)).all(dim=1) | torch.isnan(h_signed)
+            bad_state = running & ~torch.isfinite(ratio) & (~torch.isfinite(y).all(dim=1) | bad_f)
             stuck = underflow
             status = torch.where(bad_state, _NONFINITE, torch.where(stuck, _UNDERFLOW, status)).to(torch.int8)
             stop = bad_state | stuck

@@ -244,6 +244,11 @@ def integrate_adaptive(
             accepted = False
             if not bool(torch.isfinite(y).all()):
                 raise SolverError("nonfinite", "non-finite state", t=t, step_size=h_signed, n_steps=n_steps)
+            # f(t, y) itself non-finite: no smaller step can help (and the initial step size is NaN then).
+            if not bool(torch.isfinite(f0).all()) or math.isnan(h_signed):
+                raise SolverError(
+                    "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
+                )
         if accepted:
             t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
             if stop is not None and stop[1]:
