@@ -165,6 +165,33 @@ def test_cache_reuses_the_step_and_does_not_keep_the_model_alive():
     assert ref() is None
 
 
+def test_a_new_lambda_per_solve_reuses_the_compiled_step():
+    # odeint(lambda t, y: net(y), ...) inside a training loop: a new function object per solve, one trace.
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def train_like_loop():
+        torch.manual_seed(6)
+        f = Field()
+        y0 = torch.randn(2, 2, dtype=torch.float64)
+        t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        opts = {"compile": {"backend": counting_backend}}
+        with torch.no_grad():
+            ref = odeint(f, y0, t)
+            for _ in range(3):
+                out = odeint(lambda t, y: f(t, y), y0, t, options=opts)
+                torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        return weakref.ref(f)
+
+    ref_f = train_like_loop()
+    assert len(graphs) == 1
+    gc.collect()
+    assert ref_f() is None  # the cache's stand-in function let go of the closure after each solve
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_inductor_matches_eager():

@@ -15,8 +15,8 @@ recompiles (as 0-d tensors or floats they would be guarded as Python scalars, th
 guard function); float tolerances are constants of the graph, tensor tolerances its inputs. It
 reaches ``func`` through a weak reference in its closure: passed as an argument, an ``nn.Module``'s
 guards (every parameter's metadata) cost more per call than the compiled step saves. Compiled steps are
-cached per ``func`` (weakly: the cache keeps no model alive), method, state layout, norm and compile
-options, each with a code object of its own so that ``torch.compile``'s recompile limit counts per
+cached per ``func`` (weakly: the cache keeps no model alive; a plain function, lambdas included, per code
+object through :class:`_FunctionSlot`), method, state layout, norm and compile options, each with a code object of its own so that ``torch.compile``'s recompile limit counts per
 cache entry; a new input shape, dtype or device recompiles (``torch.compile``'s own guards). The first
 solve pays the compilation (seconds to tens of seconds with Inductor on a CPU).
 """
@@ -119,29 +119,86 @@ def _make_step(
     return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
 
 
-def _weak_func(func: Callable) -> tuple[Any, Callable[[], Callable]] | None:
-    """``(owner, get_func)``: the object to key the cache on weakly and a closure returning ``func`` from a
-    weak reference to it. A bound method is held through its instance (the method object itself is made
-    afresh at every attribute access). ``None`` when ``func`` cannot be weakly referenced."""
+class _FunctionSlot:
+    """A stable stand-in for a plain Python function, lambdas included.
+
+    ``odeint(lambda t, y: net(y), ...)`` in a training loop makes a new function object every iteration:
+    keyed on it, every solve would trace and compile again (~0.2 s each with Inductor's cache warm). The
+    slot is one function per code object with closure cells of its own; for a solve they are filled
+    with the user's function's cell contents (the same ``net`` every time, so ``torch.compile``'s guards
+    pass) and emptied afterwards, so the cache keeps no model alive between solves.
+    """
+
+    def __init__(self, func: types.FunctionType):
+        self.cells = tuple(types.CellType() for _ in func.__closure__ or ())
+        self.fn = types.FunctionType(
+            func.__code__, func.__globals__, func.__name__, func.__defaults__, self.cells or None
+        )
+        self.fn.__kwdefaults__ = func.__kwdefaults__
+        self.steps: dict = {}
+
+    def bind(self, func: types.FunctionType) -> None:
+        for mine, theirs in zip(self.cells, func.__closure__ or ()):
+            mine.cell_contents = theirs.cell_contents
+        self.fn.__defaults__, self.fn.__kwdefaults__ = func.__defaults__, func.__kwdefaults__
+
+    def release(self) -> None:
+        for cell in self.cells:
+            try:
+                del cell.cell_contents
+            except ValueError:  # already empty
+                pass
+
+
+_SLOTS: dict = {}  # code object -> _FunctionSlot
+
+
+def _holder(func: Callable) -> tuple[dict, Callable[[], Callable], Callable[[], None]] | None:
+    """``(steps, get_func, release)``: the cache of compiled steps for ``func``, a closure returning the
+    callable the step calls, and what to call when the solve ends. Plain functions go through a
+    :class:`_FunctionSlot`; a bound method is held weakly through its instance (the method object is
+    made afresh at every attribute access); other callables (``nn.Module``) weakly. ``None`` when
+    ``func`` can be neither."""
+    if isinstance(func, types.FunctionType):
+        if any(_empty(c) for c in func.__closure__ or ()):
+            return None
+        slot = _SLOTS.get(func.__code__)
+        if slot is None or len(slot.cells) != len(func.__closure__ or ()):
+            slot = _SLOTS[func.__code__] = _FunctionSlot(func)
+        slot.bind(func)
+        return slot.steps, lambda: slot.fn, slot.release
     if inspect.ismethod(func):
         owner, unbound = func.__self__, func.__func__
         try:
             ref = weakref.ref(owner)
         except TypeError:
             return None
-        return owner, lambda: types.MethodType(unbound, ref())
+        return _CACHE.setdefault(owner, {}), lambda: types.MethodType(unbound, ref()), _noop
     try:
         ref = weakref.ref(func)
     except TypeError:
         return None
-    return func, ref
+    return _CACHE.setdefault(func, {}), ref, _noop
+
+
+def _empty(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return True
+    return False
+
+
+def _noop() -> None:
+    pass
 
 
 def compiled_step(
     func: Callable, tab: ButcherTableau, shapes, user_norm, rtol, atol, compile_kwargs: dict
-) -> Callable[..., tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]]:
-    """The compiled ``step([t, h], y, f0, rtol, atol) -> (y1, stages, ratio)`` of ``func``; float
-    ``rtol``/``atol`` are compiled in (the step's own arguments are then ignored)."""
+) -> tuple[Callable[..., tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]], Callable[[], None]]:
+    """``(step, release)``: the compiled ``step([t, h], y, f0, rtol, atol) -> (y1, stages, ratio)`` of
+    ``func`` (float ``rtol``/``atol`` are compiled in; the step's own arguments are then ignored), and
+    the function to call when the solve is over (it drops the references a plain function's slot holds)."""
     rtol_c = rtol if isinstance(rtol, float) else None
     atol_c = atol if isinstance(atol, float) else None
     key = (
@@ -153,15 +210,13 @@ def compiled_step(
         user_norm,
         tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items())),
     )
-    weak = _weak_func(func)
-    if weak is None:  # e.g. a builtin: compiled afresh for this solve
-        return torch.compile(
-            _make_step(lambda: func, tab, shapes, user_norm, rtol_c, atol_c), **compile_kwargs
-        )
-    owner, get_func = weak
-    per_owner = _CACHE.setdefault(owner, {})
-    fn = per_owner.get(key)
+    held = _holder(func)
+    if held is None:  # e.g. a builtin: compiled afresh for this solve
+        step = _make_step(lambda: func, tab, shapes, user_norm, rtol_c, atol_c)
+        return torch.compile(step, **compile_kwargs), _noop
+    steps, get_func, release = held
+    fn = steps.get(key)
     if fn is None:
         step = _make_step(get_func, tab, shapes, user_norm, rtol_c, atol_c)
-        fn = per_owner[key] = torch.compile(step, **compile_kwargs)
-    return fn
+        fn = steps[key] = torch.compile(step, **compile_kwargs)
+    return fn, release

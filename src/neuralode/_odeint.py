@@ -217,6 +217,20 @@ def run(
             callbacks=callbacks,
             stepper=spec.make_stepper(problem),
         )
+    if not opts.get("compile"):
+        return _run_tableau(problem, tab, stats, trace, y0, f0, callbacks, event, None)
+    compiled, release = _compiled(problem, tab, y0)
+    try:
+        return _run_tableau(problem, tab, stats, trace, y0, f0, callbacks, event, compiled)
+    finally:
+        release()
+
+
+def _run_tableau(
+    problem: Problem, tab, stats, trace, y0, f0, callbacks, event, compiled
+) -> list[torch.Tensor]:
+    """The explicit Runge-Kutta part of :func:`run`; ``compiled`` is the compiled step or None."""
+    opts = problem.options
     if tab.adaptive:
         norm = make_norm(
             opts.get("norm"),
@@ -224,7 +238,6 @@ def run(
             problem.shapes,
         )
         controller = _controller(tab, opts)
-        step_c = None if not opts.get("compile") else _compiled(problem, tab, y0)
         direction = 1.0 if problem.t[-1] > problem.t[0] else -1.0
         h0 = opts.get("first_step")
         if h0 is None:
@@ -251,7 +264,7 @@ def run(
             callbacks=callbacks,
             stops=_stops(problem),
             event=event,
-            compiled=step_c,
+            compiled=compiled,
         )
     return integrate_fixed(
         problem.f,
@@ -265,16 +278,19 @@ def run(
         stats=stats,
         trace=trace,
         callbacks=callbacks,
-        stepper=compiled_stepper(tab, _compiled(problem, tab, y0)) if opts.get("compile") else None,
+        stepper=None if compiled is None else compiled_stepper(tab, compiled),
     )
 
 
 def _compiled(problem: Problem, tab, y0: torch.Tensor):
-    """``step(t, h, y, f0) -> (y1, stages, error ratio)`` through the compiled step (options['compile'])."""
+    """``(step, release)``: ``step(t, h, y, f0) -> (y1, stages, error ratio)`` through the compiled step
+    (options['compile']), and what to call once the solve is over."""
     from neuralode._compiled_step import compiled_step
 
     opts, rtol, atol = problem.options, problem.rtol, problem.atol
-    step = compiled_step(problem.func, tab, problem.shapes, opts.get("norm"), rtol, atol, opts["compile"])
+    step, release = compiled_step(
+        problem.func, tab, problem.shapes, opts.get("norm"), rtol, atol, opts["compile"]
+    )
     device, f64 = y0.device, torch.float64
 
     if device.type == "cpu":
@@ -293,7 +309,7 @@ def _compiled(problem: Problem, tab, y0: torch.Tensor):
             )
             return step(th, y, f0, rtol, atol)
 
-    return run_step
+    return run_step, release
 
 
 def method_options(method: str) -> tuple[frozenset[str], bool]:
