@@ -192,6 +192,36 @@ def test_a_new_lambda_per_solve_reuses_the_compiled_step():
     assert ref_f() is None  # the cache's stand-in function let go of the closure after each solve
 
 
+def test_an_evaluation_counter_on_the_module_does_not_recompile():
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    class Counted(Field):
+        def __init__(self):
+            super().__init__()
+            self.nfe = 0
+
+        def forward(self, t, y):
+            self.nfe += 1
+            return super().forward(t, y)
+
+    torch.manual_seed(7)
+    f = Counted()
+    y0 = torch.randn(2, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(5):
+            out, stats = _solve(f, y0, t, {"backend": counting_backend})
+    # The first trace takes the counter as a constant; the second, after it changed, as a dynamic integer
+    # (torch.compile's automatic dynamic); then no more. Without the setting: one trace per call.
+    assert len(graphs) == 2
+    assert f.nfe == 5 * stats.nfe
+    torch.testing.assert_close(out, odeint(f, y0, t), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_inductor_matches_eager():

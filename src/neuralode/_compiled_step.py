@@ -213,10 +213,36 @@ def compiled_step(
     held = _holder(func)
     if held is None:  # e.g. a builtin: compiled afresh for this solve
         step = _make_step(lambda: func, tab, shapes, user_norm, rtol_c, atol_c)
-        return torch.compile(step, **compile_kwargs), _noop
+        return _unspec_module_ints(torch.compile(step, **compile_kwargs)), _noop
     steps, get_func, release = held
     fn = steps.get(key)
     if fn is None:
         step = _make_step(get_func, tab, shapes, user_norm, rtol_c, atol_c)
-        fn = steps[key] = torch.compile(step, **compile_kwargs)
+        fn = steps[key] = _unspec_module_ints(torch.compile(step, **compile_kwargs))
     return fn, release
+
+
+def _unspec_module_ints(fn: Callable) -> Callable:
+    """``fn`` traced with integer attributes of modules as dynamic values.
+
+    Vector fields often count their own evaluations (``self.nfe += 1``, as in torchdiffeq's examples). By
+    default dynamo specialises on such an integer, so every call fails the guard and recompiles, until the
+    recompile limit drops the step to eager. The setting is read while tracing, which can happen on any
+    call (a new shape, dtype or grad mode), so it is switched on around every call (~4 µs) rather than
+    changed for the whole process.
+    """
+    cfg = torch._dynamo.config
+    name = "allow_unspec_int_on_nn_module"
+    if not hasattr(cfg, name):  # older torch
+        return fn
+
+    def call(*args):
+        if getattr(cfg, name):
+            return fn(*args)
+        setattr(cfg, name, True)
+        try:
+            return fn(*args)
+        finally:
+            setattr(cfg, name, False)
+
+    return call
