@@ -37,16 +37,33 @@ def _solve(f, y0, t, compile_opt, **kw):
     return out, stats
 
 
-def test_same_steps_and_solution_as_eager():
+@pytest.mark.parametrize(
+    ("compile_opt", "tol"),
+    [
+        (AOT, 1e-12),
+        pytest.param(
+            True,
+            1e-11,
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.filterwarnings(
+                    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+                ),
+            ],
+            id="inductor",
+        ),
+    ],
+)
+def test_same_steps_and_solution_as_eager(compile_opt, tol):
     torch.manual_seed(0)
     f = Field()
     y0 = torch.randn(8, 2, dtype=torch.float64)
     t = torch.linspace(0.0, 3.0, 7, dtype=torch.float64)
     with torch.no_grad():
         ref, s_ref = _solve(f, y0, t, None, rtol=1e-7, atol=1e-9)
-        out, s = _solve(f, y0, t, AOT, rtol=1e-7, atol=1e-9)
+        out, s = _solve(f, y0, t, compile_opt, rtol=1e-7, atol=1e-9)
     assert (s.nfe, s.n_accepted, s.n_rejected) == (s_ref.nfe, s_ref.n_accepted, s_ref.n_rejected)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -220,17 +237,3 @@ def test_an_evaluation_counter_on_the_module_does_not_recompile():
     assert len(graphs) == 2
     assert f.nfe == 5 * stats.nfe
     torch.testing.assert_close(out, odeint(f, y0, t), rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_inductor_matches_eager():
-    torch.manual_seed(4)
-    f = Field()
-    y0 = torch.randn(16, 2, dtype=torch.float64)
-    t = torch.linspace(0.0, 2.0, 5, dtype=torch.float64)
-    with torch.no_grad():
-        ref, s_ref = _solve(f, y0, t, None)
-        out, s = _solve(f, y0, t, True)
-    assert s.nfe == s_ref.nfe
-    torch.testing.assert_close(out, ref, rtol=1e-11, atol=1e-12)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from neuralode._control import combine_dop853
 from neuralode._errors import SolverError
 from neuralode._methods import ADAPTIVE_METHODS, TABLEAUS
 from neuralode._stats import SolveStats, _report_forward
@@ -383,10 +384,8 @@ def _ratio(tab, k, hc, y, y1, rtol, atol, groups=None) -> torch.Tensor:
     r = _rms_rows(_sum(k, tab.b_error_nonzero).mul_(hc).div_(tol), groups)
     if tab.b_error_aux is None:
         return r
-    aux = tuple((j, v) for j, v in enumerate(tab.b_error_aux) if v != 0.0)
-    r3 = _rms_rows(_sum(k, aux).mul_(hc).div_(tol), groups)
-    den = torch.sqrt(r * r + 0.01 * r3 * r3)
-    return torch.where(den > 0, r * r / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(r))
+    r3 = _rms_rows(_sum(k, tab.b_error_aux_nonzero).mul_(hc).div_(tol), groups)
+    return combine_dop853(r, r3)
 
 
 @torch.no_grad()

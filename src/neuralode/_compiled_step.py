@@ -15,10 +15,11 @@ recompiles (as 0-d tensors or floats they would be guarded as Python scalars, th
 guard function); float tolerances are constants of the graph, tensor tolerances its inputs. It
 reaches ``func`` through a weak reference in its closure: passed as an argument, an ``nn.Module``'s
 guards (every parameter's metadata) cost more per call than the compiled step saves. Compiled steps are
-cached per ``func`` (weakly: the cache keeps no model alive; a plain function, lambdas included, per code
-object through :class:`_FunctionSlot`), method, state layout, norm and compile options, each with a code object of its own so that ``torch.compile``'s recompile limit counts per
-cache entry; a new input shape, dtype or device recompiles (``torch.compile``'s own guards). The first
-solve pays the compilation (seconds to tens of seconds with Inductor on a CPU).
+cached per ``func`` (weakly: the cache keeps no model alive; a plain function, lambdas included, per
+code object through :class:`_FunctionSlot`), method, state layout, norm and compile options, each with
+a code object of its own so that ``torch.compile``'s recompile limit counts per cache entry; a new input
+shape, dtype or device recompiles (``torch.compile``'s own guards). The first solve pays the
+compilation (seconds to tens of seconds with Inductor on a CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from neuralode._control import make_norm
+from neuralode._control import combine_dop853, make_norm
 from neuralode._tableau import ButcherTableau
 
 __all__ = ["check_compile_option", "compiled_step"]
@@ -73,9 +74,7 @@ def _make_step(
     # Everything read from the tableau is read here: its cached properties take a lock on first use,
     # which would break the graph.
     a, b, c, stages, fsal = tab.a_nonzero, tab.b_nonzero, tab.c, tab.stages, tab.fsal
-    e, e_aux = tab.b_error_nonzero, None
-    if tab.b_error_aux is not None:
-        e_aux = tuple((j, v) for j, v in enumerate(tab.b_error_aux) if v != 0.0)
+    e, e_aux = tab.b_error_nonzero, tab.b_error_aux_nonzero
     sizes = None if shapes is None else [math.prod(s) for s in shapes]
     norm = make_norm(user_norm, sizes, shapes)
 
@@ -108,10 +107,8 @@ def _make_step(
             tol = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
             ks = [x.detach() for x in k]
             r = torch.as_tensor(norm(hy * _lin(ks, e) / tol))
-            if e_aux is not None:  # Hairer's DOP853 combination of the two estimates
-                r3 = torch.as_tensor(norm(hy * _lin(ks, e_aux) / tol))
-                den = torch.sqrt(r * r + 0.01 * r3 * r3)
-                r = torch.where(den > 0, r * r / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0 * r)
+            if e_aux:  # DOP853's second estimate
+                r = combine_dop853(r, torch.as_tensor(norm(hy * _lin(ks, e_aux) / tol)))
         return y1, k, r
 
     # A code object of its own: torch.compile keeps its cache, and its recompile limit, per code object.
@@ -163,7 +160,7 @@ def _holder(func: Callable) -> tuple[dict, Callable[[], Callable], Callable[[], 
         if any(_empty(c) for c in func.__closure__ or ()):
             return None
         slot = _SLOTS.get(func.__code__)
-        if slot is None or len(slot.cells) != len(func.__closure__ or ()):
+        if slot is None:
             slot = _SLOTS[func.__code__] = _FunctionSlot(func)
         slot.bind(func)
         return slot.steps, lambda: slot.fn, slot.release

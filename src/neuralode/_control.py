@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["Controller", "initial_step", "make_norm", "rms_norm"]
+__all__ = ["Controller", "combine_dop853", "initial_step", "make_norm", "rms_norm"]
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -20,6 +20,13 @@ Norm = Callable[[torch.Tensor], torch.Tensor]
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Root mean square over all elements (0-d tensor)."""
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+def combine_dop853(r: torch.Tensor, r3: torch.Tensor) -> torch.Tensor:
+    """Hairer's DOP853 error ratio from the 5th-order (``r``) and 3rd-order (``r3``) estimates:
+    ``r² / sqrt(r² + 0.01 r3²)`` (0 where both are 0); elementwise, so per-sample ratios work too."""
+    den = torch.sqrt(r * r + 0.01 * r3 * r3)
+    return torch.where(den > 0, r * r / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(r))
 
 
 def make_norm(user_norm: Callable | None, sizes: Sequence[int] | None, shapes=None) -> Norm:

@@ -116,8 +116,9 @@ def odeint(
             (``interp="linear"``, no ``perturb``): ``compile`` (``True`` or a dict of ``torch.compile``
             arguments, e.g. ``{"backend": "aot_eager"}``): each step (its ``func`` calls, stage
             combinations and error ratio) runs as one compiled graph, cached per ``func``; ``func`` must
-            be traceable by ``torch.compile``, and the first solve pays the compilation. Other methods (``explicit_adams``, ``implicit_adams``,
-            ``scipy_solver``, the implicit Runge-Kutta methods) list theirs in ``docs/compatibility.md``.
+            be traceable by ``torch.compile``, and the first solve pays the compilation. Other methods
+            (``explicit_adams``, ``implicit_adams``, ``scipy_solver``, the implicit Runge-Kutta methods)
+            list theirs in ``docs/compatibility.md``.
             Callbacks ``callback_step``/``callback_accept_step``/``callback_reject_step`` are found as
             attributes of ``func`` (see ``neuralode._callbacks``).
         event_fn: terminal event ``event_fn(t, y) -> Tensor``: integrate from ``t[0]`` (``t`` must have

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from neuralode._control import Controller, Norm, rms_norm
+from neuralode._control import Controller, Norm, combine_dop853, rms_norm
 from neuralode._errors import SolverError
 from neuralode._stats import SolveStats
 from neuralode._tableau import ButcherTableau
@@ -74,10 +74,8 @@ def _error_ratio(tab, k, h, y, y1, rtol, atol, norm: Norm) -> torch.Tensor:
     r = torch.as_tensor(norm(_weighted(k, tab.b_error, h).div_(tol)))
     if tab.b_error_aux is None:
         return r
-    r3 = torch.as_tensor(norm(_weighted(k, tab.b_error_aux, h).div_(tol)))
-    # Hairer's DOP853 combination of the 5th- and 3rd-order estimates.
-    den = torch.sqrt(r * r + 0.01 * r3 * r3)
-    return torch.where(den > 0, r * r / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(r))
+    r3 = torch.as_tensor(norm(_weighted(k, tab.b_error_aux_nonzero, h).div_(tol)))
+    return combine_dop853(r, r3)
 
 
 def _rms_error_ratio(

@@ -98,6 +98,11 @@ class ButcherTableau:
         return tuple((j, v) for j, v in enumerate(self.b_error or ()) if v != 0.0)
 
     @functools.cached_property
+    def b_error_aux_nonzero(self) -> tuple[tuple[int, float], ...]:
+        """The (j, e_j) pairs of ``b_error_aux`` with e_j != 0 (empty without a second estimate)."""
+        return tuple((j, v) for j, v in enumerate(self.b_error_aux or ()) if v != 0.0)
+
+    @functools.cached_property
     def extra_nonzero(self) -> tuple[tuple[tuple[int, float], ...], ...]:
         return tuple(tuple((j, v) for j, v in enumerate(row) if v != 0.0) for row in self.extra_a)
 
