@@ -106,9 +106,14 @@ def gaussians8_log_prob(x: torch.Tensor) -> torch.Tensor:
 
 
 def _arc_mixture_log_prob(x: torch.Tensor, centres: torch.Tensor, std: float) -> torch.Tensor:
-    d2 = torch.cdist(x.to(torch.float64), centres).pow(2)
-    comp = -0.5 * d2 / std**2 - math.log(2 * math.pi * std**2)
-    return (torch.logsumexp(comp, dim=1) - math.log(centres.shape[0])).to(x.dtype)
+    # In row blocks: the (rows, centres) distance matrix of a whole density grid would take gigabytes.
+    rows = max(1, 2**22 // max(centres.shape[0], 1))
+    const = math.log(2 * math.pi * std**2) + math.log(centres.shape[0])
+    out = []
+    for xb in x.to(torch.float64).split(rows):
+        comp = torch.cdist(xb, centres).pow_(2).mul_(-0.5 / std**2)
+        out.append(torch.logsumexp(comp, dim=1) - const)
+    return (torch.cat(out) if out else x.new_zeros(0, dtype=torch.float64)).to(x.dtype)
 
 
 def moons_log_prob(x: torch.Tensor, n_angles: int = 2000) -> torch.Tensor:
