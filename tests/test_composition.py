@@ -13,7 +13,7 @@ from composition import Cell, cells, outcome
 from neuralode import TABLEAUS
 from neuralode._implicit import IMPLICIT_TABLEAUS
 
-# Cells known to be wrong today: kept visible here (strict xfail) until they are fixed.
+# Cells known to be wrong: each shows as an expected failure, and the test fails once it is fixed.
 KNOWN_WRONG: dict[str, str] = {
     "scipy_solver-joint-eager-direct-none-float64": "scipy_solver's output has no gradient and says nothing",
 }
@@ -34,9 +34,10 @@ _SLOW = [c for c in cells(everything=True) if c not in set(_FAST)]
 
 
 def _check(cell: Cell) -> None:
-    if cell.id in KNOWN_WRONG:
-        pytest.xfail(KNOWN_WRONG[cell.id])
     kind, detail = outcome(cell)
+    if cell.id in KNOWN_WRONG:
+        assert kind == "WRONG", f"{cell.id} is fixed ({kind}): remove it from KNOWN_WRONG"
+        pytest.xfail(KNOWN_WRONG[cell.id])
     assert kind != "WRONG", f"{cell.id}: {detail}"
     if kind == "raises":  # a clear error names what is supported or what to use instead
         low = detail.lower()
