@@ -89,7 +89,10 @@ class _Installed:
             for module_name, module in list(sys.modules.items()):
                 if module_name.startswith(("neuralode.", _NAME + ".")) or module_name == "neuralode":
                     continue
-                namespace = getattr(module, "__dict__", None)
+                try:  # sys.modules may hold lazy stand-ins whose attribute access runs code
+                    namespace = vars(module)
+                except Exception:
+                    continue
                 if not isinstance(namespace, dict):
                     continue
                 for name, value in list(namespace.items()):
