@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test test-all lint bench
+.PHONY: demo test test-all lint bench docs
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -23,3 +24,11 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,docs]'
+	touch $(DOCS_STAMP)
+
+# The documentation site with the API reference generated from the docstrings, into site/ (offline).
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --clean --site-dir site

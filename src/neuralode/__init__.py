@@ -3,10 +3,13 @@
 Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_event``.
 """
 
+from importlib import metadata as _metadata
+
 from neuralode._adjoint import odeint_adjoint
 from neuralode._batched import PerSampleInfo, odeint_per_sample
 from neuralode._batched_adjoint import odeint_per_sample_adjoint
 from neuralode._checkpoint import odeint_checkpoint
+from neuralode._compat import use_as_torchdiffeq
 from neuralode._compiled import FixedGridSolver
 from neuralode._errors import SolverError
 from neuralode._event import odeint_event
@@ -35,6 +38,10 @@ __all__ = [
     "odeint_per_sample",
     "odeint_per_sample_adjoint",
     "record_stats",
+    "use_as_torchdiffeq",
 ]
 
-__version__ = "0.1.0"
+try:  # the one version source is pyproject.toml, read from the installed metadata
+    __version__ = _metadata.version("neuralode")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
