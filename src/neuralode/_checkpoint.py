@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from neuralode._adjoint import _check_params
+from neuralode._dense import hermite as _hermite
 from neuralode._methods import TABLEAUS
 from neuralode._odeint import Problem, _delta, _time_shift, make_problem, run
-from neuralode._solve import _hermite, _one_sided, dense_eval, rk_step
+from neuralode._solve import _one_sided, dense_eval, rk_step
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 
 __all__ = ["odeint_checkpoint"]

@@ -28,6 +28,7 @@ import torch
 
 from neuralode._methods import FIXED_METHODS, TABLEAUS
 from neuralode._odeint import odeint
+from neuralode._solve import nonfinite_outputs
 from neuralode._stats import SolveStats, _report_forward
 from neuralode._tableau import ButcherTableau
 
@@ -144,6 +145,8 @@ class FixedGridSolver:
             stats = SolveStats(n_solves=1, nfe=self.tab.stages * self.n_steps, n_steps=self.n_steps)
             stats.n_accepted = self.n_steps
             _report_forward(stats)
+        if self.mode != "eager" and not bool(torch.isfinite(out[-1]).all()):  # one sync per solve
+            raise nonfinite_outputs(self.t_list, out, self.n_steps)
         if first:
             if y0.is_cuda:
                 torch.cuda.synchronize(y0.device)
