@@ -179,7 +179,6 @@ def integrate_adaptive(
                 y_abs = y1_abs
             stats.n_accepted += 1
             stats.last_step = abs(h_signed)
-            prev_ratio = ratio
             if stop_now:
                 break
         else:
@@ -187,6 +186,8 @@ def integrate_adaptive(
             if callbacks is not None:
                 callbacks.reject(t, y, h_signed)
         h = min(abs(h_signed) * controller.factor(ratio, prev_ratio, accepted), max_step)
+        if accepted:  # the PI controller's memory: the last accepted ratio before this step's
+            prev_ratio = ratio
     stats.n_steps += n_steps
     return outputs
 
