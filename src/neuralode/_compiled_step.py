@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from neuralode._control import combine_dop853, make_norm
+from neuralode._control import make_norm
+from neuralode._rk import ROWS, coefficients, error_ratio, rk_step
 from neuralode._tableau import ButcherTableau
 
 __all__ = ["check_compile_option", "compiled_step"]
@@ -60,21 +61,12 @@ def check_compile_option(value: Any) -> dict | None:
     )
 
 
-def _lin(k, pairs):
-    """``Σ_j w_j k_j`` over non-zero ``(j, w_j)`` pairs (traced: the compiler fuses the sum)."""
-    acc = None
-    for j, w in pairs:
-        acc = k[j] * w if acc is None else acc + k[j] * w
-    return acc
-
-
 def _make_step(
     get_func: Callable[[], Callable], tab: ButcherTableau, shapes, user_norm, rtol_c, atol_c
 ) -> Callable:
-    # Everything read from the tableau is read here: its cached properties take a lock on first use,
-    # which would break the graph.
-    a, b, c, stages, fsal = tab.a_nonzero, tab.b_nonzero, tab.c, tab.stages, tab.fsal
-    e, e_aux = tab.b_error_nonzero, tab.b_error_aux_nonzero
+    # The step reads the tableau as plain data (its cached properties take a lock on first use, which
+    # would break the graph).
+    co = coefficients(tab)
     sizes = None if shapes is None else [math.prod(s) for s in shapes]
     norm = make_norm(user_norm, sizes, shapes)
 
@@ -87,28 +79,22 @@ def _make_step(
         rtol = rtol_t if rtol_c is None else rtol_c
         atol = atol_t if atol_c is None else atol_c
         if shapes is None:
-            call = func
+
+            def call(tt, yy):
+                return func(tt.to(yy.dtype), yy)
         else:
 
             def call(tt, yy):
                 parts = tuple(p.view(s) for p, s in zip(yy.split(sizes), shapes))
-                return torch.cat([o.reshape(-1) for o in func(tt, parts)])
+                return torch.cat([o.reshape(-1) for o in func(tt.to(yy.dtype), parts)])
 
-        hy = h.to(y.dtype)
-        k = [call(t.to(y.dtype), y) if f0 is None else f0]
-        y_stage = y
-        for i in range(1, stages):
-            y_stage = y + hy * _lin(k, a[i])
-            k.append(call((t + c[i] * h).to(y.dtype), y_stage))
-        y1 = y_stage if fsal else y + hy * _lin(k, b)
-        if not e:
+        hp = (h.to(y.dtype), h)
+        y1, k = rk_step(call, co, t, hp, y, f0, ROWS)
+        if not co.b_error_nonzero:
             return y1, k, None
         with torch.no_grad():
-            tol = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
             ks = [x.detach() for x in k]
-            r = torch.as_tensor(norm(hy * _lin(ks, e) / tol))
-            if e_aux:  # DOP853's second estimate
-                r = combine_dop853(r, torch.as_tensor(norm(hy * _lin(ks, e_aux) / tol)))
+            r = error_ratio(co, ks, hp, y.detach(), y1.detach(), rtol, atol, norm, ROWS)
         return y1, k, r
 
     # A code object of its own: torch.compile keeps its cache, and its recompile limit, per code object.
