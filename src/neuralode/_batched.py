@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from neuralode._control import Controller, initial_step, make_controller
+from neuralode._compiled_step import check_compile_option
+from neuralode._control import Controller, initial_step, make_controller, rms_rows
 from neuralode._dense import dense_rows
 from neuralode._errors import SolverError
 from neuralode._methods import ADAPTIVE_METHODS, TABLEAUS
@@ -43,6 +44,7 @@ PER_SAMPLE_OPTIONS = frozenset(
         "controller",
         "pcoeff",
         "icoeff",
+        "compile",
     }
 )
 
@@ -98,7 +100,10 @@ def odeint_per_sample(
         rtol, atol: positive floats, or tensors broadcastable to ``y0`` (e.g. ``(B, 1)`` per sample).
         method: an adaptive method (default ``"dopri5"``).
         options: ``first_step``, ``min_step``, ``max_step``, ``max_num_steps`` (per sample, default
-            1,000,000), ``safety``, ``ifactor``, ``dfactor`` (integral controller, as ``odeint``).
+            1,000,000); the step-size controller, as ``odeint``: ``controller`` (``"i"`` or ``"pi"``),
+            ``pcoeff``, ``icoeff``, ``safety``, ``ifactor``, ``dfactor``; ``compile`` (``True`` or a dict
+            of ``torch.compile`` keyword arguments: each step as one compiled graph, as ``odeint``'s
+            ``options["compile"]``).
         throw: raise :class:`SolverError` if any sample failed (default); with ``False`` failed
             samples keep their last state and ``info.status`` says why.
         return_info: also return a :class:`PerSampleInfo`.
@@ -128,7 +133,18 @@ def odeint_per_sample(
     _check_output(f0_full, y0)
     stats = SolveStats(n_solves=1, nfe=1)
     ys, info = _integrate(
-        f, tab, y0.reshape(B, -1), f0_full.reshape(B, -1), t2, rtol, atol, opts, stats, throw
+        f,
+        tab,
+        y0.reshape(B, -1),
+        f0_full.reshape(B, -1),
+        t2,
+        rtol,
+        atol,
+        opts,
+        stats,
+        throw,
+        func=func,
+        shape=shape,
     )
     _report_forward(stats)
     if solve_stats is not None:
@@ -153,7 +169,27 @@ def odeint_per_sample(
 
 
 def _integrate(
-    f, tab: ButcherTableau, y, f0, tt, rtol, atol, opts, stats, throw: bool
+    f, tab: ButcherTableau, y, f0, tt, rtol, atol, opts, stats, throw: bool, func=None, shape=None
+) -> tuple[torch.Tensor, PerSampleInfo]:
+    """The per-sample loop on the flat ``(B, n)`` state; ``f(t, y)`` takes and returns flat states,
+    ``func`` is the user's and ``shape`` its state's (needed for ``options["compile"]``, whose steps are
+    cached per ``func``)."""
+    compile_kwargs = opts.get("compile")
+    if compile_kwargs is None or opts.get("_quad") is not None:  # the quadrature hook runs eagerly
+        return _loop(f, tab, y, f0, tt, rtol, atol, opts, stats, throw, None)
+    from neuralode._compiled_step import compiled_step
+
+    step, release = compiled_step(
+        func, tab, None, None, rtol, atol, compile_kwargs, rows=(tuple(shape), opts.get("_groups"))
+    )
+    try:
+        return _loop(f, tab, y, f0, tt, rtol, atol, opts, stats, throw, step)
+    finally:
+        release()
+
+
+def _loop(
+    f, tab: ButcherTableau, y, f0, tt, rtol, atol, opts, stats, throw: bool, compiled
 ) -> tuple[torch.Tensor, PerSampleInfo]:
     B, n = y.shape
     T = tt.shape[1]
@@ -167,7 +203,7 @@ def _integrate(
     groups = opts.get("_groups")
     if opts["first_step"] is None:
         h = initial_step(
-            f, t, y, f0, tab.order, rtol, atol, functools.partial(_rms_rows, groups=groups), direction, ROWS
+            f, t, y, f0, tab.order, rtol, atol, functools.partial(rms_rows, groups=groups), direction, ROWS
         )
         stats.nfe += 1
     else:
@@ -185,7 +221,7 @@ def _integrate(
         e_factor = rms_factor(tab, rtol, n)
         c_tol = torch.scalar_tensor(atol / rtol, dtype=dtype, device=device)
     else:
-        row_norm = functools.partial(_rms_rows, groups=groups)
+        row_norm = functools.partial(rms_rows, groups=groups)
     f_step = f
     if quad is not None:
 
@@ -219,9 +255,12 @@ def _integrate(
         t_try = t + h_signed
         hp = (h_signed.to(dtype).unsqueeze(1), h_signed)  # ROWS: (B, 1) in y's dtype, (B,) in time's
 
-        if quad is not None:
-            stage_ts, stage_ys = [t.to(dtype)], [y]
-        y1, k = rk_step(f_step, tab, t, hp, y, f0, ROWS)
+        if compiled is not None:
+            y1, k, ratio = compiled((t, h_signed), y, f0, rtol, atol)
+        else:
+            if quad is not None:
+                stage_ts, stage_ys = [t.to(dtype)], [y]
+            y1, k = rk_step(f_step, tab, t, hp, y, f0, ROWS)
         stats.nfe += tab.stages - 1
         t_new = torch.where(last, t_end, t_try)
         if tab.fsal:
@@ -231,7 +270,9 @@ def _integrate(
             stats.nfe += 1
 
         with torch.no_grad():
-            if scalar_tol:  # the constant factor |h e_0|/(rtol·sqrt(n)) is applied in the time dtype
+            if compiled is not None:
+                ratio = ratio.to(tdtype)
+            elif scalar_tol:  # the constant factor |h e_0|/(rtol·sqrt(n)) is applied in the time dtype
                 x, _ = rms_error_ratio(tab, k, y1, c_tol, None, y)
                 ratio = torch.linalg.vector_norm(x, dim=1).to(tdtype).mul_(h_signed.abs()).mul_(e_factor)
             else:
@@ -333,14 +374,6 @@ def _write_outputs(tab, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed
     return cols
 
 
-def _rms_rows(x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
-    """Per-row RMS; with ``groups`` (column counts), the max over the groups of each group's RMS."""
-    if groups is None:
-        return torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))
-    parts = [_rms_rows(p) for p in x.split(list(groups), dim=1) if p.shape[1] > 0]
-    return torch.stack(parts, dim=1).amax(dim=1)
-
-
 # -- validation --------------------------------------------------------------------------------------------
 
 
@@ -369,6 +402,7 @@ def _check_method(method, options) -> tuple[ButcherTableau, dict]:
         "_groups": options.get("_groups"),
         "_quad": options.get("_quad"),
         "controller": make_controller(TABLEAUS[method].order, options),
+        "compile": check_compile_option(options.get("compile")),
     }
     if not isinstance(opts["max_num_steps"], int) or opts["max_num_steps"] <= 0:
         raise ValueError(f"options['max_num_steps'] must be a positive int, got {opts['max_num_steps']!r}")

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from neuralode._control import make_norm
+from neuralode._control import make_norm, rms_rows
 from neuralode._rk import ROWS, coefficients, error_ratio, rk_step
 from neuralode._tableau import ButcherTableau
 
@@ -62,33 +62,50 @@ def check_compile_option(value: Any) -> dict | None:
 
 
 def _make_step(
-    get_func: Callable[[], Callable], tab: ButcherTableau, shapes, user_norm, rtol_c, atol_c
+    get_func: Callable[[], Callable], tab: ButcherTableau, shapes, user_norm, rtol_c, atol_c, rows=None
 ) -> Callable:
     # The step reads the tableau as plain data (its cached properties take a lock on first use, which
     # would break the graph).
     co = coefficients(tab)
-    sizes = None if shapes is None else [math.prod(s) for s in shapes]
-    norm = make_norm(user_norm, sizes, shapes)
+    if rows is None:
+        sizes = None if shapes is None else [math.prod(s) for s in shapes]
+        norm = make_norm(user_norm, sizes, shapes)
+    else:
+        state_shape, groups = rows
+
+        def norm(x):
+            return rms_rows(x, groups)
 
     def step(th, y, f0, rtol_t, atol_t):
         """``(y1, stages, error ratio)`` of one step of size ``h`` from ``(t, y)``; ``th = [t, h]``
-        (float64); ``rtol_t``/``atol_t`` are used where the float tolerances ``rtol_c``/``atol_c`` are None.
-        ``f0=None`` evaluates the first stage inside the graph; a fixed-step tableau's ratio is None."""
+        (float64), or per sample (``rows``) the pair ``(t, h)`` of ``(B,)`` tensors with ``y`` of shape
+        ``(B, n)`` and a ratio per row. ``rtol_t``/``atol_t`` are used where the float tolerances
+        ``rtol_c``/``atol_c`` are None. ``f0=None`` evaluates the first stage inside the graph; a
+        fixed-step tableau's ratio is None."""
         func = get_func()
         t, h = th[0], th[1]
         rtol = rtol_t if rtol_c is None else rtol_c
         atol = atol_t if atol_c is None else atol_c
-        if shapes is None:
+        if rows is not None:
+
+            def call(tt, yy):
+                return func(tt.to(yy.dtype), yy.view(state_shape)).reshape(yy.shape)
+
+            hy = h.to(y.dtype).unsqueeze(1)
+        elif shapes is None:
 
             def call(tt, yy):
                 return func(tt.to(yy.dtype), yy)
+
+            hy = h.to(y.dtype)
         else:
 
             def call(tt, yy):
                 parts = tuple(p.view(s) for p, s in zip(yy.split(sizes), shapes))
                 return torch.cat([o.reshape(-1) for o in func(tt.to(yy.dtype), parts)])
 
-        hp = (h.to(y.dtype), h)
+            hy = h.to(y.dtype)
+        hp = (hy, h)
         y1, k = rk_step(call, co, t, hp, y, f0, ROWS)
         if not co.b_error_nonzero:
             return y1, k, None
@@ -98,7 +115,8 @@ def _make_step(
         return y1, k, r
 
     # A code object of its own: torch.compile keeps its cache, and its recompile limit, per code object.
-    code = step.__code__.replace(co_name=f"neuralode_{tab.name}_step")
+    name = f"neuralode_{tab.name}_{'rows_' if rows is not None else ''}step"
+    code = step.__code__.replace(co_name=name)
     return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
 
 
@@ -177,11 +195,14 @@ def _noop() -> None:
 
 
 def compiled_step(
-    func: Callable, tab: ButcherTableau, shapes, user_norm, rtol, atol, compile_kwargs: dict
+    func: Callable, tab: ButcherTableau, shapes, user_norm, rtol, atol, compile_kwargs: dict, rows=None
 ) -> tuple[Callable[..., tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]], Callable[[], None]]:
     """``(step, release)``: the compiled ``step([t, h], y, f0, rtol, atol) -> (y1, stages, ratio)`` of
     ``func`` (float ``rtol``/``atol`` are compiled in; the step's own arguments are then ignored), and
-    the function to call when the solve is over (it drops the references a plain function's slot holds)."""
+    the function to call when the solve is over (it drops the references a plain function's slot holds).
+    ``rows=(state_shape, groups)``: the per-sample step ``step((t, h), y, f0, rtol, atol)``, a time and
+    step size per row, on the flat ``(B, n)`` state (``func`` sees ``state_shape``), with a ratio per row
+    (the RMS over each row, or the max over its column ``groups`` of each group's RMS)."""
     rtol_c = rtol if isinstance(rtol, float) else None
     atol_c = atol if isinstance(atol, float) else None
     key = (
@@ -192,16 +213,19 @@ def compiled_step(
         None if shapes is None else tuple(tuple(s) for s in shapes),
         user_norm,
         tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items())),
+        None if rows is None else (tuple(rows[0]), None if rows[1] is None else tuple(rows[1])),
     )
+
+    def make(get_func):
+        return _make_step(get_func, tab, shapes, user_norm, rtol_c, atol_c, rows)
+
     held = _holder(func)
     if held is None:  # e.g. a builtin: compiled afresh for this solve
-        step = _make_step(lambda: func, tab, shapes, user_norm, rtol_c, atol_c)
-        return _unspec_module_ints(torch.compile(step, **compile_kwargs)), _noop
+        return _unspec_module_ints(torch.compile(make(lambda: func), **compile_kwargs)), _noop
     steps, get_func, release = held
     fn = steps.get(key)
     if fn is None:
-        step = _make_step(get_func, tab, shapes, user_norm, rtol_c, atol_c)
-        fn = steps[key] = _unspec_module_ints(torch.compile(step, **compile_kwargs))
+        fn = steps[key] = _unspec_module_ints(torch.compile(make(get_func), **compile_kwargs))
     return fn, release
 
 

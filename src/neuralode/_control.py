@@ -14,7 +14,15 @@ import torch
 
 from neuralode._rk import SCALAR, combine_dop853
 
-__all__ = ["Controller", "combine_dop853", "initial_step", "make_controller", "make_norm", "rms_norm"]
+__all__ = [
+    "Controller",
+    "combine_dop853",
+    "initial_step",
+    "make_controller",
+    "make_norm",
+    "rms_norm",
+    "rms_rows",
+]
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -22,6 +30,15 @@ Norm = Callable[[torch.Tensor], torch.Tensor]
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Root mean square over all elements (0-d tensor)."""
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+def rms_rows(x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
+    """Per-row RMS of a ``(B, n)`` tensor; with ``groups`` (column counts), the max over the groups of
+    each group's RMS (the per-row form of the tuple states' mixed norm)."""
+    if groups is None:
+        return torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))
+    parts = [rms_rows(p) for p in x.split(list(groups), dim=1) if p.shape[1] > 0]
+    return torch.stack(parts, dim=1).amax(dim=1)
 
 
 def make_norm(user_norm: Callable | None, sizes: Sequence[int] | None, shapes=None) -> Norm:
@@ -151,6 +168,8 @@ def _norm_values(norm: Norm, xs, scale: torch.Tensor, like: torch.Tensor | None)
         return [norm(x / scale).to(like.dtype) for x in xs]
     if norm is rms_norm:  # one reduction, 1/sqrt(n) on the host: 7 kernels fewer
         inv_sqrt_n = 1.0 / math.sqrt(max(scale.numel(), 1))
+        if len(xs) == 1:
+            return [float(torch.linalg.vector_norm(torch.div(xs[0], scale))) * inv_sqrt_n]
         both = torch.stack([x.reshape(-1) for x in xs]).div_(scale.reshape(-1))
         return [v * inv_sqrt_n for v in torch.linalg.vector_norm(both, dim=1).tolist()]
     return [float(v) for v in torch.stack([torch.as_tensor(norm(x / scale)) for x in xs]).tolist()]

@@ -110,12 +110,13 @@ def rk_step(f: Callable, tab, t, h, y: torch.Tensor, f0: torch.Tensor | None, op
     stage is ``f(t + h, y1)``. ``t``/``h`` as ``ops`` wants them (see the module docstring).
     """
     comb, at = ops.comb, ops.at
+    scalar = ops is SCALAR  # host times inline: a call per stage would cost more than the arithmetic
     c, nz = tab.c, tab.a_nonzero
     k = [f(t, y) if f0 is None else f0]
     y_stage = y
     for i in range(1, tab.stages):
         y_stage = comb(y, k, nz[i], h)
-        k.append(f(at(t, h, c[i]), y_stage))
+        k.append(f(t + c[i] * h if scalar else at(t, h, c[i]), y_stage))
     if tab.fsal:
         return y_stage, k
     return comb(y, k, tab.b_nonzero, h), k

@@ -27,11 +27,18 @@ Func = Callable[[float, torch.Tensor], torch.Tensor]
 
 
 def _rms_sq(tab: ButcherTableau, k, y1: torch.Tensor, c: torch.Tensor, y_abs_c: torch.Tensor):
-    """The joint loop's reduction of :func:`rms_error_ratio`: ``(‖x‖₂², |y1| + c)`` (one ``dot``); the
-    ratio is ``sqrt`` of the first times ``|h|·rms_factor`` (on the host, after the sync)."""
-    x, y1_abs_c = rms_error_ratio(tab, k, y1, c, y_abs_c)
-    x = x.view(-1)
-    return torch.dot(x, x), y1_abs_c
+    """The joint loop's reduction of :func:`rms_error_ratio`, without grad: ``(‖x‖₂², |y1| + c)`` (one
+    ``dot``); the ratio is ``sqrt`` of the first times ``|h|·rms_factor`` (on the host, after the sync)."""
+    grad = torch.is_grad_enabled()  # the raw switch, as in without_grad (one call layer less)
+    if grad:
+        torch._C._set_grad_enabled(False)
+    try:
+        x, y1_abs_c = rms_error_ratio(tab, k, y1, c, y_abs_c)
+        x = x.view(-1)
+        return torch.dot(x, x), y1_abs_c
+    finally:
+        if grad:
+            torch._C._set_grad_enabled(True)
 
 
 def integrate_adaptive(
@@ -124,7 +131,7 @@ def integrate_adaptive(
         else:
             y1, k = rk_step(f_step, tab, t, h_signed, y, f0)
             if fast_norm:  # squared RMS ratio up to a host-side factor
-                ratio_t, y1_abs = without_grad(_rms_sq, tab, k, y1, c_tol, y_abs)
+                ratio_t, y1_abs = _rms_sq(tab, k, y1, c_tol, y_abs)
             else:
                 ratio_t = without_grad(error_ratio, tab, k, h_signed, y, y1, rtol, atol, norm)
         if event is None:
@@ -165,12 +172,13 @@ def integrate_adaptive(
             if trace is not None:
                 trace.append((t, h_signed))
             # Outputs inside (t, t1]: exact at t1, dense output strictly inside.
-            inner, i_out, at_end = step_outputs(t_out, i_out, t, h_signed, t1, direction)
-            if inner:
-                outputs.extend(dense_eval(f, tab, t, h_signed, y, [*k, f1], inner, stats))
-            if at_end:
-                outputs.append(y1)
-                i_out += 1
+            if direction * (t_out[i_out] - t1) <= 0:  # (the common step reaches no output)
+                inner, i_out, at_end = step_outputs(t_out, i_out, t, h_signed, t1, direction)
+                if inner:
+                    outputs.extend(dense_eval(f, tab, t, h_signed, y, [*k, f1], inner, stats))
+                if at_end:
+                    outputs.append(y1)
+                    i_out += 1
             stop_now = event is not None and bool(crossed)
             if stop_now:
                 event.found(t, h_signed, y, [*k, f1], t1, y1)
