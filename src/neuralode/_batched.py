@@ -23,7 +23,7 @@ import torch
 
 from neuralode._compiled_step import check_compile_option
 from neuralode._control import Controller, initial_step, make_controller, rms_rows
-from neuralode._dense import dense_rows
+from neuralode._dense import dense_rows, row_outputs
 from neuralode._errors import SolverError
 from neuralode._methods import ADAPTIVE_METHODS, TABLEAUS
 from neuralode._rk import ROWS, error_ratio, rk_step, rms_error_ratio, rms_factor
@@ -286,11 +286,7 @@ def _loop(
         underflow = (t_try == t) & running
         flags = torch.stack([running_next.any(), torch.isfinite(ratio).all(), underflow.any()])
         if dense_out:
-            # Columns up to each sample's new time; the step crossed [next_out, count).
-            crossed = (direction.unsqueeze(1) * (tt - t_new.unsqueeze(1)) <= 0).sum(1)
-            count = torch.where(accept, crossed, next_out)
-            moved = count > next_out
-            window = torch.stack([torch.where(moved, next_out, T).min(), torch.where(moved, count, 0).max()])
+            count, window = row_outputs(tt, t_new, direction, accept, next_out)
             flags = torch.cat([flags.to(torch.int64), window])
         flag_values = flags.tolist()  # the one host-device sync per step
         keep_going, all_finite, any_underflow = (bool(v) for v in flag_values[:3])

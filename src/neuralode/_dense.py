@@ -2,9 +2,10 @@
 
 Interpolants: the tableau's own continuous extension (:func:`dense_eval`, one value per θ; its
 per-row form :func:`dense_rows` for the per-sample loop), cubic Hermite (:func:`hermite`) and linear
-(``torch.lerp``), the fixed grids' choice (:func:`interpolate`). The output plan
-(:func:`step_outputs`) says which output times a step covers; every loop, the event search and
-checkpoint replay use these, so a solve and its replay produce their outputs the same way.
+(``torch.lerp``), the fixed grids' choice (:func:`interpolate`). The output plan (:func:`step_outputs`;
+per row, on the device, :func:`row_outputs`) says which output times a step covers. Every loop, the
+event search and checkpoint replay use these, so a solve and its replay produce their outputs the same
+way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from neuralode._rk import ROWS, SCALAR
 from neuralode._stats import SolveStats
 from neuralode._tableau import ButcherTableau
 
-__all__ = ["dense_eval", "dense_rows", "hermite", "interpolate", "step_outputs"]
+__all__ = ["dense_eval", "dense_rows", "hermite", "interpolate", "row_outputs", "step_outputs"]
 
 
 def step_outputs(
@@ -35,6 +36,25 @@ def step_outputs(
         thetas.append((t_out[j] - t) / h)
         j += 1
     return thetas, j, (j < n and t_out[j] == t1)
+
+
+def row_outputs(
+    tt: torch.Tensor,
+    t_new: torch.Tensor,
+    direction: torch.Tensor,
+    accept: torch.Tensor,
+    next_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`step_outputs` per row, on the device: row ``b`` (output times ``tt[b]``, ``(B, T)``) has
+    written its outputs before ``next_out[b]``; an accepted step to ``t_new[b]`` covers the outputs
+    ``next_out[b] .. count[b]-1`` (a rejected one none). Returns ``(count, window)``, ``window`` the
+    ``[lo, hi)`` range of output columns any row's step covers (a 2-element tensor, fetched with the
+    loop's one sync; ``lo >= hi`` when none)."""
+    crossed = (direction.unsqueeze(1) * (tt - t_new.unsqueeze(1)) <= 0).sum(1)
+    count = torch.where(accept, crossed, next_out)
+    moved = count > next_out
+    T = tt.shape[1]
+    return count, torch.stack([torch.where(moved, next_out, T).min(), torch.where(moved, count, 0).max()])
 
 
 def dense_eval(

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
+from neuralode._dense import dense_eval
 from neuralode._dense import hermite as _hermite
 from neuralode._errors import SolverError
 from neuralode._methods import TABLEAUS
-from neuralode._solve import _one_sided, dense_eval, rk_stepper
+from neuralode._solve import _one_sided, rk_stepper
 
 __all__ = ["odeint_event"]
 
