@@ -226,7 +226,7 @@ def _loop(
     if quad is not None:
 
         def f_step(t_i, y_i):  # records every stage for the quadrature
-            stage_ts.append(t_i.to(dtype))
+            stage_ts.append(t_i)
             stage_ys.append(y_i)
             return f(t_i, y_i)
 
@@ -253,14 +253,17 @@ def _loop(
         last = h >= dist
         h_signed = torch.where(last, dist, h) * direction
         t_try = t + h_signed
-        hp = (h_signed.to(dtype).unsqueeze(1), h_signed)  # ROWS: (B, 1) in y's dtype, (B,) in time's
+        # Stage times in the state's dtype (what func receives): two conversions a step, none a stage.
+        t_lo = t if dtype == tdtype else t.to(dtype)
+        h_lo = h_signed if dtype == tdtype else h_signed.to(dtype)
+        hp = (h_lo.unsqueeze(1), h_lo)  # ROWS: (B, 1) and (B,)
 
         if compiled is not None:
             y1, k, ratio = compiled((t, h_signed), y, f0, rtol, atol)
         else:
             if quad is not None:
-                stage_ts, stage_ys = [t.to(dtype)], [y]
-            y1, k = rk_step(f_step, tab, t, hp, y, f0, ROWS)
+                stage_ts, stage_ys = [t_lo], [y]
+            y1, k = rk_step(f_step, tab, t_lo, hp, y, f0, ROWS)
         stats.nfe += tab.stages - 1
         t_new = torch.where(last, t_end, t_try)
         if tab.fsal:

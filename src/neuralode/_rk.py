@@ -109,14 +109,20 @@ def rk_step(f: Callable, tab, t, h, y: torch.Tensor, f0: torch.Tensor | None, op
     ``f0`` is the first stage ``f(t, y)``, or ``None`` to evaluate it here. For an FSAL tableau the last
     stage is ``f(t + h, y1)``. ``t``/``h`` as ``ops`` wants them (see the module docstring).
     """
-    comb, at = ops.comb, ops.at
-    scalar = ops is SCALAR  # host times inline: a call per stage would cost more than the arithmetic
+    comb = ops.comb
     c, nz = tab.c, tab.a_nonzero
     k = [f(t, y) if f0 is None else f0]
     y_stage = y
-    for i in range(1, tab.stages):
-        y_stage = comb(y, k, nz[i], h)
-        k.append(f(t + c[i] * h if scalar else at(t, h, c[i]), y_stage))
+    # The stage times inline (ops.at's arithmetic): a call per stage costs more than the arithmetic.
+    if ops is SCALAR:
+        for i in range(1, tab.stages):
+            y_stage = comb(y, k, nz[i], h)
+            k.append(f(t + c[i] * h, y_stage))
+    else:
+        h_t = h[1]
+        for i in range(1, tab.stages):
+            y_stage = comb(y, k, nz[i], h)
+            k.append(f(torch.add(t, h_t, alpha=c[i]), y_stage))
     if tab.fsal:
         return y_stage, k
     return comb(y, k, tab.b_nonzero, h), k
@@ -149,14 +155,15 @@ def rms_error_ratio(
     ``|h e_0 / rtol| / sqrt(n) · ‖(k_0 + Σ_j (e_j/e_0) k_j) / max(|y| + c, |y1| + c)‖₂``, ``c = atol/rtol``
     (a 0-d tensor, so that no Python scalar is wrapped and converted: that costs a hidden copy kernel).
     ``|y| + c`` is the previous step's ``|y1| + c`` when the caller keeps it (``y_abs_c``), else computed
-    from ``y``. Returns ``(x, |y1| + c)`` with ``x = (k_0 + Σ (e_j/e_0) k_j) / max(…)`` of the state's
+    from ``y`` (then ``None`` is returned in its place). Returns ``(x, |y1| + c)`` with ``x = (k_0 + Σ (e_j/e_0) k_j) / max(…)`` of the state's
     shape; the caller reduces it (one ``dot`` for the joint loop, a norm per row for the per-sample loop)
     and applies :func:`rms_factor`. Call it without grad; 4 + (non-zero error weights) kernels.
     """
-    y1_abs_c = torch.abs(y1).add_(c)
     if y_abs_c is None:
+        y1_abs_c = None
         scale = torch.maximum(torch.abs(y), torch.abs(y1)).add_(c)
     else:
+        y1_abs_c = torch.abs(y1).add_(c)
         scale = torch.maximum(y_abs_c, y1_abs_c)
     return _relative(k, tab.b_error_nonzero).div_(scale), y1_abs_c
 
