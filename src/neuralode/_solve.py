@@ -1,4 +1,7 @@
-"""The integration loops: one generic explicit Runge-Kutta step, an adaptive loop and a fixed-grid loop.
+"""The joint integration loops (one step size for the whole state): adaptive and fixed-grid.
+
+Both step with the Runge-Kutta core of ``_rk.py`` (its ``SCALAR`` strategy), take their step sizes
+from a :class:`~neuralode._control.Controller` and their outputs from ``_dense.py``.
 
 Conventions: times are Python floats (float64) on the host; the state ``y`` is one tensor of any shape
 (tuple states are flattened by the front door). ``f(t, y)`` is the vector field with ``t`` a float.
