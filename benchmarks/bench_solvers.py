@@ -24,6 +24,11 @@ Usage::
     python benchmarks/bench_solvers.py --quick            # 4 rows, ~1 min
     python benchmarks/bench_solvers.py                    # all 24 rows + spiral
     python benchmarks/bench_solvers.py --json out.json --markdown out.md
+
+Before/after a change of the library: ``--baseline DIR`` adds the packages ``neuralode_base`` (and, if
+present, ``neuralode_base2``, an identical second copy whose difference to the first is the noise of the
+run) found in ``DIR`` as contenders, timed interleaved with ``neuralode`` in the same process. Make them
+from a git revision with ``benchmarks/make_baseline.sh REV DIR``.
 """
 
 from __future__ import annotations
@@ -127,8 +132,8 @@ def make_solvers(
 ) -> dict[str, Callable[[Callable], torch.Tensor]]:
     """One ``solve(func) -> y(t1)`` closure per library (``func`` lets the caller pass a counter)."""
     out: dict[str, Callable] = {}
-    if "neuralode" in libs:
-        out["neuralode"] = lambda fn: neuralode.odeint(fn, y0, t, rtol=rtol, atol=atol, method="dopri5")[-1]
+    for name, mod in _ours(libs).items():
+        out[name] = lambda fn, mod=mod: mod.odeint(fn, y0, t, rtol=rtol, atol=atol, method="dopri5")[-1]
     if "torchdiffeq" in libs and torchdiffeq is not None:
         out["torchdiffeq"] = lambda fn: torchdiffeq.odeint(fn, y0, t, rtol=rtol, atol=atol, method="dopri5")[
             -1
@@ -240,6 +245,15 @@ class SpiralFunc(torch.nn.Module):
         return self.net(y**3)
 
 
+BASELINES: dict = {}  # name -> module, filled by --baseline
+
+
+def _ours(libs: list[str]) -> dict:
+    """``neuralode`` and the baseline copies among ``libs``, name -> module (``neuralode`` first)."""
+    mods = {"neuralode": neuralode, **BASELINES}
+    return {name: mod for name, mod in mods.items() if name in libs}
+
+
 def _adjoint_is_ours() -> bool:
     return getattr(neuralode.odeint_adjoint, "__module__", "") != "neuralode._shim"
 
@@ -271,12 +285,13 @@ def bench_spiral(iters: int, libs: list[str], compiled: bool = False) -> dict:
         return sol.ys.transpose(0, 1).reshape(len(t), *y0.shape)
 
     variants: dict[str, Callable] = {}
-    if "neuralode" in libs:
-        variants["neuralode backprop"] = lambda fn, y0, t: neuralode.odeint(fn, y0, t, method="dopri5")
+    for lib, mod in _ours(libs).items():
+        variants[f"{lib} backprop"] = lambda fn, y0, t, mod=mod: mod.odeint(fn, y0, t, method="dopri5")
         if _adjoint_is_ours():
-            variants["neuralode adjoint"] = lambda fn, y0, t: neuralode.odeint_adjoint(
+            variants[f"{lib} adjoint"] = lambda fn, y0, t, mod=mod: mod.odeint_adjoint(
                 fn, y0, t, method="dopri5"
             )
+    if "neuralode" in libs:
         if compiled:
             variants["neuralode backprop compiled"] = lambda fn, y0, t: neuralode.odeint(
                 fn, y0, t, method="dopri5", options={"compile": True}
@@ -383,6 +398,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--libs", default="neuralode,torchdiffeq,torchode,torchdyn")
     p.add_argument(
+        "--baseline",
+        help="folder holding packages neuralode_base (and neuralode_base2) to time against neuralode; "
+        "adds them to --libs",
+    )
+    p.add_argument(
         "--block",
         type=int,
         default=1,
@@ -408,6 +428,16 @@ def main(argv=None) -> int:
     if device.type == "cuda" and args.clock == "cpu":
         args.clock = "wall"  # process CPU time does not see GPU work
     libs = [x.strip() for x in args.libs.split(",") if x.strip()]
+    if args.baseline:
+        sys.path.insert(0, args.baseline)
+        import importlib
+
+        for name in ("neuralode_base", "neuralode_base2"):
+            try:
+                BASELINES[name] = importlib.import_module(name)
+            except ImportError:
+                continue
+            libs.append(name)
     rows = quick_rows() if args.quick else all_rows()
     rows = [r for r in rows if args.rows in r.label]
     env = {

@@ -263,3 +263,34 @@ def test_per_sample_adjoint_plain_function_gradient_to_y0():
     ya = neuralode.odeint_per_sample_adjoint(vdp_batch(mu), y0, t, rtol=1e-10, atol=1e-12)
     (ga,) = torch.autograd.grad(ya[-1].sum(), y0)
     torch.testing.assert_close(ga, gd, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("options", [{"controller": "pi"}, {"pcoeff": 0.3, "icoeff": 0.6, "safety": 0.8}])
+def test_pi_controller_matches_its_own_odeint_solve(options):
+    B = 3
+    mu = torch.linspace(0.5, 3.0, B, dtype=DT)
+    y0 = torch.stack([torch.linspace(0.5, 2.0, B, dtype=DT), torch.zeros(B, dtype=DT)], 1)
+    t = torch.linspace(0.0, 3.0, 4, dtype=DT)
+    ys, info = odeint_per_sample(
+        vdp_batch(mu), y0, t, rtol=1e-6, atol=1e-8, options=options, return_info=True
+    )
+    _, plain = odeint_per_sample(vdp_batch(mu), y0, t, rtol=1e-6, atol=1e-8, return_info=True)
+    assert not torch.equal(info.n_steps, plain.n_steps)  # the PI controller takes other steps
+    for b in range(B):
+        with record_stats() as st:
+            yb = odeint(vdp_one(mu[b]), y0[b : b + 1], t, rtol=1e-6, atol=1e-8, options=options)
+        torch.testing.assert_close(ys[:, b], yb[:, 0], rtol=1e-9, atol=1e-9)
+        assert st.n_steps == int(info.n_steps[b])
+
+
+def test_nan_mid_solve_is_nonfinite_not_underflow():
+    def f(t, y):  # sample 0 returns NaN from t = 0.4 on, for any state
+        nan = torch.where((t > 0.4) & (torch.arange(2) == 0), float("nan"), 0.0).to(y.dtype)
+        return -y + nan.unsqueeze(1)
+
+    ys, info = odeint_per_sample(
+        f, torch.ones(2, 1, dtype=DT), torch.tensor([0.0, 1.0], dtype=DT), throw=False, return_info=True
+    )
+    assert info.status.tolist() == [3, 0]
+    assert float(info.t[0]) == pytest.approx(0.4, abs=1e-9)
+    torch.testing.assert_close(ys[-1, 1], torch.exp(-torch.ones(1, dtype=DT)), rtol=1e-6, atol=0)

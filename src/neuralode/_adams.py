@@ -29,7 +29,9 @@ from fractions import Fraction
 import torch
 
 from neuralode._callbacks import FIXED_CALLBACKS
+from neuralode._methods import RK4
 from neuralode._registry import MethodSpec
+from neuralode._rk import rk_step
 
 __all__ = ["MAX_ORDER", "bashforth", "moulton"]
 
@@ -138,12 +140,9 @@ def _dot(weights, fs, h: float) -> torch.Tensor:
 
 
 def _rk38(f, t, h, y, k1, stats) -> torch.Tensor:
-    """Kutta's 3/8 rule (torchdiffeq's ``rk4_alt_step_func``), the Adams starter."""
-    k2 = f(t + h / 3, y + (h / 3) * k1)
-    k3 = f(t + 2 * h / 3, y + h * (k2 - k1 / 3))
-    k4 = f(t + h, y + h * (k1 - k2 + k3))
+    """Kutta's 3/8 rule (the ``rk4`` tableau, torchdiffeq's ``rk4_alt_step_func``), the Adams starter."""
     stats.nfe += 3
-    return y + (k1 + 3 * (k2 + k3) + k4) * (h * 0.125)
+    return rk_step(f, RK4, t, h, y, k1)[0]
 
 
 _FIXED = {"step_size", "grid_constructor", "interp", "perturb", "dtype"}

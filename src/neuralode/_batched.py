@@ -14,22 +14,38 @@ times); keep the joint mode when they are alike: it runs fewer kernels per step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from neuralode._control import combine_dop853
+from neuralode._compiled_step import check_compile_option
+from neuralode._control import Controller, initial_step, make_controller, rms_rows
+from neuralode._dense import dense_rows, row_outputs
 from neuralode._errors import SolverError
 from neuralode._methods import ADAPTIVE_METHODS, TABLEAUS
+from neuralode._rk import ROWS, error_ratio, rk_step, rms_error_ratio, rms_factor
 from neuralode._stats import SolveStats, _report_forward
 from neuralode._tableau import ButcherTableau
 
 __all__ = ["PerSampleInfo", "odeint_per_sample"]
 
 PER_SAMPLE_OPTIONS = frozenset(
-    {"first_step", "safety", "ifactor", "dfactor", "max_num_steps", "min_step", "max_step"}
+    {
+        "first_step",
+        "safety",
+        "ifactor",
+        "dfactor",
+        "max_num_steps",
+        "min_step",
+        "max_step",
+        "controller",
+        "pcoeff",
+        "icoeff",
+        "compile",
+    }
 )
 
 #: Status codes of :class:`PerSampleInfo` (``status`` tensor).
@@ -84,7 +100,10 @@ def odeint_per_sample(
         rtol, atol: positive floats, or tensors broadcastable to ``y0`` (e.g. ``(B, 1)`` per sample).
         method: an adaptive method (default ``"dopri5"``).
         options: ``first_step``, ``min_step``, ``max_step``, ``max_num_steps`` (per sample, default
-            1,000,000), ``safety``, ``ifactor``, ``dfactor`` (integral controller, as ``odeint``).
+            1,000,000); the step-size controller, as ``odeint``: ``controller`` (``"i"`` or ``"pi"``),
+            ``pcoeff``, ``icoeff``, ``safety``, ``ifactor``, ``dfactor``; ``compile`` (``True`` or a dict
+            of ``torch.compile`` keyword arguments: each step as one compiled graph, as ``odeint``'s
+            ``options["compile"]``).
         throw: raise :class:`SolverError` if any sample failed (default); with ``False`` failed
             samples keep their last state and ``info.status`` says why.
         return_info: also return a :class:`PerSampleInfo`.
@@ -114,7 +133,18 @@ def odeint_per_sample(
     _check_output(f0_full, y0)
     stats = SolveStats(n_solves=1, nfe=1)
     ys, info = _integrate(
-        f, tab, y0.reshape(B, -1), f0_full.reshape(B, -1), t2, rtol, atol, opts, stats, throw
+        f,
+        tab,
+        y0.reshape(B, -1),
+        f0_full.reshape(B, -1),
+        t2,
+        rtol,
+        atol,
+        opts,
+        stats,
+        throw,
+        func=func,
+        shape=shape,
     )
     _report_forward(stats)
     if solve_stats is not None:
@@ -139,7 +169,27 @@ def odeint_per_sample(
 
 
 def _integrate(
-    f, tab: ButcherTableau, y, f0, tt, rtol, atol, opts, stats, throw: bool
+    f, tab: ButcherTableau, y, f0, tt, rtol, atol, opts, stats, throw: bool, func=None, shape=None
+) -> tuple[torch.Tensor, PerSampleInfo]:
+    """The per-sample loop on the flat ``(B, n)`` state; ``f(t, y)`` takes and returns flat states,
+    ``func`` is the user's and ``shape`` its state's (needed for ``options["compile"]``, whose steps are
+    cached per ``func``)."""
+    compile_kwargs = opts.get("compile")
+    if compile_kwargs is None or opts.get("_quad") is not None:  # the quadrature hook runs eagerly
+        return _loop(f, tab, y, f0, tt, rtol, atol, opts, stats, throw, None)
+    from neuralode._compiled_step import compiled_step
+
+    step, release = compiled_step(
+        func, tab, None, None, rtol, atol, compile_kwargs, rows=(tuple(shape), opts.get("_groups"))
+    )
+    try:
+        return _loop(f, tab, y, f0, tt, rtol, atol, opts, stats, throw, step)
+    finally:
+        release()
+
+
+def _loop(
+    f, tab: ButcherTableau, y, f0, tt, rtol, atol, opts, stats, throw: bool, compiled
 ) -> tuple[torch.Tensor, PerSampleInfo]:
     B, n = y.shape
     T = tt.shape[1]
@@ -148,38 +198,47 @@ def _integrate(
     tdtype = tt.dtype
     t, t_end = tt[:, 0].clone(), tt[:, -1].clone()
     direction = torch.sign(t_end - t)
-    safety, ifactor, dfactor = opts["safety"], opts["ifactor"], opts["dfactor"]
+    controller: Controller = opts["controller"]
     min_step, max_step, max_num_steps = opts["min_step"], opts["max_step"], opts["max_num_steps"]
-    inv_order = -1.0 / tab.order
+    groups = opts.get("_groups")
     if opts["first_step"] is None:
-        h = _initial_step(f, t, y, f0, tab.order, rtol, atol, direction)
+        h = initial_step(
+            f, t, y, f0, tab.order, rtol, atol, functools.partial(rms_rows, groups=groups), direction, ROWS
+        )
         stats.nfe += 1
     else:
         h = torch.as_tensor(opts["first_step"], dtype=tdtype, device=device).abs().expand(B).clone()
     h = h.clamp(max=max_step)
-    # Error weights with the constants folded in (scalar tolerances): rms(e / (atol + rtol·m)) =
-    # ‖(e / (rtol·sqrt(n))) / (m + atol/rtol)‖₂.
-    groups = opts.get("_groups")
     # Internal (per-sample adjoint): quad(stage_ts, stage_ys, w) is called once per step after the
     # accept/reject decision, w = h on accepted samples and 0 elsewhere, to accumulate a quadrature
     # along each sample's accepted steps without it being part of the state.
     quad = opts.get("_quad")
+    # Scalar tolerances and the RMS norm: the error ratio with its constants applied per row at the end.
     scalar_tol = (
         isinstance(rtol, float) and isinstance(atol, float) and tab.b_error_aux is None and groups is None
     )
-    e_pairs = tab.b_error_nonzero
     if scalar_tol:
-        e_factor = abs(e_pairs[0][1]) / (rtol * math.sqrt(max(n, 1)))
+        e_factor = rms_factor(tab, rtol, n)
         c_tol = torch.scalar_tensor(atol / rtol, dtype=dtype, device=device)
+    else:
+        row_norm = functools.partial(rms_rows, groups=groups)
+    f_step = f
+    if quad is not None:
+
+        def f_step(t_i, y_i):  # records every stage for the quadrature
+            stage_ts.append(t_i)
+            stage_ys.append(y_i)
+            return f(t_i, y_i)
 
     running = torch.ones(B, dtype=torch.bool, device=device)
     status = torch.zeros(B, dtype=torch.int8, device=device)
     n_steps = torch.zeros(B, dtype=torch.int64, device=device)
     n_acc = torch.zeros_like(n_steps)
+    prev_ratio = torch.ones(B, dtype=tdtype, device=device) if controller.pcoeff else None
+    last_nan = None
     dense_out = T > 2  # with only (t0, t1) the answer is the state where each sample stops
     if dense_out:
         next_out = torch.ones(B, dtype=torch.int64, device=device)
-        coef = _coefficients(tab, dtype, device)
         cols = [y] * (T - 1)
     iteration = 0
     while True:
@@ -194,38 +253,33 @@ def _integrate(
         last = h >= dist
         h_signed = torch.where(last, dist, h) * direction
         t_try = t + h_signed
-        hc = h_signed.to(dtype).unsqueeze(1)  # (B, 1)
+        # Stage times in the state's dtype (what func receives): two conversions a step, none a stage.
         t_lo = t if dtype == tdtype else t.to(dtype)
         h_lo = h_signed if dtype == tdtype else h_signed.to(dtype)
+        hp = (h_lo.unsqueeze(1), h_lo)  # ROWS: (B, 1) and (B,)
 
-        # Stages: y_i = y + h ∘ Σ_j a_ij k_j (one addcmul for the per-sample h).
-        k = [f0]
-        y_stage = y
-        if quad is not None:
-            stage_ts, stage_ys = [t_lo], [y]
-        for i in range(1, tab.stages):
-            y_stage = _step_comb(y, hc, k, tab.a_nonzero[i])
-            t_stage = torch.add(t_lo, h_lo, alpha=tab.c[i])
-            k.append(f(t_stage, y_stage))
+        if compiled is not None:
+            y1, k, ratio = compiled((t, h_signed), y, f0, rtol, atol)
+        else:
             if quad is not None:
-                stage_ts.append(t_stage)
-                stage_ys.append(y_stage)
+                stage_ts, stage_ys = [t_lo], [y]
+            y1, k = rk_step(f_step, tab, t_lo, hp, y, f0, ROWS)
         stats.nfe += tab.stages - 1
-        y1 = y_stage if tab.fsal else _step_comb(y, hc, k, tab.b_nonzero)
         t_new = torch.where(last, t_end, t_try)
         if tab.fsal:
             f1 = k[-1]
         else:
-            f1 = f(t_new if dtype == tdtype else t_new.to(dtype), y1)
+            f1 = f(t_new, y1)
             stats.nfe += 1
 
         with torch.no_grad():
-            if scalar_tol:  # the constant factor |e_0|/(rtol·sqrt(n)) is applied in the time dtype
-                scale = torch.maximum(y.abs(), y1.abs()).add_(c_tol)
-                ratio = torch.linalg.vector_norm(_ratio_comb(k, e_pairs).mul_(hc).div_(scale), dim=1)
-                ratio = ratio.to(tdtype).mul_(e_factor)
+            if compiled is not None:
+                ratio = ratio.to(tdtype)
+            elif scalar_tol:  # the constant factor |h e_0|/(rtol·sqrt(n)) is applied in the time dtype
+                x, _ = rms_error_ratio(tab, k, y1, c_tol, None, y)
+                ratio = torch.linalg.vector_norm(x, dim=1).to(tdtype).mul_(h_signed.abs()).mul_(e_factor)
             else:
-                ratio = _ratio(tab, k, hc, y, y1, rtol, atol, groups)
+                ratio = error_ratio(tab, k, hp, y, y1, rtol, atol, row_norm, ROWS)
                 if ratio.dtype != tdtype:
                     ratio = ratio.to(tdtype)
         accept = (ratio <= 1.0) & running
@@ -235,11 +289,7 @@ def _integrate(
         underflow = (t_try == t) & running
         flags = torch.stack([running_next.any(), torch.isfinite(ratio).all(), underflow.any()])
         if dense_out:
-            # Columns up to each sample's new time; the step crossed [next_out, count).
-            crossed = (direction.unsqueeze(1) * (tt - t_new.unsqueeze(1)) <= 0).sum(1)
-            count = torch.where(accept, crossed, next_out)
-            moved = count > next_out
-            window = torch.stack([torch.where(moved, next_out, T).min(), torch.where(moved, count, 0).max()])
+            count, window = row_outputs(tt, t_new, direction, accept, next_out)
             flags = torch.cat([flags.to(torch.int64), window])
         flag_values = flags.tolist()  # the one host-device sync per step
         keep_going, all_finite, any_underflow = (bool(v) for v in flag_values[:3])
@@ -250,18 +300,28 @@ def _integrate(
             # f(t, y) itself non-finite (or a NaN step size): no smaller step can help either.
             bad_f = ~torch.isfinite(f0.reshape(B, -1)).all(dim=1) | torch.isnan(h_signed)
             bad_state = running & ~torch.isfinite(ratio) & (~torch.isfinite(y).all(dim=1) | bad_f)
-            stuck = underflow
-            status = torch.where(bad_state, _NONFINITE, torch.where(stuck, _UNDERFLOW, status)).to(torch.int8)
-            stop = bad_state | stuck
+            # A step that shrank to nothing on NaN/inf stages failed on func's values, not on accuracy.
+            stuck_nan = underflow & ~torch.isfinite(ratio)
+            if last_nan is not None:
+                stuck_nan = stuck_nan | (underflow & last_nan)
+            status = torch.where(
+                bad_state | stuck_nan, _NONFINITE, torch.where(underflow, _UNDERFLOW, status)
+            ).to(torch.int8)
+            stop = bad_state | underflow
             accept = accept & ~stop
             running_next = running_next & ~stop
             t_end = torch.where(stop, t, t_end)
             keep_going = bool(running_next.any())
+        # Rows whose latest attempt had a NaN/inf error estimate (kept only once one has).
+        if not all_finite:
+            last_nan = running & ~torch.isfinite(ratio)
+        elif last_nan is not None:
+            last_nan = last_nan & ~running
         if dense_out:
             lo, hi = flag_values[3], flag_values[4]
             if hi > lo:
                 cols = _write_outputs(
-                    tab, coef, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k, f1, stats
+                    tab, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k, f1, stats
                 )
                 next_out = count
 
@@ -275,13 +335,11 @@ def _integrate(
         n_steps = n_steps + running
         n_acc = n_acc + accept
         with torch.no_grad():
-            fac = ratio.pow(inv_order).mul_(safety).clamp_(dfactor, ifactor)
-            fac = torch.where(ratio < 1.0, fac.clamp(min=1.0), fac)
-            if not all_finite:
-                fac = torch.where(torch.isfinite(ratio), fac, dfactor)
-            h = h_signed.abs().mul_(fac)
+            h = h_signed.abs().mul_(controller.factor_rows(ratio, prev_ratio, all_finite))
             if max_step < math.inf:
                 h = h.clamp_(max=max_step)
+            if prev_ratio is not None:
+                prev_ratio = torch.where(accept, ratio, prev_ratio)
         running = running_next
         if not keep_going:
             break
@@ -301,25 +359,11 @@ def _integrate(
     return ys, info
 
 
-def _write_outputs(tab, coef, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k, f1, stats):
+def _write_outputs(tab, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k, f1, stats):
     """Dense output at the crossed columns ``lo..hi-1`` (exact ``y1`` where a column equals t_new);
     column ``j`` is written for the samples with ``next_out <= j < count``."""
-    k_ext = [*k, f1]
-    if tab.uses_extra_stages:
-        hc = h_signed.to(y.dtype).unsqueeze(1)
-        t_lo = t.to(y.dtype)
-        h_lo = h_signed.to(y.dtype)
-        for i, row in enumerate(tab.extra_nonzero):
-            y_i = _step_comb(y, hc, k_ext, row)
-            k_ext.append(f(torch.add(t_lo, h_lo, alpha=tab.extra_c[i]), y_i))
-            stats.nfe += 1
-    K = torch.stack(k_ext, dim=1)  # (B, S, n)
     window = tt[:, lo:hi]
-    safe_h = torch.where(h_signed == 0, torch.ones_like(h_signed), h_signed)
-    theta = ((window - t.unsqueeze(1)) / safe_h.unsqueeze(1)).to(y.dtype)  # (B, W)
-    powers = torch.stack([theta ** (p + 1) for p in range(coef.shape[1])], dim=-1)  # (B, W, P)
-    w = (powers @ coef.T) * h_signed.to(y.dtype).view(-1, 1, 1)  # (B, W, S)
-    dense = torch.baddbmm(y.unsqueeze(1), w, K)  # (B, W, n)
+    dense = dense_rows(f, tab, t, h_signed, y, [*k, f1], window, stats)  # (B, W, n)
     exact = (window == t_new.unsqueeze(1)).unsqueeze(2)
     dense = torch.where(exact, y1.unsqueeze(1), dense)
     cols = list(cols)
@@ -327,89 +371,6 @@ def _write_outputs(tab, coef, f, cols, next_out, count, lo, hi, tt, t, t_new, h_
         hit = ((next_out <= j) & (j < count)).unsqueeze(1)
         cols[j - 1] = torch.where(hit, dense[:, j - lo], cols[j - 1])
     return cols
-
-
-def _coefficients(tab: ButcherTableau, dtype, device) -> torch.Tensor:
-    """Dense-output polynomial coefficients as an (S_ext, P) tensor (coefficient of θ^(p+1))."""
-    P = max(len(p) for p in tab.dense)
-    rows = [list(p) + [0.0] * (P - len(p)) for p in tab.dense]
-    return torch.tensor(rows, dtype=dtype, device=device)
-
-
-def _step_comb(y: torch.Tensor, hc: torch.Tensor, k, pairs) -> torch.Tensor:
-    """``y + h ∘ Σ_j a_j k_j`` as ``addcmul(y, h, k_0 + Σ (a_j/a_0) k_j, value=a_0)``: every coefficient is
-    a kernel argument (``alpha``/``value``), never a Python scalar operand, which would cost a hidden
-    conversion kernel for float32 states."""
-    (j0, a0), *rest = pairs
-    if not rest:
-        return torch.addcmul(y, hc, k[j0], value=a0)
-    acc = torch.add(k[j0], k[rest[0][0]], alpha=rest[0][1] / a0)
-    for j, a in rest[1:]:
-        acc.add_(k[j], alpha=a / a0)
-    return torch.addcmul(y, hc, acc, value=a0)
-
-
-def _ratio_comb(k, pairs) -> torch.Tensor:
-    """The error combination ``Σ_j e_j k_j`` divided by ``e_0``: ``k_0 + Σ (e_j/e_0) k_j`` (the norm is
-    taken later, so the factor ``|e_0|`` is applied to it, in the time dtype)."""
-    (j0, e0), *rest = pairs
-    if not rest:
-        return k[j0].clone()
-    acc = torch.add(k[j0], k[rest[0][0]], alpha=rest[0][1] / e0)
-    for j, e in rest[1:]:
-        acc.add_(k[j], alpha=e / e0)
-    return acc
-
-
-def _sum(k, pairs) -> torch.Tensor:
-    """Σ_j a_j k_j over non-zero (j, a_j) pairs, as fused multiply-adds."""
-    (j0, a0), *rest = pairs
-    out = torch.mul(k[j0], a0)
-    for j, a in rest:
-        out = out.add_(k[j], alpha=a)
-    return out
-
-
-def _rms_rows(x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
-    """Per-row RMS; with ``groups`` (column counts), the max over the groups of each group's RMS."""
-    if groups is None:
-        return torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))
-    parts = [_rms_rows(p) for p in x.split(list(groups), dim=1) if p.shape[1] > 0]
-    return torch.stack(parts, dim=1).amax(dim=1)
-
-
-def _ratio(tab, k, hc, y, y1, rtol, atol, groups=None) -> torch.Tensor:
-    """Per-sample RMS error ratio (B,); DOP853's combined estimate when the tableau has two."""
-    tol = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
-    r = _rms_rows(_sum(k, tab.b_error_nonzero).mul_(hc).div_(tol), groups)
-    if tab.b_error_aux is None:
-        return r
-    r3 = _rms_rows(_sum(k, tab.b_error_aux_nonzero).mul_(hc).div_(tol), groups)
-    return combine_dop853(r, r3)
-
-
-@torch.no_grad()
-def _initial_step(f, t0, y0, f0, order, rtol, atol, direction) -> torch.Tensor:
-    """Hairer's starting step (as ``neuralode._control.initial_step``), one value per sample."""
-    tdtype = t0.dtype
-    scale = y0.abs() * rtol + atol
-    d0 = _rms_rows(y0 / scale).to(tdtype)
-    d1 = _rms_rows(f0 / scale).to(tdtype)
-    small = (d0 < 1e-5) | (d1 < 1e-5)
-    h0 = torch.where(
-        small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.where(small, torch.ones_like(d1), d1)
-    )
-    hs = direction * h0
-    f1 = f(t0 + hs, y0 + hs.to(y0.dtype).unsqueeze(1) * f0)
-    d2 = _rms_rows((f1 - f0) / scale).to(tdtype) / h0
-    dmax = torch.maximum(d1, d2)
-    tiny = dmax <= 1e-15
-    h1 = torch.where(
-        tiny,
-        torch.clamp(h0 * 1e-3, min=1e-6),
-        (0.01 / torch.where(tiny, torch.ones_like(dmax), dmax)) ** (1.0 / order),
-    )
-    return torch.minimum(100 * h0, h1)
 
 
 # -- validation --------------------------------------------------------------------------------------------
@@ -439,6 +400,8 @@ def _check_method(method, options) -> tuple[ButcherTableau, dict]:
         "max_num_steps": options.get("max_num_steps", 1_000_000),
         "_groups": options.get("_groups"),
         "_quad": options.get("_quad"),
+        "controller": make_controller(TABLEAUS[method].order, options),
+        "compile": check_compile_option(options.get("compile")),
     }
     if not isinstance(opts["max_num_steps"], int) or opts["max_num_steps"] <= 0:
         raise ValueError(f"options['max_num_steps'] must be a positive int, got {opts['max_num_steps']!r}")

@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from neuralode._adjoint import _check_params
+from neuralode._dense import dense_eval, interpolate, step_outputs
 from neuralode._methods import TABLEAUS
 from neuralode._odeint import Problem, _delta, _time_shift, make_problem, run
-from neuralode._solve import _hermite, _one_sided, dense_eval, rk_step
+from neuralode._rk import rk_step
+from neuralode._solve import _one_sided
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 
 __all__ = ["odeint_checkpoint"]
@@ -127,23 +129,16 @@ class _Checkpoint(torch.autograd.Function):
 
 def _step_outputs(problem: Problem, trace) -> list[tuple[float, list[tuple[int, float]], int | None]]:
     """For every accepted step: its exact end time, the outputs strictly inside it as (index, θ), and
-    the output at its end (or None) — the loops' own bookkeeping, redone from the trace."""
+    the output at its end (or None): the loops' output plan, replayed from the trace."""
     t_out = problem.t
     direction = 1.0 if t_out[-1] > t_out[0] else -1.0
-    n_out = len(t_out)
     out = []
     i_out = 1
     for j, (t, h) in enumerate(trace):
         t1 = trace[j + 1][0] if j + 1 < len(trace) else t_out[-1]
-        inner = []
-        while i_out < n_out and direction * (t_out[i_out] - t1) < 0:
-            inner.append((i_out, (t_out[i_out] - t) / h))
-            i_out += 1
-        end = None
-        if i_out < n_out and t_out[i_out] == t1:
-            end = i_out
-            i_out += 1
-        out.append((t1, inner, end))
+        thetas, j_end, at_end = step_outputs(t_out, i_out, t, h, t1, direction)
+        out.append((t1, list(zip(range(i_out, j_end), thetas)), j_end if at_end else None))
+        i_out = j_end + at_end
     return out
 
 
@@ -190,12 +185,9 @@ def _backward(problem: Problem, trace, states, params, grad_ys, stats: SolveStat
                             roots.append(v)
                             weights.append(grad_ys[i])
                 elif inner:
-                    if interp == "cubic":
-                        if f1 is None:
-                            f1 = fj(t1, y1)
-                        vals = [_hermite(y, y1, k[0], f1, h, th) for _, th in inner]
-                    else:
-                        vals = [torch.lerp(y, y1, th) for _, th in inner]
+                    if interp == "cubic" and f1 is None:
+                        f1 = fj(t1, y1)
+                    vals = interpolate(interp, y, y1, k[0], f1, h, [th for _, th in inner])
                     for (i, _), v in zip(inner, vals):
                         roots.append(v)
                         weights.append(grad_ys[i])

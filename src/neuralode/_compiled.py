@@ -26,8 +26,11 @@ from collections.abc import Callable
 
 import torch
 
+from neuralode._dense import step_outputs
 from neuralode._methods import FIXED_METHODS, TABLEAUS
 from neuralode._odeint import odeint
+from neuralode._rk import ROWS, coefficients, rk_step
+from neuralode._solve import nonfinite_outputs
 from neuralode._stats import SolveStats, _report_forward
 from neuralode._tableau import ButcherTableau
 
@@ -38,19 +41,10 @@ MODES = ("eager", "compile", "cuda_graph")
 
 def _rk_step_fn(func: Callable, tab: ButcherTableau) -> Callable:
     """A pure ``step(t, h, y) -> y1`` on tensors (``t``, ``h`` 0-d, in y's dtype), traceable by dynamo."""
-    a, b, c = tab.a_nonzero, tab.b_nonzero, tab.c
+    co = coefficients(tab)
 
     def step(t: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        k = [func(t, y)]
-        for i in range(1, tab.stages):
-            acc = None
-            for j, aij in a[i]:
-                acc = k[j] * aij if acc is None else acc + k[j] * aij
-            k.append(func(t + c[i] * h, y if acc is None else y + h * acc))
-        acc = None
-        for j, bj in b:
-            acc = k[j] * bj if acc is None else acc + k[j] * bj
-        return y + h * acc
+        return rk_step(func, co, t, (h, h), y, None, ROWS)[0]
 
     return step
 
@@ -144,6 +138,8 @@ class FixedGridSolver:
             stats = SolveStats(n_solves=1, nfe=self.tab.stages * self.n_steps, n_steps=self.n_steps)
             stats.n_accepted = self.n_steps
             _report_forward(stats)
+        if self.mode != "eager" and not bool(torch.isfinite(out[-1]).all()):  # one sync per solve
+            raise nonfinite_outputs(self.t_list, out, self.n_steps)
         if first:
             if y0.is_cuda:
                 torch.cuda.synchronize(y0.device)
@@ -210,11 +206,8 @@ def _output_plan(t: list[float], grid: list[float]) -> list[list[float]]:
     direction = 1.0 if t[-1] > t[0] else -1.0
     plan, i_out = [], 1
     for g0, g1 in itertools.pairwise(grid):
-        thetas = []
-        while i_out < len(t) and direction * (t[i_out] - g1) < 0:
-            thetas.append((t[i_out] - g0) / (g1 - g0))
-            i_out += 1
-        if i_out < len(t) and t[i_out] == g1:
+        thetas, i_out, at_end = step_outputs(t, i_out, g0, g1 - g0, g1, direction)
+        if at_end:
             thetas.append(1.0)
             i_out += 1
         plan.append(thetas)

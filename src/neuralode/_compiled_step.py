@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from neuralode._control import combine_dop853, make_norm
+from neuralode._control import make_norm, rms_rows
+from neuralode._rk import ROWS, coefficients, error_ratio, rk_step
 from neuralode._tableau import ButcherTableau
 
 __all__ = ["check_compile_option", "compiled_step"]
@@ -60,59 +61,62 @@ def check_compile_option(value: Any) -> dict | None:
     )
 
 
-def _lin(k, pairs):
-    """``Σ_j w_j k_j`` over non-zero ``(j, w_j)`` pairs (traced: the compiler fuses the sum)."""
-    acc = None
-    for j, w in pairs:
-        acc = k[j] * w if acc is None else acc + k[j] * w
-    return acc
-
-
 def _make_step(
-    get_func: Callable[[], Callable], tab: ButcherTableau, shapes, user_norm, rtol_c, atol_c
+    get_func: Callable[[], Callable], tab: ButcherTableau, shapes, user_norm, rtol_c, atol_c, rows=None
 ) -> Callable:
-    # Everything read from the tableau is read here: its cached properties take a lock on first use,
-    # which would break the graph.
-    a, b, c, stages, fsal = tab.a_nonzero, tab.b_nonzero, tab.c, tab.stages, tab.fsal
-    e, e_aux = tab.b_error_nonzero, tab.b_error_aux_nonzero
-    sizes = None if shapes is None else [math.prod(s) for s in shapes]
-    norm = make_norm(user_norm, sizes, shapes)
+    # The step reads the tableau as plain data (its cached properties take a lock on first use, which
+    # would break the graph).
+    co = coefficients(tab)
+    if rows is None:
+        sizes = None if shapes is None else [math.prod(s) for s in shapes]
+        norm = make_norm(user_norm, sizes, shapes)
+    else:
+        state_shape, groups = rows
+
+        def norm(x):
+            return rms_rows(x, groups)
 
     def step(th, y, f0, rtol_t, atol_t):
         """``(y1, stages, error ratio)`` of one step of size ``h`` from ``(t, y)``; ``th = [t, h]``
-        (float64); ``rtol_t``/``atol_t`` are used where the float tolerances ``rtol_c``/``atol_c`` are None.
-        ``f0=None`` evaluates the first stage inside the graph; a fixed-step tableau's ratio is None."""
+        (float64), or per sample (``rows``) the pair ``(t, h)`` of ``(B,)`` tensors with ``y`` of shape
+        ``(B, n)`` and a ratio per row. ``rtol_t``/``atol_t`` are used where the float tolerances
+        ``rtol_c``/``atol_c`` are None. ``f0=None`` evaluates the first stage inside the graph; a
+        fixed-step tableau's ratio is None."""
         func = get_func()
         t, h = th[0], th[1]
         rtol = rtol_t if rtol_c is None else rtol_c
         atol = atol_t if atol_c is None else atol_c
-        if shapes is None:
-            call = func
+        if rows is not None:
+
+            def call(tt, yy):
+                return func(tt.to(yy.dtype), yy.view(state_shape)).reshape(yy.shape)
+
+            hy = h.to(y.dtype).unsqueeze(1)
+        elif shapes is None:
+
+            def call(tt, yy):
+                return func(tt.to(yy.dtype), yy)
+
+            hy = h.to(y.dtype)
         else:
 
             def call(tt, yy):
                 parts = tuple(p.view(s) for p, s in zip(yy.split(sizes), shapes))
-                return torch.cat([o.reshape(-1) for o in func(tt, parts)])
+                return torch.cat([o.reshape(-1) for o in func(tt.to(yy.dtype), parts)])
 
-        hy = h.to(y.dtype)
-        k = [call(t.to(y.dtype), y) if f0 is None else f0]
-        y_stage = y
-        for i in range(1, stages):
-            y_stage = y + hy * _lin(k, a[i])
-            k.append(call((t + c[i] * h).to(y.dtype), y_stage))
-        y1 = y_stage if fsal else y + hy * _lin(k, b)
-        if not e:
+            hy = h.to(y.dtype)
+        hp = (hy, h)
+        y1, k = rk_step(call, co, t, hp, y, f0, ROWS)
+        if not co.b_error_nonzero:
             return y1, k, None
         with torch.no_grad():
-            tol = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
             ks = [x.detach() for x in k]
-            r = torch.as_tensor(norm(hy * _lin(ks, e) / tol))
-            if e_aux:  # DOP853's second estimate
-                r = combine_dop853(r, torch.as_tensor(norm(hy * _lin(ks, e_aux) / tol)))
+            r = error_ratio(co, ks, hp, y.detach(), y1.detach(), rtol, atol, norm, ROWS)
         return y1, k, r
 
     # A code object of its own: torch.compile keeps its cache, and its recompile limit, per code object.
-    code = step.__code__.replace(co_name=f"neuralode_{tab.name}_step")
+    name = f"neuralode_{tab.name}_{'rows_' if rows is not None else ''}step"
+    code = step.__code__.replace(co_name=name)
     return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
 
 
@@ -191,11 +195,14 @@ def _noop() -> None:
 
 
 def compiled_step(
-    func: Callable, tab: ButcherTableau, shapes, user_norm, rtol, atol, compile_kwargs: dict
+    func: Callable, tab: ButcherTableau, shapes, user_norm, rtol, atol, compile_kwargs: dict, rows=None
 ) -> tuple[Callable[..., tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]], Callable[[], None]]:
     """``(step, release)``: the compiled ``step([t, h], y, f0, rtol, atol) -> (y1, stages, ratio)`` of
     ``func`` (float ``rtol``/``atol`` are compiled in; the step's own arguments are then ignored), and
-    the function to call when the solve is over (it drops the references a plain function's slot holds)."""
+    the function to call when the solve is over (it drops the references a plain function's slot holds).
+    ``rows=(state_shape, groups)``: the per-sample step ``step((t, h), y, f0, rtol, atol)``, a time and
+    step size per row, on the flat ``(B, n)`` state (``func`` sees ``state_shape``), with a ratio per row
+    (the RMS over each row, or the max over its column ``groups`` of each group's RMS)."""
     rtol_c = rtol if isinstance(rtol, float) else None
     atol_c = atol if isinstance(atol, float) else None
     key = (
@@ -206,16 +213,19 @@ def compiled_step(
         None if shapes is None else tuple(tuple(s) for s in shapes),
         user_norm,
         tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items())),
+        None if rows is None else (tuple(rows[0]), None if rows[1] is None else tuple(rows[1])),
     )
+
+    def make(get_func):
+        return _make_step(get_func, tab, shapes, user_norm, rtol_c, atol_c, rows)
+
     held = _holder(func)
     if held is None:  # e.g. a builtin: compiled afresh for this solve
-        step = _make_step(lambda: func, tab, shapes, user_norm, rtol_c, atol_c)
-        return _unspec_module_ints(torch.compile(step, **compile_kwargs)), _noop
+        return _unspec_module_ints(torch.compile(make(lambda: func), **compile_kwargs)), _noop
     steps, get_func, release = held
     fn = steps.get(key)
     if fn is None:
-        step = _make_step(get_func, tab, shapes, user_norm, rtol_c, atol_c)
-        fn = steps[key] = _unspec_module_ints(torch.compile(step, **compile_kwargs))
+        fn = steps[key] = _unspec_module_ints(torch.compile(make(get_func), **compile_kwargs))
     return fn, release
 
 

@@ -12,7 +12,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["Controller", "combine_dop853", "initial_step", "make_norm", "rms_norm"]
+from neuralode._rk import SCALAR, combine_dop853
+
+__all__ = [
+    "Controller",
+    "combine_dop853",
+    "initial_step",
+    "make_controller",
+    "make_norm",
+    "rms_norm",
+    "rms_rows",
+]
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -22,11 +32,13 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
 
-def combine_dop853(r: torch.Tensor, r3: torch.Tensor) -> torch.Tensor:
-    """Hairer's DOP853 error ratio from the 5th-order (``r``) and 3rd-order (``r3``) estimates:
-    ``r² / sqrt(r² + 0.01 r3²)`` (0 where both are 0); elementwise, so per-sample ratios work too."""
-    den = torch.sqrt(r * r + 0.01 * r3 * r3)
-    return torch.where(den > 0, r * r / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(r))
+def rms_rows(x: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
+    """Per-row RMS of a ``(B, n)`` tensor; with ``groups`` (column counts), the max over the groups of
+    each group's RMS (the per-row form of the tuple states' mixed norm)."""
+    if groups is None:
+        return torch.linalg.vector_norm(x, dim=1) / math.sqrt(max(x.shape[1], 1))
+    parts = [rms_rows(p) for p in x.split(list(groups), dim=1) if p.shape[1] > 0]
+    return torch.stack(parts, dim=1).amax(dim=1)
 
 
 def make_norm(user_norm: Callable | None, sizes: Sequence[int] | None, shapes=None) -> Norm:
@@ -57,7 +69,8 @@ class Controller:
 
     ``factor = safety · r^(−(pcoeff+icoeff)/k) · r_prev^(pcoeff/k)``, clipped to ``[dfactor, ifactor]``
     (to ``[1, ifactor]`` after an accepted step, as torchdiffeq), ``k`` the method's order.
-    ``pcoeff = 0, icoeff = 1`` is the classic integral controller.
+    ``pcoeff = 0, icoeff = 1`` is the classic integral controller. :meth:`factor` works on host floats
+    (one step size), :meth:`factor_rows` on tensors (a step size per row); same formula, same defaults.
     """
 
     order: int
@@ -79,41 +92,93 @@ class Controller:
         lower = 1.0 if ratio < 1.0 else self.dfactor
         return min(self.ifactor, max(f, lower))
 
+    def factor_rows(
+        self, ratio: torch.Tensor, prev_ratio: torch.Tensor | None, all_finite: bool
+    ) -> torch.Tensor:
+        """:meth:`factor` per row: ``ratio`` and ``prev_ratio`` (the last accepted ratio of each row;
+        unused without ``pcoeff``) are ``(B,)`` tensors; ``all_finite`` says no row needs the NaN/inf
+        fallback (``dfactor``), which saves two kernels. ``ratio = 0`` gives ``ifactor``."""
+        k = self.order
+        fac = ratio.pow(-(self.pcoeff + self.icoeff) / k).mul_(self.safety)
+        if self.pcoeff:
+            fac.mul_(prev_ratio.clamp(min=1e-4).pow_(self.pcoeff / k))
+        fac = fac.clamp_(self.dfactor, self.ifactor)
+        fac = torch.where(ratio < 1.0, fac.clamp(min=1.0), fac)
+        if not all_finite:
+            fac = torch.where(torch.isfinite(ratio), fac, self.dfactor)
+        return fac
+
+
+def make_controller(order: int, options) -> Controller:
+    """The controller the options ask for: ``controller`` (``"i"``, default, or ``"pi"``), ``pcoeff``,
+    ``icoeff``, ``safety``, ``ifactor``, ``dfactor``; ``order`` is the method's."""
+    kind = options.get("controller", "i")
+    if kind not in ("i", "pi"):
+        raise ValueError(f"options['controller']={kind!r} is not a controller; expected 'i' or 'pi'")
+    default_p, default_i = (0.0, 1.0) if kind == "i" else (0.2, 0.65)
+    return Controller(
+        order=order,
+        safety=float(options.get("safety", 0.9)),
+        ifactor=float(options.get("ifactor", 10.0)),
+        dfactor=float(options.get("dfactor", 0.2)),
+        pcoeff=float(options.get("pcoeff", default_p)),
+        icoeff=float(options.get("icoeff", default_i)),
+    )
+
 
 @torch.no_grad()
 def initial_step(
-    f: Callable[[float, torch.Tensor], torch.Tensor],
-    t0: float,
+    f: Callable,
+    t0,
     y0: torch.Tensor,
     f0: torch.Tensor,
     order: int,
     rtol,
     atol,
     norm: Norm,
-    direction: float,
-) -> float:
-    """Hairer, Nørsett & Wanner (1993, II.4) starting step; one evaluation of ``f``. Returns |h|."""
+    direction,
+    ops=SCALAR,
+):
+    """Hairer, Nørsett & Wanner (1993, II.4) starting step; one evaluation of ``f``. Returns ``|h|``.
+
+    :data:`~neuralode._rk.SCALAR`: ``t0``, ``direction`` floats, ``norm`` over the whole state, a float
+    result (two syncs). :data:`~neuralode._rk.ROWS`: ``t0``, ``direction`` ``(B,)`` in the time dtype,
+    ``norm`` per row of the ``(B, n)`` state, a ``(B,)`` result (no sync).
+    """
+    like = None if ops is SCALAR else t0
     scale = y0.abs().mul_(rtol).add_(atol)
-    if norm is rms_norm:  # both norms in one reduction, 1/sqrt(n) on the host: 7 kernels fewer
-        inv_sqrt_n = 1.0 / math.sqrt(max(y0.numel(), 1))
-        both = torch.stack([y0.reshape(-1), f0.reshape(-1)]).div_(scale.reshape(-1))
-        d0, d1 = (v * inv_sqrt_n for v in torch.linalg.vector_norm(both, dim=1).tolist())
-    else:
-        d0, d1 = (
-            float(v)
-            for v in torch.stack(
-                [torch.as_tensor(norm(y0 / scale)), torch.as_tensor(norm(f0 / scale))]
-            ).tolist()
-        )
-    h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-    f1 = f(t0 + direction * h0, torch.add(y0, f0, alpha=direction * h0))
-    diff = torch.sub(f1, f0).div_(scale)
-    if norm is rms_norm:
-        d2 = float(torch.linalg.vector_norm(diff)) * inv_sqrt_n / h0
-    else:
-        d2 = float(norm(diff)) / h0
-    if max(d1, d2) <= 1e-15:
-        h1 = max(1e-6, h0 * 1e-3)
-    else:
-        h1 = (0.01 / max(d1, d2)) ** (1.0 / order)
-    return min(100 * h0, h1)
+    d0, d1 = _norm_values(norm, (y0, f0), scale, like)
+    small = d0 < 1e-5 or d1 < 1e-5 if like is None else (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = _where(small, 1e-6, 0.01 * d0 / _where(small, 1.0, d1))
+    hs = direction * h0
+    h_step = hs if like is None else (hs.to(y0.dtype).unsqueeze(1), hs)
+    f1 = f(ops.at(t0, h_step, 1.0), ops.comb(y0, (f0,), ((0, 1.0),), h_step))
+    (d2,) = _norm_values(norm, (f1 - f0,), scale, like)
+    d2 = d2 / h0
+    dmax = max(d1, d2) if like is None else torch.maximum(d1, d2)
+    tiny = dmax <= 1e-15
+    h1 = _where(tiny, _clamp_min(h0 * 1e-3, 1e-6), (0.01 / _where(tiny, 1.0, dmax)) ** (1.0 / order))
+    return min(100 * h0, h1) if like is None else torch.minimum(100 * h0, h1)
+
+
+def _norm_values(norm: Norm, xs, scale: torch.Tensor, like: torch.Tensor | None) -> list:
+    """``norm(x / scale)`` for each ``x``: host floats in one sync (``like`` None; the RMS norms of all
+    in one reduction), or tensors in ``like``'s dtype."""
+    if like is not None:
+        return [norm(x / scale).to(like.dtype) for x in xs]
+    if norm is rms_norm:  # one reduction, 1/sqrt(n) on the host: 7 kernels fewer
+        inv_sqrt_n = 1.0 / math.sqrt(max(scale.numel(), 1))
+        if len(xs) == 1:
+            return [float(torch.linalg.vector_norm(torch.div(xs[0], scale))) * inv_sqrt_n]
+        both = torch.stack([x.reshape(-1) for x in xs]).div_(scale.reshape(-1))
+        return [v * inv_sqrt_n for v in torch.linalg.vector_norm(both, dim=1).tolist()]
+    return [float(v) for v in torch.stack([torch.as_tensor(norm(x / scale)) for x in xs]).tolist()]
+
+
+def _where(cond, a, b):
+    """``a if cond else b`` on host values, ``torch.where`` on tensors."""
+    return (a if cond else b) if isinstance(cond, bool) else torch.where(cond, a, b)
+
+
+def _clamp_min(x, lo: float):
+    return max(x, lo) if isinstance(x, float) else x.clamp(min=lo)

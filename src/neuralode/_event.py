@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
+from neuralode._dense import dense_eval, interpolate
 from neuralode._errors import SolverError
 from neuralode._methods import TABLEAUS
-from neuralode._solve import _hermite, _one_sided, dense_eval, rk_stepper
+from neuralode._solve import _one_sided, rk_stepper
 
 __all__ = ["odeint_event"]
 
@@ -150,17 +151,12 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
         stats.n_steps += 1
         stats.n_accepted += 1
         if bool(event.crossed(t1, y1)):  # one synchronisation per step
-            if interp_kind == "cubic":
-                if f1 is None:
-                    f1 = problem.f(t1, y1)
-                    stats.nfe += 1
+            if interp_kind == "cubic" and f1 is None:
+                f1 = problem.f(t1, y1)
+                stats.nfe += 1
 
-                def interp(theta, y=y, y1=y1, fa=f0, fb=f1):
-                    return _hermite(y, y1, fa, fb, h, theta)
-            else:
-
-                def interp(theta, y=y, y1=y1):
-                    return torch.lerp(y, y1, theta)
+            def interp(theta, y=y, y1=y1, fa=f0, fb=f1):
+                return interpolate(interp_kind, y, y1, fa, fb, h, [theta])[0]
 
             theta = _root(lambda th, t=t, interp=interp: event.value(t + th * h, interp(th)), abs(h), tol)
             return done(t + theta * h, interp(theta))

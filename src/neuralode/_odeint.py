@@ -18,7 +18,7 @@ import torch
 
 from neuralode._batched import odeint_per_sample
 from neuralode._callbacks import ADAPTIVE_CALLBACKS, FIXED_CALLBACKS, chain_callbacks, collect_callbacks
-from neuralode._control import Controller, initial_step, make_norm
+from neuralode._control import Controller, initial_step, make_controller, make_norm
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._registry import EXTRA_METHODS
 from neuralode._solve import compiled_stepper, integrate_adaptive, integrate_fixed
@@ -332,18 +332,7 @@ def method_callbacks(method: str) -> frozenset[str]:
 
 
 def _controller(tab, opts) -> Controller:
-    kind = opts.get("controller", "i")
-    if kind not in ("i", "pi"):
-        raise ValueError(f"options['controller']={kind!r} is not a controller; expected 'i' or 'pi'")
-    default_p, default_i = (0.0, 1.0) if kind == "i" else (0.2, 0.65)
-    return Controller(
-        order=tab.order,
-        safety=float(opts.get("safety", 0.9)),
-        ifactor=float(opts.get("ifactor", 10.0)),
-        dfactor=float(opts.get("dfactor", 0.2)),
-        pcoeff=float(opts.get("pcoeff", default_p)),
-        icoeff=float(opts.get("icoeff", default_i)),
-    )
+    return make_controller(tab.order, opts)
 
 
 def _grid(problem: Problem) -> list[float]:

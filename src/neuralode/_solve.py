@@ -1,4 +1,7 @@
-"""The integration loops: one generic explicit Runge-Kutta step, an adaptive loop and a fixed-grid loop.
+"""The joint integration loops (one step size for the whole state): adaptive and fixed-grid.
+
+Both step with the Runge-Kutta core of ``_rk.py`` (its ``SCALAR`` strategy), take their step sizes
+from a :class:`~neuralode._control.Controller` and their outputs from ``_dense.py``.
 
 Conventions: times are Python floats (float64) on the host; the state ``y`` is one tensor of any shape
 (tuple states are flattened by the front door). ``f(t, y)`` is the vector field with ``t`` a float.
@@ -14,8 +17,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from neuralode._control import Controller, Norm, combine_dop853, rms_norm
+from neuralode._control import Controller, Norm, rms_norm
+from neuralode._dense import dense_eval, interpolate, step_outputs
 from neuralode._errors import SolverError
+from neuralode._rk import error_ratio, rk_step, rms_error_ratio, rms_factor, without_grad
 from neuralode._stats import SolveStats
 from neuralode._tableau import ButcherTableau
 
@@ -24,122 +29,19 @@ __all__ = ["compiled_stepper", "dense_eval", "integrate_adaptive", "integrate_fi
 Func = Callable[[float, torch.Tensor], torch.Tensor]
 
 
-def _combine(y: torch.Tensor, k: Sequence[torch.Tensor], coeffs, h: float) -> torch.Tensor:
-    """``y + h Σ_j a_j k_j`` over the non-zero (j, a_j) pairs, as a chain of fused add kernels."""
-    out = y
-    first = True
-    for j, a in coeffs:
-        if first:
-            out = torch.add(y, k[j], alpha=a * h)
-            first = False
-        else:
-            out = out.add_(k[j], alpha=a * h)
-    return out if not first else y.clone()
-
-
-def rk_step(
-    f: Func, tab: ButcherTableau, t: float, h: float, y: torch.Tensor, f0: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One explicit RK step from (t, y) with first stage ``f0``; returns ``(y1, stages)``.
-
-    For an FSAL tableau the last stage is f(t + h, y1).
-    """
-    k = [f0]
-    c, nz = tab.c, tab.a_nonzero
-    y_stage = y
-    for i in range(1, tab.stages):
-        y_stage = _combine(y, k, nz[i], h)
-        k.append(f(t + c[i] * h, y_stage))
-    if tab.fsal:
-        y1 = y_stage
-    else:
-        y1 = _combine(y, k, tab.b_nonzero, h)
-    return y1, k
-
-
-def _weighted(k: Sequence[torch.Tensor], w, h: float) -> torch.Tensor:
-    """``h Σ_j w_j k_j``; ``w`` is a weight list, or already the non-zero ``(j, w_j)`` pairs."""
-    pairs = w if isinstance(w[0], tuple) else [(j, v) for j, v in enumerate(w) if v != 0.0]
-    j0, v0 = pairs[0]
-    out = torch.mul(k[j0], v0 * h)
-    for j, v in pairs[1:]:
-        out.add_(k[j], alpha=v * h)
-    return out
-
-
-@torch.no_grad()
-def _error_ratio(tab, k, h, y, y1, rtol, atol, norm: Norm) -> torch.Tensor:
-    """Error ratio of a step as a 0-d tensor (≤ 1 means accept)."""
-    tol = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
-    r = torch.as_tensor(norm(_weighted(k, tab.b_error, h).div_(tol)))
-    if tab.b_error_aux is None:
-        return r
-    r3 = torch.as_tensor(norm(_weighted(k, tab.b_error_aux_nonzero, h).div_(tol)))
-    return combine_dop853(r, r3)
-
-
-def _rms_error_ratio(
-    tab: ButcherTableau, k, y_abs_c: torch.Tensor, y1: torch.Tensor, c: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fast path of :func:`_error_ratio` for the default RMS norm and scalar tolerances.
-
-    ``rms(e / (atol + rtol·max(|y|, |y1|)))`` with ``e = h Σ_j e_j k_j`` equals
-    ``|h e_0 / rtol| / sqrt(n) · ‖(k_0 + Σ_j (e_j/e_0) k_j) / max(|y| + c, |y1| + c)‖₂``, ``c = atol/rtol``
-    (a 0-d tensor, so that no Python scalar is wrapped and converted: that costs a hidden copy kernel).
-    Every constant factor moves to the host; ``|y| + c`` is the previous step's ``|y1| + c`` (returned for
-    reuse); the squared norm is one ``dot``. 4 + (non-zero error weights) kernels.
-
-    Returns ``(‖…‖₂², |y1| + c)``; the caller takes the square root and applies the host factor
-    (:func:`_error_host_factor`) after fetching the first.
-    """
-    # No autograd here. torch.no_grad() as a decorator costs ~5 µs a call; the raw switch ~1 µs.
-    grad = torch.is_grad_enabled()
+def _rms_sq(tab: ButcherTableau, k, y1: torch.Tensor, c: torch.Tensor, y_abs_c: torch.Tensor):
+    """The joint loop's reduction of :func:`rms_error_ratio`, without grad: ``(‖x‖₂², |y1| + c)`` (one
+    ``dot``); the ratio is ``sqrt`` of the first times ``|h|·rms_factor`` (on the host, after the sync)."""
+    grad = torch.is_grad_enabled()  # the raw switch, as in without_grad (one call layer less)
     if grad:
         torch._C._set_grad_enabled(False)
     try:
-        y1_abs_c = torch.abs(y1).add_(c)
-        scale = torch.maximum(y_abs_c, y1_abs_c)
-        (j0, e0), *rest = tab.b_error_nonzero
-        if rest:
-            err = torch.add(k[j0], k[rest[0][0]], alpha=rest[0][1] / e0)
-            for j, e in rest[1:]:
-                err.add_(k[j], alpha=e / e0)
-            err = err.div_(scale).reshape(-1)
-        else:
-            err = torch.div(k[j0], scale).reshape(-1)
-        return torch.dot(err, err), y1_abs_c
+        x, y1_abs_c = rms_error_ratio(tab, k, y1, c, y_abs_c)
+        x = x.view(-1)
+        return torch.dot(x, x), y1_abs_c
     finally:
         if grad:
             torch._C._set_grad_enabled(True)
-
-
-def _error_host_factor(tab: ButcherTableau, h: float, rtol: float, n: int) -> float:
-    """The constant ``|h e_0 / rtol| / sqrt(n)`` of :func:`_rms_error_ratio`."""
-    return abs(h * tab.b_error_nonzero[0][1] / rtol) / math.sqrt(max(n, 1))
-
-
-def dense_eval(
-    f: Func,
-    tab: ButcherTableau,
-    t: float,
-    h: float,
-    y: torch.Tensor,
-    k_ext: list[torch.Tensor],
-    thetas: Sequence[float],
-    stats: SolveStats,
-) -> list[torch.Tensor]:
-    """Dense output at ``t + θh`` for each θ in (0, 1); ``k_ext = [stages..., f(t1, y1)]`` (extended in
-    place with the tableau's extra stages when it has any)."""
-    if tab.uses_extra_stages and len(k_ext) == tab.stages + 1:
-        for i, row in enumerate(tab.extra_nonzero):
-            k_ext.append(f(t + tab.extra_c[i] * h, _combine(y, k_ext, row, h)))
-            stats.nfe += 1
-    # All outputs of the step in one matrix product: y + (h W) K with W the (len(thetas), stages) dense
-    # weights. Three kernels (and three autograd nodes) instead of ~(stages + 1) per output.
-    w = torch.tensor([[wi * h for wi in tab.dense_weights(th)] for th in thetas], dtype=y.dtype)
-    K = torch.stack(k_ext).reshape(len(k_ext), -1)
-    out = torch.addmm(y.reshape(1, -1), w.to(y.device, non_blocking=True), K)
-    return list(out.view(len(thetas), *y.shape).unbind(0))
 
 
 def integrate_adaptive(
@@ -188,6 +90,7 @@ def integrate_adaptive(
     prev_ratio = 1.0
     n_steps = 0
     i_stop = 0
+    failed = None  # (t, h, stages) of the last attempt when its error estimate was not finite
     while i_stop < len(stops) and direction * (stops[i_stop][0] - t) <= 0:
         i_stop += 1
     # Default RMS norm with scalar tolerances: the cheaper error ratio that reuses |y1| as the next |y|.
@@ -197,6 +100,7 @@ def integrate_adaptive(
     if fast_norm:
         c_tol = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device)
         y_abs = torch.abs(y0.detach()).add_(c_tol)
+        rms_host = rms_factor(tab, rtol, y0.numel())
     while i_out < n_out:
         h = max(h, min_step)
         last = h >= abs(t_end - t)
@@ -206,8 +110,12 @@ def integrate_adaptive(
             stop = stops[i_stop]
             h_signed, last = stop[0] - t, False
         if t + h_signed == t:
+            if failed is not None:  # the step shrank because func returned NaN/inf, not for accuracy
+                raise _nonfinite_stage(tab, *failed, n_steps)
             raise SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
         if n_steps >= max_num_steps:
+            if failed is not None:
+                raise _nonfinite_stage(tab, *failed, n_steps)
             raise SolverError(
                 "max_num_steps",
                 f"max_num_steps={max_num_steps} exceeded",
@@ -226,9 +134,9 @@ def integrate_adaptive(
         else:
             y1, k = rk_step(f_step, tab, t, h_signed, y, f0)
             if fast_norm:  # squared RMS ratio up to a host-side factor
-                ratio_t, y1_abs = _rms_error_ratio(tab, k, y_abs, y1.detach(), c_tol)
+                ratio_t, y1_abs = _rms_sq(tab, k, y1, c_tol, y_abs)
             else:
-                ratio_t = _error_ratio(tab, k, h_signed, y, y1, rtol, atol, norm)
+                ratio_t = without_grad(error_ratio, tab, k, h_signed, y, y1, rtol, atol, norm)
         if event is None:
             ratio = float(ratio_t)  # the one sync per step
         else:  # the event's sign check rides on the same sync
@@ -236,7 +144,7 @@ def integrate_adaptive(
             pair = torch.stack([ratio_t.to(torch.float64), event.crossed(t1_try, y1).to(torch.float64)])
             ratio, crossed = pair.tolist()
         if fast_norm:
-            ratio = math.sqrt(ratio) * _error_host_factor(tab, h_signed, rtol, y0.numel())
+            ratio = math.sqrt(ratio) * abs(h_signed) * rms_host
         accepted = ratio <= 1.0 or abs(h_signed) <= min_step
         if not math.isfinite(ratio):
             accepted = False
@@ -247,6 +155,9 @@ def integrate_adaptive(
                 raise SolverError(
                     "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
                 )
+            failed = (t, h_signed, k)
+        else:
+            failed = None
         if accepted:
             t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
             if stop is not None and stop[1]:
@@ -264,17 +175,13 @@ def integrate_adaptive(
             if trace is not None:
                 trace.append((t, h_signed))
             # Outputs inside (t, t1]: exact at t1, dense output strictly inside.
-            inner = []
-            j = i_out
-            while j < n_out and direction * (t_out[j] - t1) < 0:
-                inner.append((t_out[j] - t) / h_signed)
-                j += 1
-            if inner:
-                outputs.extend(dense_eval(f, tab, t, h_signed, y, [*k, f1], inner, stats))
-            i_out = j
-            if i_out < n_out and t_out[i_out] == t1:
-                outputs.append(y1)
-                i_out += 1
+            if direction * (t_out[i_out] - t1) <= 0:  # (the common step reaches no output)
+                inner, i_out, at_end = step_outputs(t_out, i_out, t, h_signed, t1, direction)
+                if inner:
+                    outputs.extend(dense_eval(f, tab, t, h_signed, y, [*k, f1], inner, stats))
+                if at_end:
+                    outputs.append(y1)
+                    i_out += 1
             stop_now = event is not None and bool(crossed)
             if stop_now:
                 event.found(t, h_signed, y, [*k, f1], t1, y1)
@@ -283,7 +190,6 @@ def integrate_adaptive(
                 y_abs = y1_abs
             stats.n_accepted += 1
             stats.last_step = abs(h_signed)
-            prev_ratio = ratio
             if stop_now:
                 break
         else:
@@ -291,6 +197,8 @@ def integrate_adaptive(
             if callbacks is not None:
                 callbacks.reject(t, y, h_signed)
         h = min(abs(h_signed) * controller.factor(ratio, prev_ratio, accepted), max_step)
+        if accepted:  # the PI controller's memory: the last accepted ratio before this step's
+            prev_ratio = ratio
     stats.n_steps += n_steps
     return outputs
 
@@ -315,7 +223,6 @@ def integrate_fixed(
 
     ``stepper(f, t, h, y, f0, stats) -> (y1, f1 or None)`` replaces the explicit RK step of ``tab`` (used
     by the implicit and Adams methods; ``f1`` is ``f(t + h, y1)`` when the step has it for free)."""
-    n_out = len(t_out)
     direction = 1.0 if t_out[-1] > t_out[0] else -1.0
     outputs = [y0]
     i_out = 1
@@ -341,27 +248,49 @@ def integrate_fixed(
             callbacks.accept(g0, y, h)
         if trace is not None:
             trace.append((g0, h))
-        j = i_out
-        while j < n_out and direction * (t_out[j] - g1) < 0:
-            j += 1
-        if j > i_out:
-            thetas = [(t_out[m] - g0) / h for m in range(i_out, j)]
-            if interp == "cubic":
-                if f1 is None:
-                    f1 = f(g1, y1)
-                    stats.nfe += 1
-                outputs.extend(_hermite(y, y1, k[0], f1, h, th) for th in thetas)
-            else:
-                outputs.extend(torch.lerp(y, y1, th) for th in thetas)
-            i_out = j
-        if i_out < n_out and t_out[i_out] == g1:
+        thetas, i_out, at_end = step_outputs(t_out, i_out, g0, h, g1, direction)
+        if thetas:
+            if interp == "cubic" and f1 is None:
+                f1 = f(g1, y1)
+                stats.nfe += 1
+            outputs.extend(interpolate(interp, y, y1, k[0], f1, h, thetas))
+        if at_end:
             outputs.append(y1)
             i_out += 1
         y, f_next = y1, (None if perturb else f1)
         stats.n_steps += 1
         stats.n_accepted += 1
         stats.last_step = abs(h)
+    # A NaN/inf state stays non-finite through every later step (y1 = y + h Σ b_j k_j), so the end
+    # state tells for the whole grid: one sync per solve.
+    if not bool(torch.isfinite(y).all()):
+        raise nonfinite_outputs(t_out, outputs, stats.n_steps)
     return outputs
+
+
+def nonfinite_outputs(t_out: Sequence[float], outputs: Sequence[torch.Tensor], n_steps: int) -> SolverError:
+    """The error for a fixed-grid solve whose outputs are not all finite, at the first such output."""
+    i = next((i for i, o in enumerate(outputs) if not bool(torch.isfinite(o).all())), len(outputs) - 1)
+    what = "NaN" if bool(torch.isnan(outputs[i]).any()) else "inf"
+    return SolverError(
+        "nonfinite",
+        f"func returned {what}: the fixed-grid solution is not finite from output {i} on",
+        t=float(t_out[min(i, len(t_out) - 1)]),
+        step_size=float("nan"),
+        n_steps=n_steps,
+    )
+
+
+def _nonfinite_stage(tab, t: float, h: float, k, n_steps: int) -> SolverError:
+    """The error for a step that kept failing on a non-finite stage: the first stage of the last attempt
+    that is NaN/inf says where ``func`` broke down (a few syncs, on the way out only)."""
+    for i, ki in enumerate(k):
+        if not bool(torch.isfinite(ki).all()):
+            what = "NaN" if bool(torch.isnan(ki).any()) else "inf"
+            return SolverError(
+                "nonfinite", f"func returned {what}", t=t + tab.c[i] * h, step_size=h, n_steps=n_steps
+            )
+    return SolverError("nonfinite", "non-finite error estimate (overflow)", t=t, step_size=h, n_steps=n_steps)
 
 
 def _before(f, t_jump: float, direction: float):
@@ -405,9 +334,3 @@ def _one_sided(f, g0: float, g1: float, direction: float):
         return f(t, y, perturb=int(direction) if t == g0 else (-int(direction) if t == g1 else 0))
 
     return fs
-
-
-def _hermite(y0, y1, f0, f1, h, th):
-    h00, h10 = 2 * th**3 - 3 * th**2 + 1, th**3 - 2 * th**2 + th
-    h01, h11 = -2 * th**3 + 3 * th**2, th**3 - th**2
-    return y0 * h00 + y1 * h01 + f0 * (h10 * h) + f1 * (h11 * h)
