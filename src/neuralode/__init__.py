@@ -3,6 +3,8 @@
 Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_event``.
 """
 
+import importlib.metadata as _metadata
+
 from neuralode._adjoint import odeint_adjoint
 from neuralode._batched import PerSampleInfo, odeint_per_sample
 from neuralode._batched_adjoint import odeint_per_sample_adjoint
@@ -37,4 +39,4 @@ __all__ = [
     "record_stats",
 ]
 
-__version__ = "0.1.0"
+__version__ = next((d.version for d in _metadata.distributions(name="neuralode")), "0.0.0+unknown")

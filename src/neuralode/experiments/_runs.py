@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "RunDir",
+    "check_device_name",
     "get_rng_state",
     "load_checkpoint",
     "peak_memory_mb",
@@ -179,6 +180,14 @@ def resolve_device(name: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} was requested but CUDA is not available; use --device cpu")
     return dev
+
+
+def check_device_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` parses as a device (``cpu``, ``cuda``, ``cuda:N``, ``auto``)."""
+    try:
+        torch.device("cpu" if name == "auto" else name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={name!r} is not a device (expected cpu, cuda, cuda:N or auto)") from exc
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
