@@ -435,8 +435,10 @@ class Trainer:
         return bool(torch.stack(flags).all()) if flags else True
 
     def fit(self, task: Task) -> None:
-        if self.start == 0 and self.eval_at_start:
-            self.log("metrics.jsonl", {"iter": 0, **task.evaluate(0)})
+        if self.start == 0:  # a checkpoint from the start: --resume works, divergence keeps something
+            if self.eval_at_start:
+                self.log("metrics.jsonl", {"iter": 0, **task.evaluate(0)})
+            self.save(0, task)
         bar = (
             progress(total=self.total, initial=min(self.start, self.total), desc=self.desc)
             if self.run.main
@@ -465,8 +467,10 @@ class Trainer:
                     bar.set_postfix(**task.postfix(rec), refresh=False)
                 if done % self.eval_every == 0 or done == self.total:
                     self._tick()
-                    row = {"iter": done, **task.evaluate(done)}
-                    self._tick()
+                    try:
+                        row = {"iter": done, **task.evaluate(done)}
+                    except SolverError as exc:
+                        raise TrainingDiverged(done, f"an evaluation solve failed ({exc})") from None
                     self.log("metrics.jsonl", {**row, "wall_time_s": self.totals["wall_time_s"]})
                     self.save(done, task)
                 elif self.checkpoint_every and done % self.checkpoint_every == 0:
