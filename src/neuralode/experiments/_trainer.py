@@ -452,8 +452,12 @@ class Trainer:
                     raise Interrupted(signum, it)
                 try:
                     rec = task.step(it)
-                except SolverError as exc:
-                    raise TrainingDiverged(it + 1, f"a training solve failed ({exc})") from None
+                except (SolverError, ArithmeticError, ValueError) as exc:
+                    if not _is_divergence(exc):
+                        raise
+                    raise TrainingDiverged(
+                        it + 1, f"a training solve failed ({type(exc).__name__}: {exc})"
+                    ) from None
                 loss = float(rec["loss"])
                 if not math.isfinite(loss):
                     raise TrainingDiverged(it + 1, f"the loss is {loss}")
@@ -469,8 +473,12 @@ class Trainer:
                     self._tick()
                     try:
                         row = {"iter": done, **task.evaluate(done)}
-                    except SolverError as exc:
-                        raise TrainingDiverged(done, f"an evaluation solve failed ({exc})") from None
+                    except (SolverError, ArithmeticError, ValueError) as exc:
+                        if not _is_divergence(exc):
+                            raise
+                        raise TrainingDiverged(
+                            done, f"an evaluation solve failed ({type(exc).__name__}: {exc})"
+                        ) from None
                     self.log("metrics.jsonl", {**row, "wall_time_s": self.totals["wall_time_s"]})
                     self.save(done, task)
                 elif self.checkpoint_every and done % self.checkpoint_every == 0:
@@ -479,6 +487,16 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self._tick()
+
+
+def _is_divergence(exc: BaseException) -> bool:
+    """Whether an error inside a training step is the model blowing up rather than a bug: a solver
+    failure, arithmetic on infinities (e.g. a zero initial step from an infinite derivative), or a
+    solver input check that found NaN/inf."""
+    if isinstance(exc, (SolverError, ArithmeticError)):
+        return True
+    text = str(exc)
+    return "NaN" in text or "nan" in text.split() or "inf" in text.split() or "non-finite" in text
 
 
 # ------------------------------------------------------------------------------------------------ records
