@@ -160,8 +160,9 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, *, hidden: It
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         if typ is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=helptext, **kw)
-            for a in aliases:
-                parser.add_argument(a, action="store_true", help=argparse.SUPPRESS, **kw)
+            for a in aliases:  # an old "--no-x" spelling switches the field off
+                action = "store_false" if a.startswith("--no-") else "store_true"
+                parser.add_argument(a, action=action, help=argparse.SUPPRESS, **kw)
             continue
         kw["type"] = _converter(typ, optional, f.name)
         if meta.get("choices"):
