@@ -418,7 +418,7 @@ def test_config_sizes_and_optimiser_options():
     assert model.decoder[0].out_features == 50 and model.decoder[0].in_features == 6
     linears = [m for m in model.dynamics.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 4 and linears[0].out_features == 32
-    with pytest.raises(ValueError, match="grad_clip"):
+    with pytest.raises(ValueError, match="grad-clip must be a finite number >= 0"):
         LatentConfig(grad_clip=-1.0)
     with pytest.raises(ValueError, match="lr_decay"):
         LatentConfig(lr_decay=0.0)
