@@ -160,7 +160,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, *, hidden: It
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         if typ is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=helptext, **kw)
-            for a in aliases:  # an old "--no-x" spelling switches the field off
+            for a in (a for a in aliases if a != "--no-" + flags[0][2:]):  # an old "--no-x" switches it off
                 action = "store_false" if a.startswith("--no-") else "store_true"
                 parser.add_argument(a, action=action, help=argparse.SUPPRESS, **kw)
             continue

@@ -10,11 +10,13 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,7 +117,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(
             f"no checkpoint at {str(path)!r}; start without --resume or pass the run folder"
         )
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes); start again with --overwrite")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read (truncated, corrupt, or holding more than weights: "
+            f"{first}); start again with --overwrite"
+        ) from None
 
 
 class RunDir:

@@ -31,7 +31,6 @@ import fcntl
 import json
 import math
 import os
-import pickle
 import platform
 import shutil
 import signal
@@ -39,7 +38,6 @@ import socket
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,7 +58,9 @@ from neuralode.experiments._runs import (
     RunDir,
     _jsonable,
     get_rng_state,
+    load_checkpoint,
     progress,
+    resolve_device,
     save_checkpoint,
     set_rng_state,
 )
@@ -117,16 +117,10 @@ def read_checkpoint(path: str | os.PathLike, *, experiment: str | None = None, m
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {str(path)!r}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes); start again with --overwrite")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read (truncated, corrupt, or holding more than weights: "
-            f"{first}); start again with --overwrite"
-        ) from None
+        ckpt = load_checkpoint(path, map_location=map_location)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(ckpt, dict) or ckpt.get("schema") != CHECKPOINT_SCHEMA:
         found = ckpt.get("schema") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
@@ -588,7 +582,9 @@ class Experiment:
 
 def register_experiment(
     subparsers: Any, spec: Experiment, *, names: Iterable[str], help: str, description: str
-) -> None:
+) -> list[argparse.ArgumentParser]:
+    """Add one parser per name; returns them (for experiment-specific extras)."""
+    parsers = []
     for name in names:
         p = subparsers.add_parser(
             name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -601,6 +597,17 @@ def register_experiment(
             ", ".join("--" + f.replace("_", "-") for f in may) or "none"
         )
         p.set_defaults(func=lambda args, _p=p, _n=name: run_experiment(args, spec, _p, _n))
+        parsers.append(p)
+    return parsers
+
+
+def check_device(cfg: Any) -> None:
+    """``--device cuda`` on a machine without CUDA (and the like) as a :class:`UsageError`."""
+    if hasattr(cfg, "device"):
+        try:
+            resolve_device(cfg.device)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def _plan(args: argparse.Namespace, spec: Experiment) -> tuple[Any, Path, dict | None]:
@@ -622,7 +629,8 @@ def _plan(args: argparse.Namespace, spec: Experiment) -> tuple[Any, Path, dict |
     if not resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume = (out / "checkpoint.pt").is_file()  # relaunched by torchrun --max-restarts
         args.overwrite = args.overwrite or not resume  # the failed attempt's own files
-    RunFolder.check(out, resume=resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # the other ranks would see rank 0's fresh files
+        RunFolder.check(out, resume=resume, overwrite=args.overwrite)
     ckpt = None
     if resume:
         if args.config:
@@ -631,6 +639,7 @@ def _plan(args: argparse.Namespace, spec: Experiment) -> tuple[Any, Path, dict |
         cfg = resolve_config(spec.config_cls, typed, saved=ckpt["config"], resumable=spec.resumable)
     else:
         cfg = resolve_config(spec.config_cls, typed, file_values=file_values)
+    check_device(cfg)
     spec.check(cfg)
     return cfg, out, ckpt
 
@@ -661,6 +670,7 @@ def execute(
             cfg = resolve_config(
                 spec.config_cls, config_dict(cfg), saved=ckpt["config"], resumable=spec.resumable
             )
+        check_device(cfg)
         spec.check(cfg)
     main = int(os.environ.get("RANK", "0")) == 0
     run = RunFolder(out, main=main).open(fresh=ckpt is None, overwrite=overwrite)

@@ -47,6 +47,7 @@ from neuralode.experiments._trainer import (
     RunFolder,
     StopSignal,
     Trainer,
+    check_device,
     execute,
     register_experiment,
     write_config,
@@ -742,13 +743,6 @@ def _flow_resumable(saved: dict[str, Any]) -> tuple[str, ...]:
     return fields + (("iters",) if saved.get("lr_schedule", "constant") == "constant" else ())
 
 
-def _check(cfg) -> None:
-    try:
-        resolve_device(cfg.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def _flow_headline(m: dict[str, Any]) -> str:
     ref = next((f"; reference {m[k]:.4f}" for k in ("true_test_nll", "reference_test_nll") if k in m), "")
     return f"test NLL {m['test_nll']:.4f} nats{ref} (train {m['train_nll']:.4f}), {m['wall_time_s']:.1f} s"
@@ -756,18 +750,18 @@ def _flow_headline(m: dict[str, Any]) -> str:
 
 CNF_EXPERIMENT = Experiment(
     name="cnf", config_cls=CNFConfig, train=_train_cnf, default_out=lambda cfg: "runs/cnf",
-    headline=_flow_headline, resumable=_flow_resumable, check=_check,
+    headline=_flow_headline, resumable=_flow_resumable,
 )  # fmt: skip
 NF_EXPERIMENT = Experiment(
     name="nf", config_cls=NFConfig, train=_train_nf, default_out=lambda cfg: "runs/nf",
-    headline=_flow_headline, resumable=_flow_resumable, check=_check,
+    headline=_flow_headline, resumable=_flow_resumable,
 )  # fmt: skip
 
 
 def _run_figure4(args, parser) -> int:
     try:
         cfg = resolve_config(Figure4Config, typed_options(args, Figure4Config))
-        _check(cfg)
+        check_device(cfg)
         results = run_figure4(cfg, args.out, overwrite=args.overwrite)
     except UsageError as exc:
         parser.error(str(exc))

@@ -46,6 +46,7 @@ from neuralode.experiments._trainer import (
     RunFolder,
     StopSignal,
     Trainer,
+    check_device,
     execute,
     register_experiment,
     write_config,
@@ -659,13 +660,6 @@ def format_table2(results: dict[str, dict[int, dict[int, dict]]], base: LatentCo
 # -- command line ----------------------------------------------------------------------------------
 
 
-def _check(cfg: LatentConfig) -> None:
-    try:
-        resolve_device(cfg.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 LATENT = Experiment(
     name="latent",
     config_cls=LatentConfig,
@@ -676,14 +670,13 @@ LATENT = Experiment(
         f"interpolation RMSE {m['rmse_interpolation']:.4f}; {m['wall_time_s']:.1f} s"
     ),
     resumable=lambda saved: ("iters", "eval_every", "threads", "device", "plots", "max_steps"),
-    check=_check,
 )
 
 
 def _cmd_table2(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         base = resolve_config(LatentConfig, typed_options(args, LatentConfig))
-        _check(base)
+        check_device(base)
         if args.jobs < 1:
             raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
         for n in args.obs_list:

@@ -467,13 +467,6 @@ def _default_out(prefix: str) -> Path:
     return out
 
 
-def _check(cfg: SpiralConfig) -> None:
-    try:
-        resolve_device(cfg.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def _headline(m: dict[str, Any]) -> str:
     return (
         f"full-trajectory L1 {m['initial_loss']:.4f} -> {m['final_loss']:.4f} "
@@ -490,7 +483,6 @@ SPIRAL = Experiment(
     default_out=lambda cfg: "runs/spiral",
     headline=_headline,
     resumable=lambda saved: RESUMABLE_FIELDS,
-    check=_check,
 )
 _DESCRIPTION = (
     "Learn the spiral dynamics dy/dt = y^3 A from one trajectory by backprop through the solver "
