@@ -300,7 +300,8 @@ def test_cli_train_and_resume(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     for key in ("rmse_extrapolation", "rmse_interpolation", "rmse_extrapolation_noisy", "nfe_forward"):
         assert math.isfinite(m[key])
-    assert (out / "fig8_reconstructions.png").exists() and (out / "fig9_traversal.png").exists()
+    for png in ("fig8_reconstructions.png", "fig9_traversal.png", "nfe.png"):
+        assert (out / png).exists(), png
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iter"] for x in lines] == [2, 4] and cfg["obs"] == 10
 

@@ -208,3 +208,31 @@ def test_signal_saves_and_resume_is_bit_identical(tmp_path, signum):
         assert torch.equal(a[k], b[k]), k
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (straight, split))
     assert ma["final_loss"] == mb["final_loss"] and ma["nfe_forward"] == mb["nfe_forward"]
+
+
+def test_tensorboard_without_the_package_is_a_usage_error(tmp_path, capsys):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    err = _usage_error(capsys, "train", "spiral", *TINY, "--out", str(tmp_path / "never"), "--tensorboard")
+    assert "--tensorboard needs the tensorboard package" in err and not (tmp_path / "never").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tensorboard_scalars_read_back_with_tensorboards_reader(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert _spiral(out, "--iters", "4", "--tensorboard") == 0
+    assert _spiral(out, "--iters", "6", "--resume", "--tensorboard") == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "train/nfe_forward", "eval/eval_l1"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {e.step: e.value for e in acc.Scalars("eval/eval_l1")}
+    assert logged == pytest.approx({r["iter"]: r["eval_l1"] for r in rows})

@@ -195,6 +195,11 @@ def add_run_options(parser: argparse.ArgumentParser, default_out: str) -> None:
         "--config", metavar="FILE", default=None, help="take options from a JSON file (a run's config.json)"
     )
     g.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    g.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard scalars (loss, metrics, NFE) into DIR/tensorboard (needs tensorboard)",
+    )
 
 
 def typed_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:

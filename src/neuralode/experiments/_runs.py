@@ -29,6 +29,7 @@ __all__ = [
     "get_rng_state",
     "load_checkpoint",
     "peak_memory_mb",
+    "plot_nfe",
     "progress",
     "resolve_device",
     "save_checkpoint",
@@ -207,6 +208,38 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def plot_nfe(
+    path: str | os.PathLike,
+    records: list[dict[str, Any]],
+    series: dict[str, str],
+    *,
+    x: str = "iter",
+    title: str = "Function evaluations per training iteration",
+    dpi: int = 150,
+) -> Path | None:
+    """An NFE-over-training plot: ``series`` maps a legend label to a key of the ``records`` (the lines of
+    a ``metrics.jsonl``); records without the key are skipped. Returns the path, or None without data."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    drawn = False
+    for label, key in series.items():
+        pts = [(r[x], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=label)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("NFE (function evaluations) per iteration")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=dpi)
+    return Path(path)
 
 
 class _PlainProgress:

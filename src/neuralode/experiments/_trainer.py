@@ -145,6 +145,7 @@ class RunFolder(RunDir):
     def __init__(self, root: str | os.PathLike, *, main: bool = True):
         self.root = Path(root)
         self.main = main
+        self.tensorboard = False  # also write TensorBoard scalars (see Trainer)
         self._lock_fd: int | None = None
         self._created = False
 
@@ -368,12 +369,22 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self._clock = (time.perf_counter(), time.process_time())
+        self._tb: Any = None
 
     # -- logs
     def log(self, name: str, row: dict[str, Any]) -> None:
         """Append ``row`` to ``name`` (JSON lines); the line count goes into every checkpoint."""
         self.run.append_jsonl(name, row)
         self.lines[name] = self.lines.get(name, 0) + 1
+        if name == "metrics.jsonl":
+            self._scalars("eval", row, int(row.get("iter", 0)))
+
+    def _scalars(self, prefix: str, row: dict[str, Any], step: int) -> None:
+        if self._tb is None:
+            return
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "iter":
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
 
     def _tick(self) -> None:
         now = (time.perf_counter(), time.process_time())
@@ -429,6 +440,18 @@ class Trainer:
         return bool(torch.stack(flags).all()) if flags else True
 
     def fit(self, task: Task) -> None:
+        if self.run.tensorboard and self.run.main:
+            self._tb = open_tensorboard(
+                self.run.path("tensorboard"), purge_step=self.start + 1 if self.start else None
+            )
+        try:
+            self._fit(task)
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+
+    def _fit(self, task: Task) -> None:
         if self.start == 0:  # a checkpoint from the start: --resume works, divergence keeps something
             if self.eval_at_start:
                 self.log("metrics.jsonl", {"iter": 0, **task.evaluate(0)})
@@ -457,6 +480,7 @@ class Trainer:
                     raise TrainingDiverged(it + 1, f"the loss is {loss}")
                 if not self._params_finite():
                     raise TrainingDiverged(it + 1, "the weights became non-finite")
+                self._scalars("train", rec, it + 1)
                 self.totals["nfe_forward"] += rec.get("nfe_forward", 0)
                 self.totals["nfe_backward"] += rec.get("nfe_backward", 0)
                 done = it + 1
@@ -481,6 +505,17 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self._tick()
+
+
+def open_tensorboard(logdir: Path, purge_step: int | None = None) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter``; :class:`UsageError` when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise UsageError(
+            f"--tensorboard needs the tensorboard package ({exc}); pip install tensorboard, or drop --tensorboard"
+        ) from None
+    return SummaryWriter(str(logdir), purge_step=purge_step)
 
 
 def _is_divergence(exc: BaseException) -> bool:
@@ -641,6 +676,13 @@ def _plan(args: argparse.Namespace, spec: Experiment) -> tuple[Any, Path, dict |
         cfg = resolve_config(spec.config_cls, typed, file_values=file_values)
     check_device(cfg)
     spec.check(cfg)
+    if getattr(args, "tensorboard", False):
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as exc:
+            raise UsageError(
+                f"--tensorboard needs the tensorboard package ({exc}); pip install tensorboard, or drop it"
+            ) from None
     return cfg, out, ckpt
 
 
@@ -652,6 +694,7 @@ def execute(
     resume: bool = False,
     overwrite: bool = False,
     planned: tuple[dict | None] | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg`` into the run folder ``out`` (the Python API behind every ``train`` command).
 
@@ -674,6 +717,7 @@ def execute(
         spec.check(cfg)
     main = int(os.environ.get("RANK", "0")) == 0
     run = RunFolder(out, main=main).open(fresh=ckpt is None, overwrite=overwrite)
+    run.tensorboard = tensorboard
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resumed = ckpt["step"] if ckpt else None
     record = start_record(run, spec.name, resumed_from=resumed, world_size=world) if main else {}
@@ -714,7 +758,9 @@ def run_experiment(
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{spec.name}: run folder {out}{where}", file=sys.stderr, flush=True)
     try:
-        metrics = execute(spec, cfg, out, overwrite=args.overwrite, planned=(ckpt,))
+        metrics = execute(
+            spec, cfg, out, overwrite=args.overwrite, planned=(ckpt,), tensorboard=args.tensorboard
+        )
     except UsageError as exc:
         parser.error(str(exc))
     except Interrupted as exc:

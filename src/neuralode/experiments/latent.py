@@ -40,7 +40,7 @@ from neuralode.experiments._config import (
     resolve_config,
     typed_options,
 )
-from neuralode.experiments._runs import check_device_name, resolve_device, seed_everything
+from neuralode.experiments._runs import check_device_name, plot_nfe, resolve_device, seed_everything
 from neuralode.experiments._trainer import (
     Experiment,
     RunFolder,
@@ -389,6 +389,9 @@ def _train(cfg: LatentConfig, run: RunFolder, ckpt: dict | None, stop: StopSigna
     if cfg.plots:
         try:
             make_plots(model, cfg, data, run.root)
+            records = [json.loads(v) for v in run.path("metrics.jsonl").read_text().splitlines() if v]
+            series = {"forward": "nfe_train", "backward (adjoint)": "nfe_train_backward"}
+            plot_nfe(run.path("nfe.png"), records, series, dpi=PLOT_DPI)
         except ImportError as exc:  # matplotlib is an optional extra
             print(f"plots skipped: {exc}", file=sys.stderr)
     return metrics

@@ -34,7 +34,13 @@ from torch import nn
 import neuralode
 from neuralode import ADAPTIVE_METHODS, GRADIENT_METHODS, SOLVERS, TABLEAUS, NeuralODE, odeint, record_stats
 from neuralode.experiments._config import UsageError, check_positive_float, check_positive_int, opt
-from neuralode.experiments._runs import check_device_name, peak_memory_mb, resolve_device, seed_everything
+from neuralode.experiments._runs import (
+    check_device_name,
+    peak_memory_mb,
+    plot_nfe,
+    resolve_device,
+    seed_everything,
+)
 from neuralode.experiments._trainer import (
     Experiment,
     RunFolder,
@@ -355,7 +361,7 @@ def train_spiral(
 
 # -------------------------------------------------------------------------------------------- plotting
 
-PLOT_FILES = ("trajectories.png", "phase.png", "vector_field.png", "loss.png")
+PLOT_FILES = ("trajectories.png", "phase.png", "vector_field.png", "loss.png", "nfe.png")
 
 
 def write_plots(
@@ -368,7 +374,7 @@ def write_plots(
     dpi: int = 150,
 ) -> list[Path]:
     """Write :data:`PLOT_FILES` into ``root``: x(t) and y(t) true vs learned, the phase portrait, the true
-    and learned vector fields, and the loss curve. Needs matplotlib (the ``experiments`` extra)."""
+    and learned vector fields, the loss curve and the NFE per training iteration. Needs matplotlib (the ``experiments`` extra)."""
     try:
         from matplotlib.colors import Normalize
         from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
@@ -451,6 +457,10 @@ def write_plots(
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.savefig(paths[3], dpi=dpi)
+    series = {"forward (training solve)": "nfe_forward_per_iter", "backward": "nfe_backward_per_iter"}
+    if not any(r.get("nfe_backward_per_iter") for r in records):
+        del series["backward"]  # direct backprop evaluates no vector field backwards
+    plot_nfe(paths[4], records, series, dpi=dpi)
     return paths
 
 
