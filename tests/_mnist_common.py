@@ -20,11 +20,16 @@ def _find(name: str, candidates: list[str]) -> Path | None:
     return None
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+# Where the IDX files are looked for: an environment variable, then folders relative to the repository
+# (its own shared/data/, then a shared/data/ beside the checkout), then the library's default cache.
 MNIST_DIR = _find(
     "mnist",
     [
         os.environ.get("NEURALODE_MNIST_DIR", ""),
-        "/work/shared/data/mnist",
+        str(REPO / "shared" / "data" / "mnist"),
+        str(REPO.parent / "shared" / "data" / "mnist"),
         str(data.default_data_dir("mnist")),
     ],
 )
@@ -32,7 +37,8 @@ FASHION_DIR = _find(
     "fashion-mnist",
     [
         os.environ.get("NEURALODE_FASHION_MNIST_DIR", ""),
-        "/usr/share/datasets/fashion-mnist",
+        str(REPO / "shared" / "data" / "fashion-mnist"),
+        str(REPO.parent / "shared" / "data" / "fashion-mnist"),
         str(data.default_data_dir("fashion-mnist")),
     ],
 )

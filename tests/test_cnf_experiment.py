@@ -27,11 +27,11 @@ def _quiet(monkeypatch):
 
 def test_train_cnf_writes_run_folder_and_resumes(tmp_path, capsys):
     out = tmp_path / "cnf"
-    args = ["train", "cnf", "--data", "8gaussians", "--field", "mlp", "--hidden", "8-8", "--batch", "32",
-            "--eval-every", "2", "--n-test", "200", "--rtol", "1e-3", "--atol", "1e-3", "--kinetic", "0.01",
+    args = ["train", "cnf", "--dataset", "8gaussians", "--field", "mlp", "--hidden", "8-8", "--batch-size", "32",
+            "--eval-every", "2", "--eval-size", "200", "--rtol", "1e-3", "--atol", "1e-3", "--kinetic", "0.01",
             "--jacobian", "0.01", "--divergence", "hutchinson", "--out", str(out)]  # fmt: skip
     assert main([*args, "--iters", "2", "--no-plots"]) == 0
-    assert main([*args, "--iters", "4", "--resume"]) == 0
+    assert main([*args, "--iters", "4", "--resume", "--plots"]) == 0  # resumable options may change
     m = json.loads((out / "metrics.json").read_text())
     for key in (
         "train_nll",
@@ -59,13 +59,16 @@ def test_train_cnf_writes_run_folder_and_resumes(tmp_path, capsys):
 
 def test_train_nf_and_figure4(tmp_path):
     out = tmp_path / "nf"
+    # the old spellings (--data, --n-test, --batch) stay accepted
     assert main(["train", "nf", "--data", "moons", "--layers", "4", "--iters", "3", "--eval-every", "3",
-                 "--n-test", "100", "--out", str(out)]) == 0  # fmt: skip
+                 "--n-test", "100", "--batch", "64", "--out", str(out)]) == 0  # fmt: skip
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dataset"] == "moons" and cfg["eval_size"] == 100 and cfg["batch_size"] == 64
     m = json.loads((out / "metrics.json").read_text())
     assert m["test_nll"] > 0 and (out / "nf.png").exists()
     out = tmp_path / "fig4"
     assert main(["figure4", "--targets", "U1", "--sizes", "2", "--nf-iters", "2", "--cnf-iters", "2",
-                 "--n-eval", "200", "--rtol", "1e-3", "--atol", "1e-3", "--out", str(out)]) == 0  # fmt: skip
+                 "--eval-size", "200", "--rtol", "1e-3", "--atol", "1e-3", "--out", str(out)]) == 0  # fmt: skip
     r = json.loads((out / "figure4.json").read_text())
     assert set(r["kl"]) == {"U1/nf/2", "U1/cnf/2"}
     assert (out / "figure4.png").exists() and (out / "figure4_loss.png").exists()
@@ -73,7 +76,55 @@ def test_train_nf_and_figure4(tmp_path):
 
 def test_bad_data_name(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: usage error listing the choices
-        main(["train", "cnf", "--data", "spiral", "--out", str(tmp_path)])
+        main(["train", "cnf", "--dataset", "spiral", "--out", str(tmp_path)])
     assert "invalid choice" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="toy data set"):
-        train_cnf(CNFConfig(data="spiral", out=str(tmp_path)))
+    with pytest.raises(ValueError, match="dataset='spiral' is unknown"):
+        train_cnf(CNFConfig(dataset="spiral"), str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("cmd", "argv", "message"),
+    [
+        ("cnf", ["--iters", "0"], "iters must be a positive integer, got 0"),
+        ("cnf", ["--iters", "-5"], "iters must be a positive integer, got -5"),
+        ("nf", ["--iters", "0"], "iters must be a positive integer, got 0"),
+        ("cnf", ["--lr", "0"], "lr must be a positive finite number"),
+        ("cnf", ["--eval-every", "0"], "eval-every must be a positive integer"),
+        ("nf", ["--eval-size", "0"], "eval-size must be a positive integer"),
+        ("cnf", ["--hidden", "8-x"], "hidden='8-x' must be widths"),
+        ("cnf", ["--device", "cuda:x"], "is not a device"),
+    ],
+)
+def test_fake_metric_arguments_are_rejected(tmp_path, capsys, cmd, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", cmd, *argv, "--out", str(tmp_path / "never")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_resume_refuses_changed_options_and_schedule_bound_budget(tmp_path, capsys):
+    out = tmp_path / "nf"
+    base = ["train", "nf", "--layers", "2", "--iters", "2", "--eval-every", "2", "--eval-size", "50",
+            "--lr-schedule", "cosine", "--no-plots", "--out", str(out)]  # fmt: skip
+    assert main(base) == 0
+    capsys.readouterr()
+    for extra, message in (
+        (["--optimizer", "rmsprop"], "--optimizer rmsprop differs from the resumed run's optimizer='adam'"),
+        (["--iters", "4"], "--iters 4 differs"),  # the cosine schedule spans the original budget
+    ):
+        with pytest.raises(SystemExit):
+            main(["train", "nf", "--out", str(out), "--resume", *extra])
+        assert message in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["optimizer"] == "adam"
+
+
+def test_cnf_divergence_is_reported(tmp_path, capsys):
+    out = tmp_path / "cnf"
+    code = main(["train", "cnf", "--dataset", "8gaussians", "--field", "mlp", "--hidden", "8", "--batch-size",
+                 "32", "--eval-size", "50", "--iters", "40", "--eval-every", "1", "--lr", "1e3", "--max-steps",
+                 "30", "--no-plots", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and "training diverged at iteration" in err and "Traceback" not in err

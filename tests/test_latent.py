@@ -285,52 +285,83 @@ def test_rnn_baseline_shapes_and_gaps(time_input):
 
 
 # -- command line ----------------------------------------------------------------------------------
-def test_cli_train_resume_and_table2(tmp_path):
+SMALL = ["--n-spirals", "24", "--n-train", "16", "--eval-every", "2", "--threads", "1", "--grad-clip", "5"]
+
+
+def test_cli_train_and_resume(tmp_path):
     pytest.importorskip("matplotlib")
     from neuralode.cli import main
 
-    small = [
-        "--n-spirals",
-        "24",
-        "--n-train",
-        "16",
-        "--eval-every",
-        "2",
-        "--threads",
-        "1",
-        "--grad-clip",
-        "5",
-    ]
     out = tmp_path / "run"
-    assert (
-        main(["train", "latent", "--obs", "10", "--iters", "2", "--out", str(out), "--rtol", "1e-2", *small])
-        == 0
-    )
+    base = ["train", "latent", "--obs", "10", "--out", str(out), "--rtol", "1e-2", *SMALL]
+    assert main([*base, "--iters", "2", "--no-plots"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert main([*base, "--iters", "4", "--resume", "--plots"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     for key in ("rmse_extrapolation", "rmse_interpolation", "rmse_extrapolation_noisy", "nfe_forward"):
         assert math.isfinite(m[key])
-    assert (out / "fig8_reconstructions.png").exists() and (out / "fig9_traversal.png").exists()
-    cfg = json.loads((out / "config.json").read_text())
-    again = [
-        "train",
-        "latent",
-        "--obs",
-        "10",
-        "--iters",
-        "4",
-        "--out",
-        str(out),
-        "--rtol",
-        "1e-2",
-        "--resume",
-    ]
-    assert main([*again, *small]) == 0
+    for png in ("fig8_reconstructions.png", "fig9_traversal.png", "nfe.png"):
+        assert (out / png).exists(), png
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["iteration"] for x in lines] == [2, 4] and cfg["obs"] == 10
+    assert [json.loads(x)["iter"] for x in lines] == [2, 4] and cfg["obs"] == 10
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--obs", "0"], "obs must be a positive integer, got 0"),
+        (["--obs", "101"], "at most 100"),
+        (["--batch-size", "-1"], "batch-size must be a non-negative integer, got -1"),
+        (["--latent-dim", "0"], "latent-dim must be a positive integer, got 0"),
+        (["--lr", "0"], "lr must be a positive finite number"),
+        (["--eval-every", "0"], "eval-every must be a positive integer"),
+        (["--iters", "-5"], "iters must be a positive integer"),
+        (["--n-train", "30", "--n-spirals", "30"], "leaves no test spirals"),
+    ],
+)
+def test_cli_mistakes_are_usage_errors(tmp_path, capsys, argv, message):
+    from neuralode.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "latent", *argv, "--out", str(tmp_path / "never")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_divergence_at_a_huge_lr_is_reported(tmp_path, capsys):
+    from neuralode.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "latent", "--obs", "10", "--iters", "30", "--lr", "1e3", "--rtol", "1e-2", "--no-plots"]
+    code = main([*argv, "--out", str(out), *SMALL[:4], "--eval-every", "30"])
+    err = capsys.readouterr().err
+    assert code == 1 and "training diverged at iteration" in err and "Lower --lr (now 1000)" in err
+
+
+def test_table2_tiny(tmp_path):
+    pytest.importorskip("matplotlib")
+    from neuralode.cli import main
+
+    tdir = tmp_path / "t2"
+    args = ["table2", "--obs", "5", "--iters", "2", "--runs-dir", str(tdir), "--out", str(tdir), *SMALL]
+    assert main([*args, "--models", "rnn"]) == 0
+    text = (tdir / "table2.md").read_text()
+    assert "RNN (ours, vs clean truth)" in text and (tdir / "fig8_reconstructions_rnn_obs5.png").exists()
+    first = (tdir / "rnn-obs5" / "metrics.json").stat().st_mtime_ns
+    assert main([*args, "--models", "rnn"]) == 0  # a finished run with the same config is reused
+    assert (tdir / "rnn-obs5" / "metrics.json").stat().st_mtime_ns == first
+
+
+@pytest.mark.slow
+def test_table2_both_models_and_seeds_in_parallel(tmp_path):
+    pytest.importorskip("matplotlib")
+    from neuralode.cli import main
 
     tdir = tmp_path / "t2"
     assert (
-        main(["table2", "--obs", "5", "--iters", "2", "--runs-dir", str(tdir), "--out", str(tdir), *small])
+        main(["table2", "--obs", "5", "--iters", "2", "--runs-dir", str(tdir), "--out", str(tdir), *SMALL])
         == 0
     )
     text = (tdir / "table2.md").read_text()
@@ -339,7 +370,7 @@ def test_cli_train_resume_and_table2(tmp_path):
 
     sdir = tmp_path / "t2seeds"
     args = ["table2", "--obs", "5", "--iters", "2", "--runs-dir", str(sdir), "--out", str(sdir)]
-    assert main([*args, "--models", "rnn", "--seeds", "0", "1", "--jobs", "2", *small]) == 0
+    assert main([*args, "--models", "rnn", "--seeds", "0", "1", "--jobs", "2", *SMALL]) == 0
     text = (sdir / "table2.md").read_text()
     assert "mean over seeds 0, 1" in text and "RNN, seed 1 |" in text
     table = json.loads((sdir / "table2.json").read_text())["rnn"]["5"]
@@ -388,7 +419,7 @@ def test_config_sizes_and_optimiser_options():
     assert model.decoder[0].out_features == 50 and model.decoder[0].in_features == 6
     linears = [m for m in model.dynamics.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 4 and linears[0].out_features == 32
-    with pytest.raises(ValueError, match="grad_clip"):
+    with pytest.raises(ValueError, match="grad-clip must be a finite number >= 0"):
         LatentConfig(grad_clip=-1.0)
     with pytest.raises(ValueError, match="lr_decay"):
         LatentConfig(lr_decay=0.0)

@@ -127,3 +127,21 @@ def test_download_is_not_called_when_files_exist(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
     assert data.download(tmp_path) == tmp_path
+
+
+def test_truncated_empty_and_bit_flipped_files_are_clear_errors(tmp_path):
+    labels = torch.arange(10, dtype=torch.uint8)
+    good = tmp_path / "good.gz"
+    _write_idx(good, labels)
+    packed = good.read_bytes()
+    p = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    flipped = bytearray(packed)
+    flipped[len(flipped) // 2] ^= 0xFF
+    for content in (packed[: len(packed) // 2], b"", bytes(flipped)):
+        p.write_bytes(content)
+        with pytest.raises(ValueError, match="md5 check failed for .*t10k-labels-idx1-ubyte.gz") as exc:
+            data.read_idx(p)
+        assert "corrupt" in str(exc.value)
+    p.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(ValueError, match="is not a complete gzip file"):
+        data.read_idx(p, check_md5=False)

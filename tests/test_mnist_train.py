@@ -26,11 +26,13 @@ def test_lr_schedule_scales_with_epochs():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="model='vgg'"):
-        MNISTConfig(model="vgg").validate()
-    with pytest.raises(ValueError, match="epochs must be a positive int"):
-        MNISTConfig(epochs=0).validate()
+        MNISTConfig(model="vgg")
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        MNISTConfig(epochs=0)
+    with pytest.raises(ValueError, match="test-size must be a positive integer, got 0"):
+        MNISTConfig(test_size=0)
     with pytest.raises(ValueError, match="gradient must be 'direct'"):
-        MNISTConfig(model="rknet", gradient="adjoint").validate()
+        MNISTConfig(model="rknet", gradient="adjoint")
 
 
 def _learn(tmp_path, model, *, channels, train_size, batch_size, epochs, lr, **kw):
@@ -45,11 +47,10 @@ def _learn(tmp_path, model, *, channels, train_size, batch_size, epochs, lr, **k
         lr=lr,
         augment=False,
         channels=channels,
-        out=str(tmp_path / model),
         log_every=1,
         **{"val_size": 500, **kw},
     )
-    m = train(cfg)
+    m = train(cfg, tmp_path / model)
     its = [json.loads(s) for s in (tmp_path / model / "iterations.jsonl").read_text().splitlines()]
     first, last = sum(r["loss"] for r in its[:3]) / 3, sum(r["loss"] for r in its[-3:]) / 3
     return m, first, last
@@ -87,7 +88,7 @@ def test_conv_models_loss_falls(tmp_path, model, monkeypatch):
         epochs=20,
         lr=0.4,
         lr_schedule="constant",
-        solver="rk4",
+        method="rk4",
         step_size=0.5,
         val_size=0,
     )
@@ -135,6 +136,7 @@ def _weights(path):
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     # dopri5 with the adjoint, as in the real runs, at a loose tolerance to keep it quick
     args = [
@@ -176,7 +178,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    strip = ("epoch_time_s", "images_per_s")
+    strip = ("epoch_time_s", "images_per_s", "wall_time_s")
     ma, mb = (
         [
             {k: v for k, v in json.loads(s).items() if k not in strip}
@@ -195,6 +197,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("torchrun") is None
     and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
@@ -245,7 +248,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
     assert cfg["world_size"] == 2
-    init = make_model(MNISTConfig(model="odenet", channels=8, solver="rk4", step_size=0.25)).state_dict()
+    init = make_model(MNISTConfig(model="odenet", channels=8, method="rk4", step_size=0.25)).state_dict()
     w1, w2 = _weights(tmp_path / "one" / "checkpoint.pt"), _weights(tmp_path / "two" / "checkpoint.pt")
     moved = 0.0
     for k in w1:
@@ -261,6 +264,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_table1_and_figure3_commands_on_a_tiny_budget(tmp_path):
     out = tmp_path / "t1"
     subprocess.run(
@@ -321,3 +325,80 @@ def test_table1_and_figure3_commands_on_a_tiny_budget(tmp_path):
     assert a["adjoint_nfe_backward"] > 0 and len(f3["training"]) >= 1
     for panel in ("a_nfe_vs_error", "b_time_vs_nfe", "c_backward_vs_forward", "d_nfe_vs_epoch"):
         assert (tmp_path / "f3" / f"figure3_{panel}.png").stat().st_size > 1000
+
+
+# -- fast stand-ins for the slow subprocess tests above, and the command line's refusals
+
+
+def _tiny_cfg(**kw):
+    base = dict(model="mlp", data_dir=str(MNIST_DIR), train_size=64, val_size=32, test_size=32, batch_size=32,
+                augment=True, lr_schedule="constant", threads=1, checkpoint_every=1)  # fmt: skip
+    return MNISTConfig(**{**base, **kw})
+
+
+@needs_mnist
+def test_resume_in_process_gives_identical_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURALODE_QUIET", "1")
+    train(_tiny_cfg(epochs=3), tmp_path / "straight")
+    train(_tiny_cfg(epochs=1), tmp_path / "split")
+    train(_tiny_cfg(epochs=3), tmp_path / "split", resume=True)  # constant schedule: epochs may grow
+    wa, wb = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "split" / "checkpoint.pt")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    strip = ("epoch_time_s", "images_per_s", "wall_time_s")
+    ma, mb = (
+        [
+            {k: v for k, v in json.loads(s).items() if k not in strip}
+            for s in (d / "metrics.jsonl").read_text().splitlines()
+        ]
+        for d in (tmp_path / "straight", tmp_path / "split")
+    )
+    assert ma == mb and len(ma) == 3
+
+
+def _usage(capsys, *argv):
+    from neuralode.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "mnist", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_files_and_bad_options_are_usage_errors(tmp_path, capsys):
+    never = str(tmp_path / "never")
+    err = _usage(capsys, "--data-dir", str(tmp_path / "empty"), "--out", never)
+    assert "mnist files missing in" in err and "--data-dir" in err
+    for argv, message in (
+        (["--epochs", "0"], "epochs must be a positive integer, got 0"),
+        (["--test-size", "0"], "test-size must be a positive integer, got 0"),
+        (["--batch-size", "-1"], "batch-size must be a positive integer, got -1"),
+        (["--lr", "0"], "lr must be a positive finite number"),
+        (["--method", "rk45"], "method='rk45' is not a solver"),
+    ):
+        assert message in _usage(capsys, *argv, "--out", never)
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in _usage(capsys, "--device", "cuda", "--out", never)
+    assert not (tmp_path / "never").exists()
+
+
+@needs_mnist
+def test_resume_refuses_a_new_schedule(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NEURALODE_QUIET", "1")
+    out = tmp_path / "run"
+    train(_tiny_cfg(epochs=1, lr_schedule="paper"), out)
+    err = _usage(capsys, "--out", str(out), "--resume", "--lr", "0.5")
+    assert "--lr 0.5 differs from the resumed run's lr=0.1" in err
+    err = _usage(capsys, "--out", str(out), "--resume", "--epochs", "4")  # the paper schedule spans --epochs
+    assert "--epochs 4 differs" in err
+
+
+def test_table1_refuses_existing_runs(tmp_path, capsys):
+    from neuralode.cli import main
+
+    (tmp_path / "t1" / "mlp").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exc:
+        main(["table1", "--out", str(tmp_path / "t1"), "--models", "mlp"])
+    assert exc.value.code == 2 and "already holds runs of mlp" in capsys.readouterr().err

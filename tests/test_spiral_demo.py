@@ -49,7 +49,12 @@ def test_cli_tiny_run_writes_every_file(tmp_path):
     assert metrics["best_loss"] == min(r["eval_l1"] for r in records)
     assert metrics["nfe_forward"] >= 4 * 2  # at least two evaluations per solve
     ckpt = _weights(out)
-    assert ckpt["iteration"] == 4 and set(ckpt) >= {"model", "optimizer", "batch_rng", "rng"}
+    assert ckpt["step"] == 4 and ckpt["schema"] == 2 and ckpt["experiment"] == "spiral"
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "rng", "config", "task"}
+    assert "batch_rng" in ckpt["task"] and ckpt["config"]["hidden"] == 8
+    run = json.loads((out / "run.json").read_text())
+    assert run["torch"] == torch.__version__ and run["launches"][-1]["status"] == "completed"
+    assert config["device"] == "cpu" and config["threads"] == 1 and config["experiment"] == "spiral"
     for name in PLOT_FILES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
@@ -70,12 +75,12 @@ def test_resume_is_bit_exact(tmp_path, gradient):
     main(["train", "spiral", "--resume", str(split), "--iters", "6", "--no-plots"])
 
     a, b = _weights(straight), _weights(split)
-    assert a["iteration"] == b["iteration"] == 6
+    assert a["step"] == b["step"] == 6
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["square_avg"], pb["square_avg"])
-    assert torch.equal(a["batch_rng"], b["batch_rng"])
+    assert torch.equal(a["task"]["batch_rng"], b["task"]["batch_rng"])
     ma = json.loads((straight / "metrics.json").read_text())
     mb = json.loads((split / "metrics.json").read_text())
     # (best_loss may differ: the split run also evaluated at iteration 3)
@@ -101,21 +106,27 @@ def test_resume_rejects_changed_config_and_missing_runs(tmp_path, capsys):
     assert "--lr 0.01 differs from the resumed run's lr=0.001" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "spiral", "--resume", str(tmp_path / "nowhere")])
-    assert "no config.json" in capsys.readouterr().err
+    assert "--resume: no checkpoint.pt in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "spiral", "--iters", "2", *TINY, "--no-plots", "--out", str(out)])
-    assert "already holds a run (checkpoint.pt); pass --resume" in capsys.readouterr().err
+    assert "already holds a run (" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "spiral", "--resume", str(out), "--iters", "1"])
-    assert "iters=1 is below the checkpoint's iteration 2" in capsys.readouterr().err
+    assert "is at iteration 2, past the requested budget of 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--iters", "0"], "argument --iters: expected a positive integer, got '0'"),
-        (["--lr", "-0.001"], "argument --lr: expected a positive finite number, got '-0.001'"),
-        (["--rtol", "nan"], "argument --rtol: expected a positive finite number, got 'nan'"),
+        (["--iters", "0"], "iters must be a positive integer, got 0"),
+        (["--iters", "-5"], "iters must be a positive integer, got -5"),
+        (["--iters", "x"], "argument --iters: expected an integer, got 'x'"),
+        (["--lr", "-0.001"], "lr must be a positive finite number, got -0.001"),
+        (["--lr", "0"], "lr must be a positive finite number, got 0.0"),
+        (["--eval-every", "0"], "eval-every must be a positive integer, got 0"),
+        (["--batch-size", "-1"], "batch-size must be a positive integer, got -1"),
+        (["--max-steps", "0"], "max-steps must be a positive integer, got 0"),
+        (["--rtol", "nan"], "rtol must be a positive finite number, got nan"),
         (["--method", "rk45"], "argument --method: invalid choice: 'rk45'"),
         (["--gradient", "magic"], "argument --gradient: invalid choice: 'magic'"),
         (["--data-size", "100", "--batch-size", "95"], "batch_size=95 exceeds the 90 possible window starts"),
@@ -141,7 +152,7 @@ def test_cuda_without_cuda_is_a_usage_error(capsys, tmp_path):
 
 
 def test_config_validates_when_used_from_python():
-    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):  # a UsageError
         SpiralConfig(lr=0.0)
     with pytest.raises(ValueError, match="method='rk45' is not a solver"):
         SpiralConfig(method="rk45")

@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+import neuralode
+
 COMMAND_MODULES = (
     "neuralode.experiments.spiral",
     "neuralode.experiments.mnist",
@@ -24,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="neuralode",
         description="Neural ODEs in PyTorch: the paper's experiments, each one command.",
     )
+    parser.add_argument("--version", action="version", version=f"neuralode {neuralode.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train_parser = commands.add_parser("train", help="train a model (see `neuralode train -h`)")
     train = train_parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)

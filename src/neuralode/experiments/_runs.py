@@ -10,11 +10,13 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,11 @@ import torch
 
 __all__ = [
     "RunDir",
+    "check_device_name",
     "get_rng_state",
     "load_checkpoint",
     "peak_memory_mb",
+    "plot_nfe",
     "progress",
     "resolve_device",
     "save_checkpoint",
@@ -114,7 +118,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(
             f"no checkpoint at {str(path)!r}; start without --resume or pass the run folder"
         )
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes); start again with --overwrite")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read (truncated, corrupt, or holding more than weights: "
+            f"{first}); start again with --overwrite"
+        ) from None
 
 
 class RunDir:
@@ -181,12 +194,52 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
+def check_device_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` parses as a device (``cpu``, ``cuda``, ``cuda:N``, ``auto``)."""
+    try:
+        torch.device("cpu" if name == "auto" else name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={name!r} is not a device (expected cpu, cuda, cuda:N or auto)") from exc
+
+
 def peak_memory_mb(device: torch.device | None = None) -> float:
     """Peak memory in MiB: CUDA allocator peak on a CUDA device, else the process's peak resident set size."""
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def plot_nfe(
+    path: str | os.PathLike,
+    records: list[dict[str, Any]],
+    series: dict[str, str],
+    *,
+    x: str = "iter",
+    title: str = "Function evaluations per training iteration",
+    dpi: int = 150,
+) -> Path | None:
+    """An NFE-over-training plot: ``series`` maps a legend label to a key of the ``records`` (the lines of
+    a ``metrics.jsonl``); records without the key are skipped. Returns the path, or None without data."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    drawn = False
+    for label, key in series.items():
+        pts = [(r[x], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, label=label)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("NFE (function evaluations) per iteration")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=dpi)
+    return Path(path)
 
 
 class _PlainProgress:

@@ -20,30 +20,44 @@ import dataclasses
 import json
 import math
 import shutil
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neuralode import GRADIENT_METHODS, record_stats
+from neuralode import ADAPTIVE_METHODS, GRADIENT_METHODS, SOLVERS, record_stats
 from neuralode.datasets.spirals import SpiralData, make_spirals
-from neuralode.experiments._runs import (
-    RunDir,
-    get_rng_state,
-    load_checkpoint,
-    progress,
-    resolve_device,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
+from neuralode.experiments._config import (
+    UsageError,
+    add_config_options,
+    check_choice,
+    check_nonneg_float,
+    check_nonneg_int,
+    check_positive_float,
+    check_positive_int,
+    opt,
+    resolve_config,
+    typed_options,
+)
+from neuralode.experiments._runs import check_device_name, plot_nfe, resolve_device, seed_everything
+from neuralode.experiments._trainer import (
+    Experiment,
+    RunFolder,
+    StopSignal,
+    Trainer,
+    check_device,
+    execute,
+    register_experiment,
+    write_config,
 )
 from neuralode.models.latent_ode import ANCHORS, ENCODERS, LatentODE, pack_observations
 from neuralode.models.rnn_baseline import RNNBaseline
 
-__all__ = ["LatentConfig", "evaluate", "register", "run_table2", "train"]
+__all__ = ["LATENT", "LatentConfig", "evaluate", "register", "run_table2", "train"]
 
 MODELS = ("latent-ode", "rnn")
+PLOT_DPI = 150
 
 # Chen et al. 2018, Table 2: predictive RMSE on 100 time points after the observed window.
 PAPER_TABLE2 = {
@@ -56,73 +70,86 @@ PAPER_TABLE2 = {
 class LatentConfig:
     """Everything that defines one run (written to ``config.json``)."""
 
-    model: str = "latent-ode"
-    obs: int = 30
+    model: str = opt("latent-ode", "model", choices=MODELS)
+    obs: int = opt(30, "observed points of the first 100 time steps (paper: 30, 50, 100)")
     # data (see neuralode.datasets.spirals)
-    noise_std: float = 0.3
-    clockwise_shape: str = "mirror"
-    n_spirals: int = 1000
-    n_train: int = 800
-    data_seed: int = 0
-    # forecasting objective: training spirals have this many steps; the encoder sees only the observed
-    # points of the first 100, the likelihood also scores steps 100..train_horizon-1 (100: the
-    # reconstruction-only objective of the first version)
-    train_horizon: int = 200
+    noise_std: float = opt(0.3, "observation noise of the data")
+    clockwise_shape: str = opt(
+        "mirror", "clockwise spirals: mirror image of the Archimedean one, or torchdiffeq's hyperbolic one",
+        choices=("mirror", "hyperbolic"),
+    )  # fmt: skip
+    n_spirals: int = opt(1000, "spirals in the data set")
+    n_train: int = opt(800, "training spirals (the rest are test spirals)")
+    data_seed: int = opt(0, "seed of the data set")
+    train_horizon: int = opt(
+        200, "steps of each training spiral the likelihood scores (the encoder sees observed points of the "
+        "first 100 only); 100 = reconstruction-only objective",
+    )  # fmt: skip
     # latent ODE
-    latent_dim: int = 4
-    encoder: str = "rnn"
-    enc_cell: str = "gru"
-    enc_hidden: int = 25
-    dyn_hidden: int = 20
-    dyn_layers: int = 2
-    dyn_activation: str = "elu"
-    dec_hidden: int = 20
-    poisson: bool = False
-    # "start": q(z(t0)) as in the paper; "end": q(z(t_end)), encoder in time order (see LatentODE)
-    anchor: str = "start"
+    latent_dim: int = opt(4, "latent dimension")
+    encoder: str = opt("rnn", "latent ODE recognition network", choices=ENCODERS)
+    enc_cell: str = opt("gru", "encoder RNN cell", choices=("gru", "rnn"))
+    enc_hidden: int = opt(25, "encoder width")
+    dyn_hidden: int = opt(20, "latent dynamics width")
+    dyn_layers: int = opt(2, "latent dynamics hidden layers")
+    dyn_activation: str = opt("elu", "latent dynamics activation", choices=("elu", "tanh"))
+    dec_hidden: int = opt(20, "decoder width (one ReLU layer)")
+    poisson: bool = opt(False, "add the Poisson-process likelihood of the observation times")
+    anchor: str = opt("start", "posterior at the window's start (paper) or end", choices=ANCHORS)
     # RNN baseline
-    rnn_hidden: int = 25
-    rnn_cell: str = "gru"
-    rnn_time_input: bool = True
-    # likelihood: fixed observation std (None → noise_std, at least 0.01)
-    obs_std: float | None = None
+    rnn_hidden: int = opt(25, "RNN baseline width")
+    rnn_cell: str = opt("gru", "RNN baseline cell", choices=("gru", "rnn"))
+    rnn_time_input: bool = opt(True, "RNN baseline: feed the time gaps", aliases=("--no-time-input",))
+    obs_std: float | None = opt(None, "likelihood std (none: --noise-std, at least 0.01)")
     # solver
-    method: str = "dopri5"
-    rtol: float = 1e-3
-    atol: float = 1e-4
-    gradient: str = "direct"
+    method: str = opt("dopri5", "latent ODE solver", choices=SOLVERS, metavar="NAME")
+    rtol: float = opt(1e-3, "relative tolerance")
+    atol: float = opt(1e-4, "absolute tolerance")
+    max_steps: int = opt(1000, "work budget: solver steps per solve (adaptive methods); more is divergence")
+    gradient: str = opt("direct", "gradient method", choices=GRADIENT_METHODS)
     # optimisation
-    iters: int = 2000
-    lr: float = 1e-2
-    lr_decay: float = 0.999  # lr · max(lr_decay^i, 0.1), as in Rubanova et al.'s code
-    grad_clip: float = 0.0  # clip the gradient's global L2 norm to this (0: no clipping)
-    batch_size: int = 0  # 0: full batch (torchdiffeq's example)
-    eval_every: int = 100
-    seed: int = 0
-    threads: int = 1
-    device: str = "cpu"
+    iters: int = opt(2000, "training iterations, in total")
+    lr: float = opt(1e-2, "Adam learning rate")
+    lr_decay: float = opt(0.999, "lr * max(lr_decay^i, 0.1), as in Rubanova et al.'s code")
+    grad_clip: float = opt(0.0, "clip the gradient's global L2 norm to this (0: no clipping)")
+    batch_size: int = opt(0, "spirals per iteration (0: full batch, as torchdiffeq's example)")
+    eval_every: int = opt(100, "evaluate on the test spirals and checkpoint every N iterations")
+    seed: int = opt(0, "random seed of the weights and minibatches")
+    threads: int = opt(1, "torch CPU threads")
+    device: str = opt("cpu", "cpu, cuda, cuda:N or auto")
+    plots: bool = opt(True, "write the plots at the end")
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r} is unknown; expected one of {MODELS}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"encoder={self.encoder!r} is unknown; expected one of {ENCODERS}")
-        if self.gradient not in GRADIENT_METHODS:
-            raise ValueError(f"gradient={self.gradient!r} is unknown; expected one of {GRADIENT_METHODS}")
+        check_choice(self, "model", MODELS)
+        check_choice(self, "encoder", ENCODERS)
+        check_choice(self, "gradient", GRADIENT_METHODS)
+        check_choice(self, "method", SOLVERS)
+        check_positive_int(self, "obs", "n_spirals", "n_train", "latent_dim", "enc_hidden", "dyn_hidden")
+        check_positive_int(self, "dyn_layers", "dec_hidden", "rnn_hidden", "iters", "eval_every", "threads")
+        check_positive_int(self, "max_steps")
+        check_nonneg_int(self, "batch_size")
+        check_positive_float(self, "rtol", "atol", "lr")
+        check_positive_float(self, "obs_std", allow_none=True)
+        check_nonneg_float(self, "noise_std", "grad_clip")
+        if self.obs > 100:
+            raise UsageError(
+                f"obs={self.obs} is invalid; at most 100 of the first 100 time steps can be observed"
+            )
+        if self.n_train >= self.n_spirals:
+            raise UsageError(
+                f"n_train={self.n_train} leaves no test spirals out of n_spirals={self.n_spirals}"
+            )
         if not 100 <= self.train_horizon <= 200:
-            raise ValueError(
+            raise UsageError(
                 f"train_horizon={self.train_horizon} is invalid; expected 100 ≤ train_horizon ≤ 200"
             )
         if self.poisson and self.train_horizon != 100:
-            raise ValueError(
+            raise UsageError(
                 "poisson=True needs train_horizon=100 (the Poisson term covers the observed window)"
             )
-        if self.grad_clip < 0 or not 0 < self.lr_decay <= 1:
-            raise ValueError(
-                f"grad_clip must be ≥ 0 and 0 < lr_decay ≤ 1, got {self.grad_clip} and {self.lr_decay}"
-            )
-        if self.iters < 0 or self.eval_every < 1:
-            raise ValueError(f"iters must be ≥ 0 and eval_every ≥ 1, got {self.iters} and {self.eval_every}")
+        if not 0 < self.lr_decay <= 1:
+            raise UsageError(f"lr_decay must satisfy 0 < lr_decay ≤ 1, got {self.lr_decay}")
+        check_device_name(self.device)
 
     @property
     def likelihood_std(self) -> float:
@@ -151,6 +178,7 @@ def build_model(cfg: LatentConfig) -> torch.nn.Module:
         dyn_hidden=cfg.dyn_hidden, dyn_layers=cfg.dyn_layers, dyn_activation=cfg.dyn_activation,
         dec_hidden=cfg.dec_hidden,
         obs_std=cfg.likelihood_std, method=cfg.method, rtol=cfg.rtol, atol=cfg.atol, gradient=cfg.gradient,
+        options={"max_num_steps": cfg.max_steps} if cfg.method in ADAPTIVE_METHODS else None,
         poisson=cfg.poisson, anchor=cfg.anchor,
     )  # fmt: skip
 
@@ -269,94 +297,111 @@ def _on(values: torch.Tensor, data: SpiralData, batch) -> torch.Tensor:
     return values[:, j]
 
 
-def train(cfg: LatentConfig, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Train one model; returns the final metrics (also written to ``out/metrics.json``)."""
-    torch.set_num_threads(max(1, cfg.threads))
+class _LatentTask:
+    """Full-batch (or minibatch) ELBO / teacher-forced RNN loss; test RMSEs at each evaluation."""
+
+    def __init__(self, cfg: LatentConfig, model, opt, sched, data: SpiralData, device):
+        self.cfg, self.model, self.opt, self.sched, self.data, self.device = (
+            cfg,
+            model,
+            opt,
+            sched,
+            data,
+            device,
+        )
+        self.train_all, self.enc_all = _training_data(cfg, data, device)
+        self.n_train = data.train_idx.numel()
+        self.last: dict[str, float] = {}
+        self._out: dict[str, torch.Tensor] = {}
+        self._rec: dict[str, Any] = {}
+
+    def step(self, it: int) -> dict[str, Any]:
+        cfg, batch, enc = self.cfg, self.train_all, self.enc_all
+        if cfg.batch_size and cfg.batch_size < self.n_train:
+            pick = torch.randperm(self.n_train, device=self.device)[: cfg.batch_size]
+            if enc is None:
+                batch = batch[pick]
+            else:  # keep the full grid so that the two masks stay aligned
+                batch = type(batch)(batch.times, batch.values[pick], batch.mask[pick])
+                enc = enc[pick]
+        with record_stats() as stats:
+            out = _loss(self.model, cfg, batch, self.data, enc)
+            self.opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self._out = out
+        self._rec = {
+            "loss": float(out["loss"].detach()),
+            "nfe_forward": stats.nfe,
+            "nfe_backward": stats.backward.nfe,
+        }
+        return self._rec
+
+    def evaluate(self, done: int) -> dict[str, Any]:
+        self.last = evaluate(self.model, self.cfg, self.data)
+        r = self._rec
+        row = {"loss": r.get("loss"), "nfe_train": r.get("nfe_forward"), "nfe_train_backward": r.get("nfe_backward"),
+               "lr": self.sched.get_last_lr()[0], **self.last}  # fmt: skip
+        if self.cfg.model == "latent-ode" and self._out:
+            row["elbo"] = float(self._out["elbo"].detach().mean())
+            row["kl"] = float(self._out["kl"].detach().mean())
+        return row
+
+    def state(self) -> dict[str, Any]:
+        return {"last": dict(self.last), "rec": dict(self._rec)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.last, self._rec = dict(state["last"]), dict(state["rec"])
+
+    def postfix(self, rec: dict[str, Any]) -> dict[str, Any]:
+        post = {"loss": f"{rec['loss']:.4g}", "nfe": rec["nfe_forward"]}
+        if self.last:
+            post["rmse_ext"] = f"{self.last['rmse_extrapolation']:.4f}"
+        return post
+
+
+def _train(cfg: LatentConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal | None) -> dict[str, Any]:
+    torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    run = RunDir(out)
+    write_config(run, "latent", cfg, device=str(device), threads=torch.get_num_threads())
     seed_everything(cfg.seed)
     data = make_data(cfg)
     model = build_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(cfg.lr_decay**i, 0.1))
-    start, elapsed, n_logged = 0, 0.0, 0
-    if resume and run.checkpoint.exists():
-        ck = load_checkpoint(run.checkpoint, map_location=device)
-        saved = ck["config"]
-        if not _same_config(saved, cfg, ignore=("iters",)):
-            raise ValueError(
-                f"--resume: the run in {str(run.root)!r} has a different config; use another --out"
-            )
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        start, elapsed, n_logged = ck["iteration"], ck["elapsed_s"], ck["log_lines"]
-        run.truncate_jsonl("metrics.jsonl", n_logged)
-    else:
-        for name in ("metrics.jsonl", "metrics.json"):
-            if run.path(name).exists():
-                run.path(name).unlink()
-    run.write_json("config.json", cfg)
-    train_all, enc_all = _training_data(cfg, data, device)
-    n_train = data.train_idx.numel()
-    last: dict[str, float] = {}
-    bar = progress(total=cfg.iters, desc=f"{cfg.model} obs={cfg.obs}", initial=start)
-    t_start = time.perf_counter() - elapsed
-    for it in range(start, cfg.iters):
-        batch, enc = train_all, enc_all
-        if cfg.batch_size and cfg.batch_size < n_train:
-            pick = torch.randperm(n_train, device=device)[: cfg.batch_size]
-            if enc_all is None:
-                batch = train_all[pick]
-            else:  # keep the full grid so that the two masks stay aligned
-                batch = type(train_all)(train_all.times, train_all.values[pick], train_all.mask[pick])
-                enc = enc_all[pick]
-        with record_stats() as stats:
-            out_d = _loss(model, cfg, batch, data, enc)
-        opt.zero_grad(set_to_none=True)
-        out_d["loss"].backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        loss = float(out_d["loss"].detach())
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss} at iteration {it}; lower --lr or tighten --rtol/--atol"
-            )
-        done = it + 1
-        if done % cfg.eval_every == 0 or done == cfg.iters:
-            last = evaluate(model, cfg, data)
-            row = {"iteration": done, "loss": loss, "nfe_train": stats.nfe,
-                   "nfe_train_backward": stats.backward.nfe, "lr": sched.get_last_lr()[0],
-                   "time_s": time.perf_counter() - t_start, **last}  # fmt: skip
-            if cfg.model == "latent-ode":
-                row["elbo"] = float(out_d["elbo"].detach().mean())
-                row["kl"] = float(out_d["kl"].detach().mean())
-            run.append_jsonl("metrics.jsonl", row)
-            n_logged += 1
-            save_checkpoint(run.checkpoint, {
-                "config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "rng": get_rng_state(), "iteration": done,
-                "elapsed_s": time.perf_counter() - t_start, "log_lines": n_logged,
-            })  # fmt: skip
-        post = {"loss": f"{loss:.4g}", "nfe": stats.nfe}
-        if last:
-            post["rmse_ext"] = f"{last['rmse_extrapolation']:.4f}"
-        bar.set_postfix(**post)
-        bar.update(1)
-    bar.close()
-    wall = time.perf_counter() - t_start
-    final = evaluate(model, cfg, data) if not last else last
-    metrics = {**final, "iterations": cfg.iters, "wall_time_s": wall, "model": cfg.model, "obs": cfg.obs,
-               "n_parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+    task = _LatentTask(cfg, model, opt, sched, data, device)
+    trainer = Trainer(
+        run, "latent", cfg, model, opt, sched, total=cfg.iters, eval_every=cfg.eval_every,
+        desc=f"{cfg.model} obs={cfg.obs}", stop=stop,
+    )  # fmt: skip
+    if ckpt is not None:
+        trainer.resume(ckpt, task)
+    trainer.fit(task)
+    final = task.last or evaluate(model, cfg, data)
+    metrics = {**final, "iterations": cfg.iters, "wall_time_s": trainer.totals["wall_time_s"], "model": cfg.model,
+               "obs": cfg.obs, "n_parameters": sum(p.numel() for p in model.parameters()),
+               "nfe_forward_total": trainer.totals["nfe_forward"],
+               "nfe_backward_total": trainer.totals["nfe_backward"], "device": str(device)}  # fmt: skip
     run.write_json("metrics.json", metrics)
-    try:
-        make_plots(model, cfg, data, run.root)
-    except ImportError as exc:  # matplotlib is an optional extra
-        print(f"plots skipped: {exc}")
+    if cfg.plots:
+        try:
+            make_plots(model, cfg, data, run.root)
+            records = [json.loads(v) for v in run.path("metrics.jsonl").read_text().splitlines() if v]
+            series = {"forward": "nfe_train", "backward (adjoint)": "nfe_train_backward"}
+            plot_nfe(run.path("nfe.png"), records, series, dpi=PLOT_DPI)
+        except ImportError as exc:  # matplotlib is an optional extra
+            print(f"plots skipped: {exc}", file=sys.stderr)
     return metrics
+
+
+def train(
+    cfg: LatentConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train one model into the run folder ``out``; returns the final metrics (also in ``metrics.json``)."""
+    return execute(LATENT, cfg, out, resume=resume, overwrite=overwrite)
 
 
 # -- plots -----------------------------------------------------------------------------------------
@@ -413,7 +458,7 @@ def make_plots(model, cfg: LatentConfig, data: SpiralData, folder: Path) -> list
     fig.suptitle(f"{name}, {cfg.obs} observations of the first {n_ctx} steps", fontsize=11)
     fig.tight_layout()
     paths.append(folder / "fig8_reconstructions.png")
-    fig.savefig(paths[-1], dpi=80)
+    fig.savefig(paths[-1], dpi=PLOT_DPI)
     plt.close(fig)
 
     if cfg.model == "latent-ode":
@@ -447,7 +492,7 @@ def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     out = [folder / "latent_trajectories.png"]
-    fig.savefig(out[-1], dpi=80)
+    fig.savefig(out[-1], dpi=PLOT_DPI)
     plt.close(fig)
 
     # Figure 9: vary the latent dimension that best separates the two directions.
@@ -470,16 +515,17 @@ def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
     ax.set_title(f"Figure 9: decoded z(t), t in the observed window, as z0[{d}] varies", fontsize=9)
     fig.tight_layout()
     out.append(folder / "fig9_traversal.png")
-    fig.savefig(out[-1], dpi=80)
+    fig.savefig(out[-1], dpi=PLOT_DPI)
     plt.close(fig)
     return out
 
 
 # -- Table 2 ---------------------------------------------------------------------------------------
 def _train_cell(args: tuple[LatentConfig, str, bool]) -> dict[str, Any]:
-    cfg, folder, resume = args
+    cfg, folder, force = args
     print(f"== training {cfg.model} with {cfg.obs} observations, seed {cfg.seed} → {folder}", flush=True)
-    return train(cfg, folder, resume=resume)
+    resume = not force and (Path(folder) / "checkpoint.pt").is_file()
+    return train(cfg, folder, resume=resume, overwrite=not resume)
 
 
 def run_table2(
@@ -519,7 +565,7 @@ def run_table2(
             metrics[key] = json.loads(done.read_text())
         else:
             todo.append(key)
-    work = [(cells[key][0], str(cells[key][1]), not force) for key in todo]
+    work = [(cells[key][0], str(cells[key][1]), force) for key in todo]
     if jobs > 1 and len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -615,104 +661,67 @@ def format_table2(results: dict[str, dict[int, dict[int, dict]]], base: LatentCo
 
 
 # -- command line ----------------------------------------------------------------------------------
-def _add_common(p: argparse.ArgumentParser) -> None:
-    d = LatentConfig()
-    p.add_argument("--noise-std", type=float, default=d.noise_std, help="observation noise of the data")
-    p.add_argument(
-        "--clockwise-shape",
-        choices=("mirror", "hyperbolic"),
-        default=d.clockwise_shape,
-        help="clockwise spirals: mirror image of the Archimedean one, or torchdiffeq's hyperbolic one",
-    )
-    p.add_argument("--n-spirals", type=int, default=d.n_spirals)
-    p.add_argument("--n-train", type=int, default=d.n_train)
-    p.add_argument("--data-seed", type=int, default=d.data_seed)
-    p.add_argument(
-        "--train-horizon",
-        type=int,
-        default=d.train_horizon,
-        help="steps of each training spiral the likelihood scores (encoder: observed points of the first 100 "
-        "only); 100 = reconstruction-only objective",
-    )
-    p.add_argument("--latent-dim", type=int, default=d.latent_dim)
-    p.add_argument("--encoder", choices=ENCODERS, default=d.encoder, help="latent ODE recognition network")
-    p.add_argument("--enc-hidden", type=int, default=d.enc_hidden)
-    p.add_argument("--dyn-hidden", type=int, default=d.dyn_hidden, help="latent dynamics width")
-    p.add_argument("--dyn-layers", type=int, default=d.dyn_layers, help="latent dynamics hidden layers")
-    p.add_argument("--dyn-activation", choices=("elu", "tanh"), default=d.dyn_activation)
-    p.add_argument("--anchor", choices=ANCHORS, default=d.anchor,
-                   help="latent ODE posterior at the window's start (paper) or end")  # fmt: skip
-    p.add_argument("--dec-hidden", type=int, default=d.dec_hidden, help="decoder width (one ReLU layer)")
-    p.add_argument("--rnn-hidden", type=int, default=d.rnn_hidden)
-    p.add_argument("--no-time-input", action="store_true", help="RNN baseline without the time-gap input")
-    p.add_argument("--poisson", action="store_true", help="add the Poisson-process likelihood of the times")
-    p.add_argument("--obs-std", type=float, default=None, help="likelihood std (default: --noise-std)")
-    p.add_argument("--method", default=d.method, help="latent ODE solver")
-    p.add_argument("--rtol", type=float, default=d.rtol)
-    p.add_argument("--atol", type=float, default=d.atol)
-    p.add_argument("--gradient", choices=GRADIENT_METHODS, default=d.gradient)
-    p.add_argument("--iters", type=int, default=d.iters)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-decay", type=float, default=d.lr_decay, help="lr · max(lr_decay^i, 0.1)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="0 = full batch")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--device", default=d.device)
 
 
-def _config_from(args: argparse.Namespace, **extra) -> LatentConfig:
-    return LatentConfig(
-        noise_std=args.noise_std, clockwise_shape=args.clockwise_shape, n_spirals=args.n_spirals,
-        n_train=args.n_train, data_seed=args.data_seed, train_horizon=args.train_horizon,
-        latent_dim=args.latent_dim, encoder=args.encoder, enc_hidden=args.enc_hidden,
-        dyn_hidden=args.dyn_hidden, dyn_layers=args.dyn_layers, dyn_activation=args.dyn_activation,
-        dec_hidden=args.dec_hidden, anchor=args.anchor, lr_decay=args.lr_decay, grad_clip=args.grad_clip,
-        rnn_hidden=args.rnn_hidden,
-        rnn_time_input=not args.no_time_input, poisson=args.poisson, obs_std=args.obs_std, method=args.method,
-        rtol=args.rtol, atol=args.atol, gradient=args.gradient, iters=args.iters, lr=args.lr,
-        batch_size=args.batch_size, eval_every=args.eval_every, seed=args.seed, threads=args.threads,
-        device=args.device, **extra,
-    )  # fmt: skip
+LATENT = Experiment(
+    name="latent",
+    config_cls=LatentConfig,
+    train=_train,
+    default_out=lambda cfg: f"runs/latent/{cfg.model}-obs{cfg.obs}",
+    headline=lambda m: (
+        f"extrapolation RMSE {m['rmse_extrapolation']:.4f} (vs noisy data {m['rmse_extrapolation_noisy']:.4f}), "
+        f"interpolation RMSE {m['rmse_interpolation']:.4f}; {m['wall_time_s']:.1f} s"
+    ),
+    resumable=lambda saved: ("iters", "eval_every", "threads", "device", "plots", "max_steps"),
+)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = _config_from(args, model=args.model, obs=args.obs)
-    out = args.out or f"runs/latent/{cfg.model}-obs{cfg.obs}"
-    metrics = train(cfg, out, resume=args.resume)
-    keys = ("rmse_extrapolation", "rmse_extrapolation_noisy", "rmse_interpolation", "wall_time_s")
-    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
-    return 0
-
-
-def _cmd_table2(args: argparse.Namespace) -> int:
-    base = _config_from(args)
-    run_table2(
-        base, args.runs_dir, args.out, obs_list=args.obs, models=args.models, force=args.force,
-        seeds=tuple(args.seeds) if args.seeds else None, jobs=args.jobs,
-    )  # fmt: skip
+def _cmd_table2(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        base = resolve_config(LatentConfig, typed_options(args, LatentConfig))
+        check_device(base)
+        if args.jobs < 1:
+            raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
+        for n in args.obs_list:
+            dataclasses.replace(base, obs=n)  # validates each
+        run_table2(
+            base, args.runs_dir, args.out, obs_list=args.obs_list, models=args.models, force=args.force,
+            seeds=tuple(args.seeds) if args.seeds else None, jobs=args.jobs,
+        )  # fmt: skip
+    except UsageError as exc:
+        parser.error(str(exc))
+    print(f"table2: results in {args.out} (table2.md, table2.json); runs in {args.runs_dir}")
     return 0
 
 
 def register(commands, train_parsers) -> None:
-    p = train_parsers.add_parser("latent", help="latent ODE or RNN on irregular spirals (Table 2)")
-    p.add_argument(
-        "--obs", type=int, default=30, help="observed points of the first 100 (paper: 30, 50, 100)"
+    register_experiment(
+        train_parsers, LATENT, names=("latent",), help="latent ODE or RNN on irregular spirals (Table 2)",
+        description="Train a latent ODE (or the RNN baseline) on irregularly observed noisy spirals.\n"
+        "Writes config.json, run.json, metrics.jsonl, metrics.json (extrapolation/interpolation RMSE), "
+        "checkpoint.pt and the Figure 8/9 plots into the run folder.",
+    )  # fmt: skip
+    t = commands.add_parser(
+        "table2", help="Table 2: latent ODE and RNN at 30/50/100 observations",
+        description="Paper Table 2: train every (model, observations, seed) cell, reusing finished runs, "
+        "then write table2.md, table2.json and the Figure 8/9 PNGs.",
+    )  # fmt: skip
+    t.add_argument(
+        "--obs", dest="obs_list", type=int, nargs="+", default=[30, 50, 100], help="default: 30 50 100"
     )
-    p.add_argument("--model", choices=MODELS, default="latent-ode")
-    p.add_argument("--out", default=None, help="run folder (default runs/latent/MODEL-obsN)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    _add_common(p)
-    p.set_defaults(func=_cmd_train)
-
-    t = commands.add_parser("table2", help="Table 2: latent ODE and RNN at 30/50/100 observations")
-    t.add_argument("--obs", type=int, nargs="+", default=[30, 50, 100])
-    t.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    t.add_argument("--runs-dir", default="runs/table2", help="where the six run folders go")
-    t.add_argument("--out", default="runs/table2", help="where table2.md and the PNGs go")
+    t.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="default: both")
+    t.add_argument(
+        "--runs-dir", default="runs/table2", help="where the run folders go (default: runs/table2)"
+    )
+    t.add_argument(
+        "--out", default="runs/table2", help="where table2.md and the PNGs go (default: runs/table2)"
+    )
     t.add_argument("--force", action="store_true", help="retrain even if a finished run exists")
-    t.add_argument("--seeds", type=int, nargs="+", default=None, help="train each cell once per seed; mean")
-    t.add_argument("--jobs", type=int, default=1, help="cells trained at once (separate processes)")
-    _add_common(t)
-    t.set_defaults(func=_cmd_table2)
+    t.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="train each cell once per seed (default: --seed)"
+    )
+    t.add_argument(
+        "--jobs", type=int, default=1, help="cells trained at once in separate processes (default: 1)"
+    )
+    add_config_options(t, LatentConfig, hidden=("model", "obs"))
+    t.set_defaults(func=lambda args, _p=t: _cmd_table2(args, _p))

@@ -38,21 +38,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuralode import ADAPTIVE_METHODS, GRADIENT_METHODS, SOLVERS, record_stats
 from neuralode.datasets import mnist as data
+from neuralode.experiments._config import (
+    UsageError,
+    check_choice,
+    check_nonneg_float,
+    check_nonneg_int,
+    check_positive_float,
+    check_positive_int,
+    opt,
+)
 from neuralode.experiments._runs import (
-    RunDir,
-    get_rng_state,
+    check_device_name,
     load_checkpoint,
     peak_memory_mb,
     progress,
     resolve_device,
     save_checkpoint,
     seed_everything,
-    set_rng_state,
+)
+from neuralode.experiments._trainer import (
+    Distributed,
+    Experiment,
+    RunFolder,
+    StopSignal,
+    Trainer,
+    execute,
+    register_experiment,
+    write_config,
 )
 from neuralode.models.odenet import MODELS, ODENet, build_model, count_parameters
 
-__all__ = ["PAPER_TABLE1", "MNISTConfig", "figure3", "lr_at", "register", "table1", "train"]
+__all__ = ["MNIST", "PAPER_TABLE1", "MNISTConfig", "figure3", "lr_at", "register", "table1", "train"]
 
 # Paper Table 1 (test error, parameters).
 PAPER_TABLE1 = {
@@ -62,6 +80,7 @@ PAPER_TABLE1 = {
     "odenet": ("ODE-Net", "0.42%", "0.22 M", "O(1)", "O(L~)"),
 }
 
+PLOT_DPI = 150
 LR_BOUNDARIES = (60 / 160, 100 / 160, 140 / 160)
 LR_DECAYS = (1.0, 0.1, 0.01, 0.001)
 
@@ -70,57 +89,78 @@ LR_DECAYS = (1.0, 0.1, 0.01, 0.001)
 class MNISTConfig:
     """Everything a run depends on (written to ``config.json``)."""
 
-    model: str = "odenet"
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    download: bool = False
-    epochs: int = 160
-    train_size: int | None = None
-    val_size: int = 5000
-    test_size: int | None = None
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "paper"
-    tol: float = 1e-3
-    adjoint_tol: float | None = None
-    gradient: str | None = None
-    solver: str = "dopri5"
-    step_size: float | None = None
-    seminorm: bool = False
-    downsampling: str = "conv"
-    channels: int = 64
-    augment: bool = True
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    eval_batch_size: int = 1000
-    checkpoint_every: int = 50
-    log_every: int = 10
-    out: str = "runs/mnist"
+    model: str = opt("odenet", "classifier", choices=MODELS)
+    dataset: str = opt("mnist", "data set", choices=sorted(data.DATASETS))
+    data_dir: str | None = opt(
+        None,
+        "folder with the four IDX .gz files (none: $NEURALODE_DATA/<dataset> or ~/.cache/neuralode/<dataset>)",
+    )
+    download: bool = opt(False, "fetch missing files into --data-dir first (needs internet)")
+    epochs: int = opt(160, "training epochs (the LR schedule scales with it)")
+    train_size: int | None = opt(None, "train on this many images (none: all but the validation split)")
+    val_size: int = opt(5000, "validation images held out of the training file (0: select the last epoch)")
+    test_size: int | None = opt(None, "evaluate on the first N test images (none: all 10 000)")
+    batch_size: int = opt(128, "global batch (split across processes under torchrun)")
+    lr: float = opt(0.1, "base learning rate for batch 128 (scaled by batch/128)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(0.0, "SGD weight decay")
+    lr_schedule: str = opt(
+        "paper",
+        "paper: x0.1 at 60/160, 100/160, 140/160 of the run; constant: no decay",
+        choices=("paper", "constant"),
+    )
+    rtol: float = opt(1e-3, "forward relative tolerance")
+    atol: float = opt(1e-3, "forward absolute tolerance")
+    adjoint_tol: float | None = opt(None, "backward rtol = atol (none: the forward tolerances)")
+    gradient: str | None = opt(
+        None, "direct, adjoint or checkpoint (none: adjoint for odenet, direct for rknet)"
+    )
+    method: str = opt(
+        "dopri5", "ODE solver (fixed-step ones need --step-size)", aliases=("--solver",), metavar="NAME"
+    )
+    step_size: float | None = opt(None, "step of fixed-step solvers")
+    max_steps: int = opt(1000, "work budget: solver steps per solve (adaptive methods); more is divergence")
+    seminorm: bool = opt(False, "adjoint error norm over the state only")
+    downsampling: str = opt("conv", "downsampling block", choices=("conv", "res"))
+    channels: int = opt(64, "feature channels (64 in the paper; smaller only for tests)")
+    augment: bool = opt(True, "RandomCrop(28, padding 4) on training images", aliases=("--no-augment",))
+    seed: int = opt(0, "random seed (weights, batch order, crops, validation split)")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (CUDA when present)")
+    threads: int | None = opt(None, "torch intra-op threads (none: torch's default)")
+    eval_batch_size: int = opt(1000, "batch size of the validation and test passes")
+    checkpoint_every: int = opt(50, "iterations between checkpoints (and one at each epoch end)")
+    log_every: int = opt(10, "iterations between iterations.jsonl lines")
+    plots: bool = opt(True, "write training.png at the end")
+
+    def __post_init__(self) -> None:
+        check_choice(self, "model", MODELS)
+        check_choice(self, "dataset", sorted(data.DATASETS))
+        check_choice(self, "lr_schedule", ("paper", "constant"))
+        check_positive_int(self, "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "log_every")
+        check_positive_int(self, "channels", "max_steps")
+        check_positive_int(self, "train_size", "test_size", "threads", allow_none=True)
+        check_nonneg_int(self, "val_size")
+        check_positive_float(self, "lr", "rtol", "atol")
+        check_positive_float(self, "adjoint_tol", "step_size", allow_none=True)
+        check_nonneg_float(self, "momentum", "weight_decay")
+        if self.gradient is not None:
+            check_choice(self, "gradient", GRADIENT_METHODS)
+        if self.method not in SOLVERS:
+            raise UsageError(f"method={self.method!r} is not a solver; expected one of {SOLVERS}")
+        if self.model == "rknet" and self.gradient not in (None, "direct"):
+            raise UsageError(
+                f"rknet trains by backprop through the solver; gradient must be 'direct', got {self.gradient!r}"
+            )
+        n_train = self.train_size if self.train_size is not None else 60_000 - self.val_size
+        if self.val_size >= 60_000 or n_train < 1:
+            raise UsageError(f"val-size={self.val_size} leaves no training images out of 60000")
+        if self.batch_size > n_train:
+            raise UsageError(f"batch-size={self.batch_size} is larger than the {n_train} training images")
+        check_device_name(self.device)
 
     def validate(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r} is unknown; expected one of {MODELS}")
-        if self.dataset not in data.DATASETS:
-            raise ValueError(f"dataset={self.dataset!r} is unknown; expected one of {sorted(data.DATASETS)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "log_every", "channels"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "tol"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.lr_schedule not in ("paper", "constant"):
-            raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; expected 'paper' or 'constant'")
-        if self.adjoint_tol is not None and not self.adjoint_tol > 0:
-            raise ValueError(f"adjoint_tol must be > 0 or None, got {self.adjoint_tol!r}")
-        if self.model == "rknet" and self.gradient not in (None, "direct"):
-            raise ValueError(
-                f"rknet trains by backprop through the solver; gradient must be 'direct', "
-                f"got {self.gradient!r}"
-            )
+        """Kept for callers of the earlier API: the config validates itself when it is made."""
+        self.__post_init__()
 
 
 def lr_at(step: int, steps_per_epoch: int, cfg: MNISTConfig) -> float:
@@ -135,16 +175,18 @@ def lr_at(step: int, steps_per_epoch: int, cfg: MNISTConfig) -> float:
 
 def make_model(cfg: MNISTConfig) -> nn.Module:
     if cfg.model in ("odenet", "rknet"):
-        options = {"step_size": cfg.step_size} if cfg.step_size is not None else None
+        options: dict[str, Any] | None = {"step_size": cfg.step_size} if cfg.step_size is not None else None
+        if cfg.method in ADAPTIVE_METHODS:
+            options = {**(options or {}), "max_num_steps": cfg.max_steps}
         adjoint_options = dict(options or {})
         if cfg.seminorm:
             adjoint_options["norm"] = "seminorm"
         kw: dict[str, Any] = dict(
             channels=cfg.channels,
             downsampling=cfg.downsampling,
-            method=cfg.solver,
-            rtol=cfg.tol,
-            atol=cfg.tol,
+            method=cfg.method,
+            rtol=cfg.rtol,
+            atol=cfg.atol,
             adjoint_rtol=cfg.adjoint_tol,
             adjoint_atol=cfg.adjoint_tol,
             options=options,
@@ -194,58 +236,36 @@ def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return t[rank * n : (rank + 1) * n]
 
 
-class _Dist:
-    """Rank, world size and reductions; a no-op without ``torchrun``."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.enabled = self.world > 1
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MNISTConfig, device: torch.device, dist: _Dist
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: MNISTConfig,
+    device: torch.device,
+    dist,
+    desc: str = "",
 ):
     """Mean loss, error rate and mean forward NFE per batch over ``(x, y)`` (sharded across processes)."""
     model.eval()
-    func = _odefunc(model)
     idx = torch.arange(dist.rank, x.shape[0], dist.world)
     loss_sum = wrong = count = nfe_sum = batches = 0.0
-    for start in range(0, idx.numel(), cfg.eval_batch_size):
+    starts = range(0, idx.numel(), cfg.eval_batch_size)
+    bar = progress(total=len(starts), desc=desc, leave=False) if dist.main and desc else None
+    for start in starts:
         b = idx[start : start + cfg.eval_batch_size]
         xb, yb = x[b].to(device), y[b].to(device)
-        if func is not None:
-            func.nfe = 0
-        logits = model(xb)
-        if func is not None:
-            nfe_sum += func.nfe
+        with record_stats() as stats:
+            logits = model(xb)
+        nfe_sum += stats.nfe
         batches += 1
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
         wrong += (logits.argmax(1) != yb).sum().item()
         count += yb.numel()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     loss_sum, wrong, count, nfe_sum, batches = dist.sum([loss_sum, wrong, count, nfe_sum, batches], device)
     model.train()
     return {
@@ -255,7 +275,7 @@ def evaluate(
     }
 
 
-def _resolve_data_dir(cfg: MNISTConfig, dist: _Dist | None = None) -> Path:
+def _resolve_data_dir(cfg: MNISTConfig, dist=None) -> Path:
     root = Path(cfg.data_dir).expanduser() if cfg.data_dir else data.default_data_dir(cfg.dataset)
     if cfg.download and (dist is None or dist.main):  # one process downloads, the others wait
         data.download(root, cfg.dataset)
@@ -264,44 +284,142 @@ def _resolve_data_dir(cfg: MNISTConfig, dist: _Dist | None = None) -> Path:
     return root
 
 
-def train(cfg: MNISTConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train, select on validation, test once; returns the final metrics (also in ``metrics.json``)."""
-    cfg.validate()
+class _MNISTTask:
+    """SGD on one global batch per iteration (each process keeps its shard); validation at epoch ends."""
+
+    def __init__(self, cfg: MNISTConfig, model, ddp_model, optimizer, splits, device, dist, out: Path):
+        self.cfg, self.model, self.ddp_model, self.opt = cfg, model, ddp_model, optimizer
+        self.splits, self.device, self.dist, self.out = splits, device, dist, out
+        self.n_train = splits.train_x.shape[0]
+        self.spe = self.n_train // cfg.batch_size
+        self.trainer: Trainer | None = None
+        self.acc = _zero_acc()
+        self.best = {"val_error": float("inf"), "epoch": -1}
+        self._order: tuple[int, torch.Tensor] | None = None
+        self._t = time.perf_counter()
+        self.baseline_mb = _reset_peak_rss()
+        self.train_peak_mb: float | None = None
+
+    def step(self, gstep: int) -> dict[str, Any]:
+        cfg, dist, device = self.cfg, self.dist, self.device
+        epoch, step = divmod(gstep, self.spe)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.n_train, cfg.seed, epoch))
+        if step == 0:
+            self.acc = _zero_acc()
+            self._t = time.perf_counter()
+        lr = lr_at(gstep, self.spe, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        xb, yb = global_batch(self.splits.train_x, self.splits.train_y, self._order[1], cfg, epoch, step)
+        xb, yb = shard(xb, dist.rank, dist.world).to(device), shard(yb, dist.rank, dist.world).to(device)
+        self.opt.zero_grad(set_to_none=True)
+        with record_stats() as stats:
+            logits = self.ddp_model(xb)
+        loss = F.cross_entropy(logits, yb)
+        loss.backward()
+        self.opt.step()
+        wrong = (logits.argmax(1) != yb).sum().item()
+        red = dist.sum([loss.item() * yb.numel(), wrong, yb.numel(), stats.nfe, stats.backward.nfe], device)
+        for k, v in zip(("loss_sum", "wrong", "count", "nfe_f", "nfe_b"), red):
+            self.acc[k] += v
+        self.acc["steps"] += 1
+        now = time.perf_counter()
+        self.acc["time"] += now - self._t
+        self._t = now
+        nproc = dist.world
+        rec = {"loss": red[0] / red[2], "error": red[1] / red[2], "nfe_forward": red[3] / nproc,
+               "nfe_backward": red[4] / nproc}  # fmt: skip
+        if (step + 1) % cfg.log_every == 0 or step + 1 == self.spe:
+            self.trainer.log(
+                "iterations.jsonl",
+                {"epoch": epoch, "step": step + 1, "global_step": gstep + 1,
+                 "epoch_float": epoch + (step + 1) / self.spe, **rec, "lr": lr},
+            )  # fmt: skip
+        return rec
+
+    def evaluate(self, done: int) -> dict[str, Any]:
+        cfg, splits, acc = self.cfg, self.splits, self.acc
+        epoch = done // self.spe
+        if self.train_peak_mb is None:  # training steps only: before any evaluation with its larger batches
+            self.train_peak_mb = _train_peak_mb(self.device, self.baseline_mb)
+        val = (
+            evaluate(self.model, splits.val_x, splits.val_y, cfg, self.device, self.dist, desc="validation")
+            if splits.val_x.shape[0]
+            else {"loss": float("nan"), "error": float("nan"), "nfe": float("nan")}
+        )
+        row = {
+            "epoch": epoch,
+            "train_loss": acc["loss_sum"] / acc["count"],
+            "train_error": acc["wrong"] / acc["count"],
+            "val_loss": val["loss"],
+            "val_error": val["error"],
+            "val_nfe_forward": val["nfe"],
+            "nfe_forward": acc["nfe_f"] / acc["steps"] / self.dist.world,
+            "nfe_backward": acc["nfe_b"] / acc["steps"] / self.dist.world,
+            "lr": lr_at(epoch * self.spe - 1, self.spe, cfg),
+            "epoch_time_s": acc["time"],
+            "images_per_s": acc["count"] / max(acc["time"], 1e-9),
+        }
+        if not splits.val_x.shape[0] or val["error"] <= self.best["val_error"]:
+            self.best = {"val_error": val["error"], "epoch": epoch}
+            if self.dist.main:
+                save_checkpoint(self.out / "best.pt", {"model": self.model.state_dict(), "epoch": epoch})
+        if self.dist.main:
+            print(
+                f"epoch {epoch}: train loss {row['train_loss']:.4f} error {row['train_error']:.4f}, "
+                f"val error {row['val_error']:.4f}, NFE fwd {row['nfe_forward']:.1f} "
+                f"bwd {row['nfe_backward']:.1f}, {row['epoch_time_s']:.0f} s",
+                file=sys.stderr,
+            )
+        return row
+
+    def state(self) -> dict[str, Any]:
+        return {"acc": dict(self.acc), "best": dict(self.best)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.acc, self.best = dict(state["acc"]), dict(state["best"])
+
+    def postfix(self, rec: dict[str, Any]) -> dict[str, Any]:
+        a = self.acc
+        return {"loss": f"{a['loss_sum'] / a['count']:.3f}",
+                "acc": f"{1 - a['wrong'] / a['count']:.3f}", "nfe_f": f"{rec['nfe_forward']:.0f}",
+                "nfe_b": f"{rec['nfe_backward']:.0f}"}  # fmt: skip
+
+
+def _setup_device(cfg: MNISTConfig) -> tuple[torch.device, Distributed]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    dist = _Dist(device)
+    dist = Distributed(device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if cfg.batch_size % dist.world:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be divisible by the number of processes ({dist.world})"
+        dist.close()
+        raise UsageError(
+            f"batch-size={cfg.batch_size} must be divisible by the number of processes ({dist.world})"
         )
+    return device, dist
+
+
+def _train_run(
+    cfg: MNISTConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal | None
+) -> dict[str, Any]:
+    device, dist = _setup_device(cfg)
     try:
-        return _train(cfg, resume, device, dist)
+        return _train(cfg, run, ckpt, stop, device, dist)
     finally:
         dist.close()
 
 
-def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) -> dict[str, Any]:
-    run = RunDir(cfg.out) if dist.main else None
-    out = Path(cfg.out)
+def _train(cfg, run: RunFolder, ckpt, stop, device: torch.device, dist: Distributed) -> dict[str, Any]:
+    out = run.root
     splits = data.load_splits(
-        _resolve_data_dir(cfg, dist),
-        name=cfg.dataset,
-        val_size=cfg.val_size,
-        train_size=cfg.train_size,
-        test_size=cfg.test_size,
-        seed=cfg.seed,
-    )
+        _resolve_data_dir(cfg, dist), name=cfg.dataset, val_size=cfg.val_size, train_size=cfg.train_size,
+        test_size=cfg.test_size, seed=cfg.seed,
+    )  # fmt: skip
     n_train = splits.train_x.shape[0]
-    steps_per_epoch = n_train // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n_train} training images")
-
-    baseline_mb = _reset_peak_rss()
-    train_peak_mb: float | None = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.seed)
@@ -310,176 +428,32 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-
-    start_epoch, start_step, wall_before = 0, 0, 0.0
-    acc = _zero_acc()
-    best = {"val_error": float("inf"), "epoch": -1}
-    if resume:
-        ckpt = load_checkpoint(out / "checkpoint.pt", map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, start_step = ckpt["epoch"], ckpt["step"]
-        acc, best, wall_before = dict(ckpt["acc"]), dict(ckpt["best"]), ckpt["wall_time_s"]
-        set_rng_state(ckpt["rng"])
-        if run is not None:
-            run.truncate_jsonl("metrics.jsonl", ckpt["metrics_lines"])
-            run.truncate_jsonl("iterations.jsonl", ckpt["iteration_lines"])
-    elif run is not None:
-        for name in ("metrics.jsonl", "iterations.jsonl", "metrics.json"):
-            if run.path(name).exists():
-                run.path(name).unlink()
-    if run is not None:
-        run.write_json(
-            "config.json",
-            {
-                **dataclasses.asdict(cfg),
-                "params": n_params,
-                "world_size": dist.world,
-                "n_train": n_train,
-                "steps_per_epoch": steps_per_epoch,
-            },
-        )
+    spe = n_train // cfg.batch_size
+    write_config(
+        run, "mnist", cfg, device=str(device), threads=torch.get_num_threads(), params=n_params,
+        world_size=dist.world, n_train=n_train, steps_per_epoch=spe,
+    )  # fmt: skip
+    if dist.main:
         print(
             f"{cfg.model}: {n_params:,} parameters; {n_train} train / {splits.val_x.shape[0]} validation / "
-            f"{splits.test_x.shape[0]} test images; {dist.world} process(es); run folder {out}",
+            f"{splits.test_x.shape[0]} test images; {dist.world} process(es); device {device}",
             file=sys.stderr,
         )
-
     ddp_model: nn.Module = model
     if dist.enabled:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
-    func = _odefunc(model)
-    lines = _count_lines(out, "metrics.jsonl") if run is not None else 0
-    it_lines = _count_lines(out, "iterations.jsonl") if run is not None else 0
-    t_resumed = time.perf_counter()
-
-    def checkpoint(epoch: int, step: int) -> None:
-        nonlocal lines, it_lines
-        if run is None:
-            return
-        save_checkpoint(
-            run.checkpoint,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "acc": acc,
-                "best": best,
-                "rng": get_rng_state(),
-                "metrics_lines": lines,
-                "iteration_lines": it_lines,
-                "wall_time_s": wall_before + time.perf_counter() - t_resumed,
-            },
-        )
-
+    task = _MNISTTask(cfg, model, ddp_model, optimizer, splits, device, dist, out)
+    trainer = Trainer(
+        run, "mnist", cfg, model, optimizer, total=cfg.epochs * spe, eval_every=spe,
+        checkpoint_every=cfg.checkpoint_every, desc=f"{cfg.model}", stop=stop, dist=dist,
+    )  # fmt: skip
+    task.trainer = trainer
+    if ckpt is not None:
+        trainer.resume(ckpt, task)
     model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        order = epoch_order(n_train, cfg.seed, epoch)
-        first = start_step if epoch == start_epoch else 0
-        if first == 0:
-            acc = _zero_acc()
-        bar = (
-            progress(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-            if dist.main
-            else _NullBar()
-        )
-        t_epoch = time.perf_counter()
-        for step in range(first, steps_per_epoch):
-            gstep = epoch * steps_per_epoch + step
-            lr = lr_at(gstep, steps_per_epoch, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            xb, yb = global_batch(splits.train_x, splits.train_y, order, cfg, epoch, step)
-            xb, yb = shard(xb, dist.rank, dist.world).to(device), shard(yb, dist.rank, dist.world).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            if func is not None:
-                func.nfe = 0
-            logits = ddp_model(xb)
-            nfe_f = func.nfe if func is not None else 0
-            loss = F.cross_entropy(logits, yb)
-            if func is not None:
-                func.nfe = 0
-            loss.backward()
-            nfe_b = func.nfe if func is not None else 0
-            optimizer.step()
-            wrong = (logits.argmax(1) != yb).sum().item()
-            stats = dist.sum([loss.item() * yb.numel(), wrong, yb.numel(), nfe_f, nfe_b], device)
-            for k, v in zip(("loss_sum", "wrong", "count", "nfe_f", "nfe_b"), stats):
-                acc[k] += v
-            acc["steps"] += 1
-            acc["time"] += time.perf_counter() - t_epoch
-            t_epoch = time.perf_counter()
-            if run is not None:
-                nproc = dist.world
-                postfix = {
-                    "loss": f"{acc['loss_sum'] / acc['count']:.3f}",
-                    "acc": f"{1 - acc['wrong'] / acc['count']:.3f}",
-                    "nfe_f": f"{stats[3] / nproc:.0f}",
-                    "nfe_b": f"{stats[4] / nproc:.0f}",
-                }
-                bar.set_postfix(**postfix)
-                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                    run.append_jsonl(
-                        "iterations.jsonl",
-                        {
-                            "epoch": epoch,
-                            "step": step + 1,
-                            "global_step": gstep + 1,
-                            "epoch_float": epoch + (step + 1) / steps_per_epoch,
-                            "loss": stats[0] / stats[2],
-                            "error": stats[1] / stats[2],
-                            "nfe_forward": stats[3] / nproc,
-                            "nfe_backward": stats[4] / nproc,
-                            "lr": lr,
-                        },
-                    )
-                    it_lines += 1
-            bar.update(1)
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                checkpoint(epoch, step + 1)
-        bar.close()
-        if train_peak_mb is None:  # training steps only: before any evaluation with its larger batches
-            train_peak_mb = _train_peak_mb(device, baseline_mb)
-
-        val = (
-            evaluate(
-                ddp_model.module if dist.enabled else model, splits.val_x, splits.val_y, cfg, device, dist
-            )
-            if splits.val_x.shape[0]
-            else {"loss": float("nan"), "error": float("nan"), "nfe": float("nan")}
-        )
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": acc["loss_sum"] / acc["count"],
-            "train_error": acc["wrong"] / acc["count"],
-            "val_loss": val["loss"],
-            "val_error": val["error"],
-            "val_nfe_forward": val["nfe"],
-            "nfe_forward": acc["nfe_f"] / acc["steps"] / dist.world,
-            "nfe_backward": acc["nfe_b"] / acc["steps"] / dist.world,
-            "lr": lr_at((epoch + 1) * steps_per_epoch - 1, steps_per_epoch, cfg),
-            "epoch_time_s": acc["time"],
-            "images_per_s": acc["count"] / max(acc["time"], 1e-9),
-        }
-        selected = not splits.val_x.shape[0] or val["error"] <= best["val_error"]
-        if run is not None:
-            run.append_jsonl("metrics.jsonl", row)
-            lines += 1
-            if selected:
-                best = {"val_error": val["error"], "epoch": epoch + 1}
-                save_checkpoint(out / "best.pt", {"model": model.state_dict(), "epoch": epoch + 1})
-            print(
-                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f} error {row['train_error']:.4f}, "
-                f"val error {row['val_error']:.4f}, NFE fwd {row['nfe_forward']:.1f} "
-                f"bwd {row['nfe_backward']:.1f}, "
-                f"{row['epoch_time_s']:.0f} s",
-                file=sys.stderr,
-            )
-        checkpoint(epoch + 1, 0)
-        dist.barrier()
+    trainer.fit(task)
 
     # Test once, with the weights selected on validation.
     dist.barrier()
@@ -487,13 +461,10 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
     best_ckpt = load_checkpoint(out / "best.pt", map_location=device)
     model.load_state_dict(best_ckpt["model"])
     t_test = time.perf_counter()
-    test = evaluate(model, splits.test_x, splits.test_y, cfg, device, dist)
+    test = evaluate(model, splits.test_x, splits.test_y, cfg, device, dist, desc="test")
     test_time = time.perf_counter() - t_test
     model.load_state_dict(final_state)
-    wall = wall_before + time.perf_counter() - t_resumed
-    history = (
-        [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()] if run is not None else []
-    )
+    history = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()] if dist.main else []
     last = history[-1] if history else {}
     metrics = {
         "model": cfg.model,
@@ -502,30 +473,33 @@ def _train(cfg: MNISTConfig, resume: bool, device: torch.device, dist: _Dist) ->
         "test_loss": test["loss"],
         "test_nfe_forward": test["nfe"],
         "test_time_s": test_time,
-        "val_error": best["val_error"],
+        "val_error": task.best["val_error"],
         "selected_epoch": best_ckpt["epoch"],
         "epochs": cfg.epochs,
         "params": n_params,
         "nfe_forward": last.get("nfe_forward", 0.0),
         "nfe_backward": last.get("nfe_backward", 0.0),
-        "wall_time_s": wall,
+        "wall_time_s": trainer.totals["wall_time_s"],
         "train_time_s": sum(h["epoch_time_s"] for h in history),
         "images_per_s": last.get("images_per_s"),
-        **_memory(device, baseline_mb, train_peak_mb),
+        **_memory(device, task.baseline_mb, task.train_peak_mb),
         "world_size": dist.world,
         "n_train": n_train,
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
-    if run is not None:
+    if dist.main:
         run.write_json("metrics.json", metrics)
-        _plot_training(out, history)
-        print(
-            f"test error {metrics['test_error']:.4%} (selected epoch {metrics['selected_epoch']}, "
-            f"val error {metrics['val_error']:.4%}); wall time {wall:.0f} s",
-            file=sys.stderr,
-        )
+        if cfg.plots:
+            _plot_training(out, history)
     return metrics
+
+
+def train(
+    cfg: MNISTConfig, out: str | os.PathLike = "runs/mnist", *, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train, select on validation, test once; returns the final metrics (also in ``out/metrics.json``)."""
+    return execute(MNIST, cfg, out, resume=resume, overwrite=overwrite)
 
 
 def _reset_peak_rss() -> float | None:
@@ -583,17 +557,6 @@ def _memory(device: torch.device, baseline_mb: float | None, train_peak_mb: floa
     }
 
 
-class _NullBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kw: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _zero_acc() -> dict[str, float]:
     return {
         "loss_sum": 0.0,
@@ -604,11 +567,6 @@ def _zero_acc() -> dict[str, float]:
         "steps": 0.0,
         "time": 0.0,
     }
-
-
-def _count_lines(out: Path, name: str) -> int:
-    p = out / name
-    return len(p.read_text().splitlines()) if p.exists() else 0
 
 
 def _plot_training(out: Path, history: list[dict]) -> None:
@@ -640,7 +598,7 @@ def _plot_training(out: Path, history: list[dict]) -> None:
         ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=110)
+    fig.savefig(out / "training.png", dpi=PLOT_DPI)
     plt.close(fig)
 
 
@@ -671,7 +629,7 @@ def figure3(
     run_dir = Path(run_dir)
     cfgd = json.loads((run_dir / "config.json").read_text())
     fields = {f.name for f in dataclasses.fields(MNISTConfig)}
-    cfg = MNISTConfig(**{k: v for k, v in cfgd.items() if k in fields})
+    cfg = MNISTConfig(**{k: v for k, v in cfgd.items() if k in fields})  # validates
     if cfg.model not in ("odenet", "rknet"):
         raise ValueError(f"figure3 needs an ODE-Net run; {str(run_dir)!r} trained model={cfg.model!r}")
     if data_dir is not None:
@@ -851,13 +809,13 @@ def _plot_figure3(out: Path, r: dict[str, Any]) -> None:
     for ax, fn in zip(axes, panels.values()):
         fn(ax)
     fig.tight_layout()
-    fig.savefig(out / "figure3.png", dpi=100)
+    fig.savefig(out / "figure3.png", dpi=PLOT_DPI)
     plt.close(fig)
     for name, fn in panels.items():
         fig, ax = plt.subplots(figsize=(4.2, 3.4))
         fn(ax)
         fig.tight_layout()
-        fig.savefig(out / f"figure3_{name}.png", dpi=100)
+        fig.savefig(out / f"figure3_{name}.png", dpi=PLOT_DPI)
         plt.close(fig)
 
 
@@ -871,6 +829,7 @@ def table1(
     epochs: int = 160,
     extra_args: tuple[str, ...] = (),
     resume: bool = False,
+    overwrite: bool = False,
 ) -> str:
     """Train each model in its own process (so peak memory is per model), then write ``table1.md``/``.json``.
 
@@ -903,6 +862,8 @@ def table1(
             ]
             if resume and (run / "checkpoint.pt").exists():
                 cmd.append("--resume")
+            elif overwrite or resume:  # resume: a folder the interrupted run left without a checkpoint
+                cmd.append("--overwrite")
             print("$ " + " ".join(cmd), file=sys.stderr)
             subprocess.run(cmd, check=True, env=env)
         rows[m] = json.loads((run / "metrics.json").read_text())
@@ -944,152 +905,145 @@ def _table_memory(r: dict[str, Any]) -> float:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def _add_train_args(p: argparse.ArgumentParser, *, model: bool = True) -> None:
-    d = MNISTConfig()
-    if model:
-        p.add_argument("--model", choices=MODELS, default=d.model)
-    p.add_argument("--dataset", choices=sorted(data.DATASETS), default=d.dataset)
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder with the four IDX .gz files "
-        "(default $NEURALODE_DATA/<dataset> or ~/.cache/neuralode/<dataset>)",
-    )
-    p.add_argument(
-        "--download", action="store_true", help="fetch missing files into --data-dir first (internet)"
-    )
-    if model:
-        p.add_argument("--epochs", type=int, default=d.epochs, help="the LR schedule scales with it")
-    p.add_argument("--train-size", type=int, default=None, help="train on this many images (quick runs)")
-    p.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of train")
-    p.add_argument(
-        "--test-size", type=int, default=None, help="evaluate on the first N test images (quick runs)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="global batch (split across processes)"
-    )
-    p.add_argument("--lr", type=float, default=d.lr, help="base LR for batch 128 (scaled by batch/128)")
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument(
-        "--lr-schedule",
-        choices=("paper", "constant"),
-        default=d.lr_schedule,
-        help="paper: x0.1 at 60/160, 100/160, 140/160 of the run; constant: no decay",
-    )
-    p.add_argument("--tol", type=float, default=d.tol, help="forward rtol = atol")
-    p.add_argument("--adjoint-tol", type=float, default=None, help="backward rtol = atol (default: --tol)")
-    p.add_argument(
-        "--gradient",
-        choices=("direct", "adjoint", "checkpoint"),
-        default=None,
-        help="default: adjoint for odenet, direct for rknet",
-    )
-    p.add_argument(
-        "--solver", default=d.solver, help="dopri5, rk4, euler, ... (fixed-step ones need --step-size)"
-    )
-    p.add_argument("--step-size", type=float, default=None)
-    p.add_argument("--seminorm", action="store_true", help="adjoint error norm over the state only")
-    p.add_argument("--downsampling", choices=("conv", "res"), default=d.downsampling)
-    p.add_argument(
-        "--channels", type=int, default=d.channels, help="64 in the paper (smaller only for tests)"
-    )
-    p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument(
-        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints"
-    )
-    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between iterations.jsonl lines")
+def _check(cfg: MNISTConfig) -> None:
+    """Data files that are not there, before any folder is made."""
+    if not cfg.download:
+        root = Path(cfg.data_dir).expanduser() if cfg.data_dir else data.default_data_dir(cfg.dataset)
+        try:
+            data.check_files(root, cfg.dataset)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
 
 
-def _cfg_from_args(args: argparse.Namespace) -> MNISTConfig:
-    fields = {f.name for f in dataclasses.fields(MNISTConfig)}
-    return MNISTConfig(**{k: v for k, v in vars(args).items() if k in fields})
+def _resumable(saved: dict[str, Any]) -> tuple[str, ...]:
+    """The epoch budget may change only without the paper's schedule (which is laid out over it)."""
+    fields = ("device", "threads", "eval_batch_size", "checkpoint_every", "log_every", "plots", "data_dir",
+              "download", "max_steps")  # fmt: skip
+    return fields + (("epochs",) if saved.get("lr_schedule") == "constant" else ())
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    train(_cfg_from_args(args), resume=args.resume)
-    return 0
+MNIST = Experiment(
+    name="mnist",
+    config_cls=MNISTConfig,
+    train=_train_run,
+    default_out=lambda cfg: f"runs/mnist-{cfg.model}",
+    headline=lambda m: (
+        f"test error {m['test_error']:.2%} (selected epoch {m['selected_epoch']}, validation error "
+        f"{m['val_error']:.2%}); {m['wall_time_s']:.0f} s"
+    ),
+    resumable=_resumable,
+    check=_check,
+)
 
 
-def _run_figure3(args: argparse.Namespace) -> int:
+class _BothTolerances(argparse.Action):
+    """``--tol X``: the older spelling of ``--rtol X --atol X``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.rtol = namespace.atol = values
+
+
+def _run_figure3(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    run = Path(args.run)
+    if not (run / "config.json").is_file() or not any(
+        (run / n).is_file() for n in ("best.pt", "checkpoint.pt")
+    ):
+        parser.error(
+            f"{str(run)!r} is not a finished `neuralode train mnist` run folder (config.json, best.pt)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
-    figure3(args.run, n_images=args.n_images, tols=tuple(args.tols), out=args.out, data_dir=args.data_dir)
+    try:
+        figure3(run, n_images=args.n_images, tols=tuple(args.tols), out=args.out, data_dir=args.data_dir)
+    except (UsageError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    print(f"figure3: results in {args.out or run} (figure3.json, figure3*.png)")
     return 0
 
 
-def _run_table1(args: argparse.Namespace) -> int:
+def _run_table1(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     passthrough = []
-    for name in (
-        "data_dir",
-        "train_size",
-        "val_size",
-        "test_size",
-        "batch_size",
-        "device",
-        "threads",
-        "tol",
-        "seed",
-        "dataset",
-    ):
+    for name in ("data_dir", "train_size", "val_size", "test_size", "batch_size", "device", "threads",
+                 "rtol", "atol", "seed", "dataset"):  # fmt: skip
         v = getattr(args, name)
         if v is not None:
             passthrough += ["--" + name.replace("_", "-"), str(v)]
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    table1(
-        args.out,
-        models=tuple(args.models),
-        epochs=args.epochs,
-        extra_args=tuple(passthrough + extra),
-        resume=args.resume,
-    )
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    if args.epochs < 1:
+        parser.error(f"epochs must be a positive integer, got {args.epochs}")
+    if not (args.resume or args.overwrite):
+        taken = [m for m in args.models if (Path(args.out) / m).exists()]
+        if taken:
+            parser.error(
+                f"{args.out} already holds runs of {', '.join(taken)}; pass --resume to reuse/continue them, "
+                "--overwrite to retrain them, or choose another --out"
+            )
+    try:
+        table1(
+            args.out, models=tuple(args.models), epochs=args.epochs, extra_args=tuple(passthrough + extra),
+            resume=args.resume, overwrite=args.overwrite,
+        )  # fmt: skip
+    except subprocess.CalledProcessError as exc:
+        print(
+            f"error: a training run failed (exit status {exc.returncode}): {' '.join(exc.cmd)}",
+            file=sys.stderr,
+        )
+        return exc.returncode or 1
     return 0
 
 
 def register(commands: argparse._SubParsersAction, train_cmds: argparse._SubParsersAction) -> None:
-    p = train_cmds.add_parser(
-        "mnist", help="MNIST classifier: ODE-Net, RK-Net, ResNet or MLP (paper Table 1)"
+    (p,) = register_experiment(
+        train_cmds, MNIST, names=("mnist",), help="MNIST classifier: ODE-Net, RK-Net, ResNet or MLP (paper Table 1)",
+        description="Train an MNIST classifier, select it on a validation split, test it once (paper Table 1).\n"
+        "Writes config.json, run.json, metrics.jsonl (one line per epoch), iterations.jsonl, checkpoint.pt, "
+        "best.pt, metrics.json (test error) and training.png into the run folder.",
+    )  # fmt: skip
+    p.add_argument(
+        "--tol", type=float, action=_BothTolerances, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
-    _add_train_args(p)
-    p.add_argument("--out", default="runs/mnist", help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.set_defaults(func=_run_train)
 
     f = commands.add_parser(
-        "figure3", help="paper Figure 3 (NFE statistics) from a trained ODE-Net run folder"
-    )
+        "figure3", help="paper Figure 3 (NFE statistics) from a trained ODE-Net run folder",
+        description="Paper Figure 3 from a trained ODE-Net run folder: NFE vs numerical error, time vs NFE, "
+        "backward vs forward NFE, NFE over training. Writes figure3.json and figure3*.png.",
+    )  # fmt: skip
     f.add_argument("run", help="run folder of `neuralode train mnist --model odenet`")
     f.add_argument(
         "--out", default=None, help="where to write the PNGs and figure3.json (default: the run folder)"
     )
-    f.add_argument("--n-images", type=int, default=256, help="validation images for the tolerance sweep")
+    f.add_argument("--n-images", type=int, default=256, help="validation images for the sweep (default: 256)")
     f.add_argument(
-        "--tols", type=float, nargs="+", default=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]
-    )
-    f.add_argument("--data-dir", default=None)
-    f.add_argument("--threads", type=int, default=None)
-    f.set_defaults(func=_run_figure3)
+        "--tols", type=float, nargs="+", default=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5],
+        help="tolerances of the sweep (default: 1e-1 ... 1e-5)",
+    )  # fmt: skip
+    f.add_argument("--data-dir", default=None, help="data folder (default: the run's)")
+    f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    f.set_defaults(func=lambda args, _p=f: _run_figure3(args, _p))
 
-    t = commands.add_parser("table1", help="paper Table 1: train the four models and write a markdown table")
-    t.add_argument("--out", default="runs/table1")
-    t.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    t = commands.add_parser(
+        "table1", help="paper Table 1: train the four models and write a markdown table",
+        description="Paper Table 1: train each model with `neuralode train mnist` (one process each), then "
+        "write table1.md and table1.json into --out.",
+    )  # fmt: skip
+    t.add_argument("--out", default="runs/table1", help="default: runs/table1")
+    t.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="default: all four")
+    t.add_argument("--epochs", type=int, default=160, help="epochs per model (default: 160)")
     t.add_argument(
-        "--epochs", type=int, default=160, help="epoch budget per model (LR schedule scales with it)"
+        "--data-dir", default=None, help="default: $NEURALODE_DATA/mnist or ~/.cache/neuralode/mnist"
     )
-    t.add_argument("--data-dir", default=None)
-    t.add_argument("--dataset", default=None)
-    t.add_argument("--train-size", type=int, default=None)
-    t.add_argument("--val-size", type=int, default=None)
-    t.add_argument("--test-size", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--tol", type=float, default=None)
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--device", default=None)
-    t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--resume", action="store_true", help="skip finished models, resume interrupted ones")
+    t.add_argument("--dataset", default=None, choices=sorted(data.DATASETS), help="default: mnist")
+    for flag, typ, what in (("--train-size", int, "all"), ("--val-size", int, "5000"), ("--test-size", int, "all"),
+                            ("--batch-size", int, "128"), ("--rtol", float, "1e-3"), ("--atol", float, "1e-3"),
+                            ("--seed", int, "0"), ("--threads", int, "torch's")):  # fmt: skip
+        t.add_argument(flag, type=typ, default=None, help=f"passed to every run (default: {what})")
+    t.add_argument(
+        "--tol", type=float, action=_BothTolerances, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    t.add_argument("--device", default=None, help="passed to every run (default: auto)")
+    t.add_argument("--resume", action="store_true", help="reuse finished models, resume interrupted ones")
+    t.add_argument("--overwrite", action="store_true", help="retrain models whose run folders exist")
     t.add_argument("extra", nargs=argparse.REMAINDER, help="after `--`: more options for every `train mnist`")
-    t.set_defaults(func=_run_table1)
+    t.set_defaults(func=lambda args, _p=t: _run_table1(args, _p))
