@@ -85,8 +85,10 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "base_std_3": ("base scale", {"base_std": 3.0}),
     "K_8": ("K", {"layers": 8}),
     "K_16": ("K", {"layers": 16}),
+    "K_32": ("K", {"layers": 32}),
     "scale_0.5": ("data scale", {"scale": 0.5}),
     "scale_3": ("data scale", {"scale": 3.0}),
+    "scale_0.5_base_std_0.316": ("data scale", {"scale": 0.5, "base_std": math.sqrt(0.1)}),
     "init_rm": ("init", {"init": "rm"}),
     "b2d_rmsprop_rm": (
         "combined",
