@@ -9,15 +9,19 @@ our trial). We shift the argument, ``m(a) = -1 + softplus(a + log(e - 1))``: sam
 but ``m(0) = 0`` and ``û → 0`` as ``u → 0``, so the flow starts near the identity.
 
 A planar layer has no closed-form inverse, but it is a monotone scalar problem: with ``α = wᵀz``,
-``wᵀy = α + (wᵀû) h(α + b)`` is strictly increasing in ``α`` and ``|α - wᵀy| ≤ |wᵀû|``, so bisection
-finds ``α`` and ``z = y - û h(α + b)``.
+``g(α) = α + (wᵀû) h(α + b) - wᵀy = 0`` is strictly increasing in ``α`` and ``|α - wᵀy| ≤ |wᵀû|``, so
+bisection finds ``α`` and ``z = y - û h(α + b)``. The inverse is differentiable: the bisection runs
+without a graph, then one Newton step ``α ← α₀ - g(α₀)/g'(α₀)`` with ``g'`` held constant carries the
+implicit-function gradient ``∂α/∂θ = -(∂g/∂θ)/g'`` to the parameters and to ``y`` (its value moves by
+less than the bisection's last interval).
 
 :class:`PlanarNF` puts the layers in one of two directions:
 
-- ``direction="data_to_base"`` (maximum likelihood, Figure 5): ``log p(x) = log N(F(x)) + log|det F'(x)|``;
-  sampling inverts the layers by bisection (no gradient).
+- ``direction="data_to_base"`` (maximum likelihood, Figure 5): ``log p(x) = log N(F(x)) + log|det F'(x)|``,
+  one forward pass; sampling inverts the layers.
 - ``direction="base_to_data"`` (density matching, Figure 4): ``x = F(z)``,
-  ``log q(x) = log N(z) - log|det F'(z)|``, cheap and differentiable.
+  ``log q(x) = log N(z) - log|det F'(z)|``, one forward pass; ``log_prob(x)`` of given points inverts the
+  layers, and its gradient (maximum likelihood in this direction) includes the path through ``z = F⁻¹(x)``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class PlanarFlow(nn.Module):
 
     ``forward(z)`` → ``(F(z), log|det ∂F/∂z|)`` with shapes ``(B, D)``, ``(B,)``;
     ``inverse(y, iters=100)`` → ``F⁻¹(y)`` by per-layer bisection (to float precision after ~60 halvings
-    of an interval of width ``2|wᵀû|``).
+    of an interval of width ``2|wᵀû|``), differentiable; ``inverse_and_log_det(y)`` → ``(F⁻¹(y), log|det|)``.
     """
 
     def __init__(self, dim: int = 2, layers: int = 8, init_std: float = 0.01):
@@ -69,29 +73,45 @@ class PlanarFlow(nn.Module):
             z = z + h.unsqueeze(-1) * u_hat[k]
         return z, logdet
 
-    @torch.no_grad()
     def inverse(self, y: torch.Tensor, iters: int = 100) -> torch.Tensor:
+        """``F⁻¹(y)``, ``(B, D) -> (B, D)``; differentiable (see the module doc)."""
+        return self.inverse_and_log_det(y, iters)[0]
+
+    def inverse_and_log_det(self, y: torch.Tensor, iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z = F⁻¹(y)`` and ``log|det ∂F/∂z|`` at that ``z`` (the forward log-determinant), shapes
+        ``(B, D)``, ``(B,)``; differentiable in ``y`` and the parameters by the implicit function theorem.
+        ``iters``: bisection halvings per layer (the interval starts ``2|wᵀû|`` wide)."""
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+            raise ValueError(f"iters must be a positive int, got {iters!r}")
         u_hat = self.u_hat()
+        logdet = torch.zeros_like(y[:, 0])
         for k in reversed(range(self.n_layers)):
             w, b, u = self.w[k], self.b[k], u_hat[k]
             wu = w @ u
             target = y @ w
-            lo, hi = target - wu.abs() - 1e-6, target + wu.abs() + 1e-6
-            for _ in range(iters):
-                mid = 0.5 * (lo + hi)
-                too_big = mid + wu * torch.tanh(mid + b) > target
-                hi = torch.where(too_big, mid, hi)
-                lo = torch.where(too_big, lo, mid)
-            alpha = 0.5 * (lo + hi)
-            y = y - torch.tanh(alpha + b).unsqueeze(-1) * u
-        return y
+            with torch.no_grad():
+                c, bk, t = wu.detach(), b.detach(), target.detach()
+                lo, hi = t - c.abs() - 1e-6, t + c.abs() + 1e-6
+                for _ in range(iters):
+                    mid = 0.5 * (lo + hi)
+                    too_big = mid + c * torch.tanh(mid + bk) > t
+                    hi = torch.where(too_big, mid, hi)
+                    lo = torch.where(too_big, lo, mid)
+                alpha0 = 0.5 * (lo + hi)
+                slope = 1 + c * (1 - torch.tanh(alpha0 + bk) ** 2)  # g'(α₀) ≥ min(1, 1 + wᵀû) > 0
+            alpha = alpha0 - (alpha0 + wu * torch.tanh(alpha0 + b) - target) / slope
+            h = torch.tanh(alpha + b)
+            logdet = logdet + torch.log((1 + (1 - h**2) * wu).abs() + 1e-12)
+            y = y - h.unsqueeze(-1) * u
+        return y, logdet
 
 
 class PlanarNF(nn.Module):
     """A planar flow with a standard-Gaussian base density (scaled by ``base_std``); see the module doc.
 
     ``log_prob(x)`` → ``(B,)``; ``sample(n)`` → ``(n, D)``; ``sample_with_log_prob(n)`` → ``(x, log q(x))``
-    (differentiable only for ``direction="base_to_data"``).
+    (differentiable in both directions; ``base_to_data`` samples and ``data_to_base`` densities need no
+    inversion).
     """
 
     def __init__(
@@ -114,8 +134,7 @@ class PlanarNF(nn.Module):
         if self.direction == "data_to_base":
             z, logdet = self.flow(x)
             return self.base_log_prob(z) + logdet
-        z = self.flow.inverse(x)
-        _, logdet = self.flow(z)
+        z, logdet = self.flow.inverse_and_log_det(x)
         return self.base_log_prob(z) - logdet
 
     def sample_with_log_prob(self, n: int, generator: torch.Generator | None = None):
@@ -124,8 +143,7 @@ class PlanarNF(nn.Module):
         if self.direction == "base_to_data":
             x, logdet = self.flow(z)
             return x, self.base_log_prob(z) - logdet
-        x = self.flow.inverse(z)
-        _, logdet = self.flow(x)
+        x, logdet = self.flow.inverse_and_log_det(z)
         return x, self.base_log_prob(z) + logdet
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
