@@ -3,7 +3,7 @@
 Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_event``.
 """
 
-from neuralode._adjoint import odeint_adjoint
+from neuralode._adjoint import SENSITIVITIES, odeint_adjoint
 from neuralode._batched import PerSampleInfo, odeint_per_sample
 from neuralode._batched_adjoint import odeint_per_sample_adjoint
 from neuralode._checkpoint import odeint_checkpoint
@@ -20,6 +20,7 @@ __all__ = [
     "ADAPTIVE_METHODS",
     "FIXED_METHODS",
     "GRADIENT_METHODS",
+    "SENSITIVITIES",
     "SOLVERS",
     "TABLEAUS",
     "ButcherTableau",

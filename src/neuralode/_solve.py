@@ -163,6 +163,8 @@ def integrate_adaptive(
     stops: Sequence[tuple[float, bool]] = (),
     event=None,
     compiled=None,
+    jump=None,
+    on_accept=None,
 ) -> list[torch.Tensor]:
     """Adaptive solve through the times ``t_out`` (monotonic; ``t_out[0]`` is the start).
 
@@ -188,6 +190,11 @@ def integrate_adaptive(
     prev_ratio = 1.0
     n_steps = 0
     i_stop = 0
+    if jump is not None:
+        merged = dict.fromkeys(t_out[1:-1], False)
+        for ts, is_jump in stops:
+            merged[ts] = merged.get(ts, False) or is_jump
+        stops = sorted(merged.items(), key=lambda p: direction * p[0])
     while i_stop < len(stops) and direction * (stops[i_stop][0] - t) <= 0:
         i_stop += 1
     # Default RMS norm with scalar tolerances: the cheaper error ratio that reuses |y1| as the next |y|.
@@ -249,7 +256,10 @@ def integrate_adaptive(
                 )
         if accepted:
             t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
-            if stop is not None and stop[1]:
+            j_jump = i_out if jump is not None and i_out < n_out - 1 and t_out[i_out] == t1 else None
+            if j_jump is not None and not tab.fsal and on_accept is None:
+                f1 = None  # replaced by the jump's own evaluation
+            elif stop is not None and stop[1]:
                 f1 = f(t1, y1, perturb=int(direction))  # one-sided limit past the jump
                 stats.nfe += 1
             elif tab.fsal:
@@ -263,6 +273,8 @@ def integrate_adaptive(
                 callbacks.accept(t, y, h_signed)
             if trace is not None:
                 trace.append((t, h_signed))
+            if on_accept is not None:
+                on_accept(t, h_signed, y, [*k, f1])
             # Outputs inside (t, t1]: exact at t1, dense output strictly inside.
             inner = []
             j = i_out
@@ -278,6 +290,10 @@ def integrate_adaptive(
             stop_now = event is not None and bool(crossed)
             if stop_now:
                 event.found(t, h_signed, y, [*k, f1], t1, y1)
+            if j_jump is not None:
+                y1, f1 = jump(j_jump, y1)
+                if fast_norm:
+                    y1_abs = torch.abs(y1.detach()).add_(c_tol)
             t, y, f0 = t1, y1, f1
             if fast_norm:
                 y_abs = y1_abs
