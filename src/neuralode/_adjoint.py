@@ -13,10 +13,10 @@ Where ``y(t)`` comes from is what the sensitivities differ in:
 - ``"backsolve"`` (torchdiffeq's): ``y`` is solved backwards together with the adjoint, in the state
   ``[y, a, a_θ, a_t]``; at each output time ``y`` is reset to the stored forward value. O(1) memory in
   the number of steps; the reverse-time solve of ``y`` is ill-conditioned for dissipative dynamics.
-- ``"interpolating"``: the forward pass keeps checkpoints (the state every few accepted steps and the
-  step sequence); the backward pass re-solves the forward steps of one segment at a time from its
-  checkpoint (no graph) and reads ``y(t)`` from their dense output. The backward state is
-  ``[a, a_θ, a_t]``. Memory O(checkpoints + one segment).
+- ``"interpolating"``: ``y(t)`` is read from the dense output of the forward steps: kept whole (default),
+  or re-solved one segment at a time (no graph) from checkpoints, the state every few accepted steps
+  (``checkpoints=K``: memory O(K + one segment)). The backward state is ``[a, a_θ, a_t]``: no
+  reverse-time solve of ``y``.
 - ``"quadrature"``: ``y(t)`` as for ``"interpolating"``; the backward state is only ``[a, a_t]`` (error
   control on them alone), and ``a_θ`` is a Gauss-Legendre quadrature of ``−aᵀ ∂f/∂θ`` over each accepted
   backward step, with ``a`` at the nodes from the step's dense output.
@@ -115,8 +115,12 @@ def odeint_adjoint(
             quadrature on each backward step, error control on the state's adjoint only). The last two
             need an explicit Runge-Kutta ``method`` (its steps are re-solved); ``"quadrature"`` also an
             adaptive one for ``adjoint_method``.
-        checkpoints: ``"interpolating"``/``"quadrature"``: how many forward states to keep, at most
-            (default about √(2n) for n steps; see :func:`~neuralode.odeint_checkpoint`).
+        checkpoints: ``"interpolating"``/``"quadrature"``: ``None`` (default) keeps the dense output of
+            every forward step (its stages: memory O(steps · stages · state), no recomputation; on fixed
+            grids about √(2n) states, as below); an int keeps at most that many states and re-solves the
+            forward steps between two of them when the backward pass reaches them (memory
+            O(checkpoints + one segment), about one forward solve more; see
+            :func:`~neuralode.odeint_checkpoint`).
 
     Returns:
         ``(len(t), *y0.shape)`` tensor, or a tuple of ``(len(t), *y0[i].shape)`` tensors.
@@ -161,11 +165,10 @@ def odeint_adjoint(
         func, problem, params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, options
     )
     adjoint.sensitivity, adjoint.checkpoints, adjoint.non_leaf = sensitivity, checkpoints, non_leaf
-    if sensitivity == "quadrature" and not method_options(adjoint.method)[1]:
+    if sensitivity == "quadrature" and adjoint.method not in TABLEAUS:
         raise ValueError(
-            f"sensitivity='quadrature' integrates the parameter gradient on the accepted steps of an "
-            f"adaptive backward solve; adjoint_method={adjoint.method!r} is a fixed-grid method (pass an "
-            "adaptive adjoint_method, e.g. 'dopri5', or use sensitivity='interpolating')"
+            f"sensitivity='quadrature' integrates the parameter gradient on the steps of an explicit "
+            f"Runge-Kutta backward solve; got adjoint_method={adjoint.method!r} (valid: {', '.join(TABLEAUS)})"
         )
     if non_leaf and torch.is_grad_enabled():
         _check_non_leaf_used(problem, params, non_leaf)
@@ -223,6 +226,14 @@ def _check_params(
     return tuple(p for p in params if p.requires_grad)
 
 
+def inherited_options(fwd_options: dict[str, Any] | None, method: str) -> dict[str, Any]:
+    """The backward solve's default options: the forward ones that ``method`` takes, without ``norm``
+    (the backward state is another) and ``compile`` (the backward dynamics run the autograd engine,
+    which torch.compile cannot trace)."""
+    valid = method_options(method)[0]
+    return {k: v for k, v in (fwd_options or {}).items() if k not in ("norm", "compile") and k in valid}
+
+
 def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, fwd_options) -> _AdjointSetup:
     method = problem.method if method is None else method
     if not isinstance(method, str) or method not in SOLVERS:
@@ -231,11 +242,7 @@ def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, 
         )
     valid, adaptive = method_options(method)
     if options is None:
-        # The backward dynamics call the autograd engine, which torch.compile cannot trace: the forward
-        # solve's "compile" stays with the forward solve.
-        options = {
-            k: v for k, v in (fwd_options or {}).items() if k not in ("norm", "compile") and k in valid
-        }
+        options = inherited_options(fwd_options, method)
     elif not isinstance(options, dict):
         raise TypeError(f"adjoint_options must be a dict, got {type(options).__name__}")
     else:
@@ -477,12 +484,10 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
         # callback_*_adjoint on func see the backward solve (the flat backward state).
         callbacks=collect_callbacks(adj.func, adj.method, method_callbacks(adj.method), adjoint=True),
     )
+    on_accept = None
+    if quadrature and params:
+        on_accept = _Quadrature(TABLEAUS[adj.method], aug_f, traj, f_flat, y_shape, params, lay, a_p, stats)
     if adaptive and adj.method in TABLEAUS:  # one solve across all output times
-        on_accept = None
-        if quadrature and params:
-            on_accept = _Quadrature(
-                TABLEAUS[adj.method], aug_f, traj, f_flat, y_shape, params, lay, a_p, stats
-            )
         stats.n_solves += 1
         s_0 = run(aug_problem, stats, jump=lambda j, s: apply_jump(n_out - 1 - j, s), on_accept=on_accept)[-1]
     else:  # fixed grids and the other methods: one solve per output interval, as torchdiffeq
@@ -490,7 +495,7 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
         for i in range(n_out - 1, 0, -1):
             piece = dataclasses.replace(aug_problem, t=[problem.t[i], problem.t[i - 1]])
             stats.n_solves += 1
-            s = run(piece, stats, y0=s, f0=ds)[-1]
+            s = run(piece, stats, y0=s, f0=ds, on_accept=on_accept)[-1]
             if i > 1:
                 s, ds = apply_jump(i - 1, s)
         s_0 = s

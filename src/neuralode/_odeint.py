@@ -191,8 +191,8 @@ def run(
 
     ``trace`` and ``callbacks`` go to the loop (see ``integrate_adaptive``), after the user's callbacks
     found on ``func`` (``problem.callbacks``); ``event`` (adaptive tableaus only) is the terminal-event
-    hook of ``integrate_adaptive``; so are ``jump`` and ``on_accept`` (the adjoint's hooks, passed on
-    to ``integrate_adaptive``; refused by other loops)."""
+    hook of ``integrate_adaptive``; so is ``jump``, and ``on_accept`` (the adjoint's hooks) is that of
+    ``integrate_adaptive`` or ``integrate_fixed`` (explicit RK tableaus only)."""
     tab = TABLEAUS.get(problem.method)
     callbacks = chain_callbacks(problem.callbacks, callbacks)
     opts = problem.options
@@ -200,8 +200,10 @@ def run(
     f0 = problem.f0 if f0 is None else f0
     if len(problem.t) == 1:
         return [y0]
-    if (jump is not None or on_accept is not None) and (tab is None or not tab.adaptive):
-        raise ValueError(f"method={problem.method!r} has no hooks for state jumps (adaptive tableaus only)")
+    if (jump is not None and (tab is None or not tab.adaptive)) or (on_accept is not None and tab is None):
+        raise ValueError(f"method={problem.method!r} has no jump/on_accept hooks")
+    if on_accept is not None and opts.get("compile"):
+        raise ValueError("on_accept needs the eager step (options['compile'] is set)")
     hooks = {"jump": jump, "on_accept": on_accept}
     if tab is None:
         spec = EXTRA_METHODS[problem.method]
@@ -288,6 +290,7 @@ def _run_tableau(
         trace=trace,
         callbacks=callbacks,
         stepper=None if compiled is None else compiled_stepper(tab, compiled),
+        on_accept=on_accept,
     )
 
 

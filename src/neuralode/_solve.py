@@ -325,12 +325,14 @@ def integrate_fixed(
     trace: list | None = None,
     callbacks=None,
     stepper=None,
+    on_accept=None,
 ) -> list[torch.Tensor]:
     """Fixed-grid solve: one step per grid interval; outputs between grid points by linear (default) or
     cubic Hermite interpolation. ``grid`` runs from ``t_out[0]`` to ``t_out[-1]``.
 
     ``stepper(f, t, h, y, f0, stats) -> (y1, f1 or None)`` replaces the explicit RK step of ``tab`` (used
-    by the implicit and Adams methods; ``f1`` is ``f(t + h, y1)`` when the step has it for free)."""
+    by the implicit and Adams methods; ``f1`` is ``f(t + h, y1)`` when the step has it for free).
+    ``on_accept(t, h, y, k_ext)`` as for ``integrate_adaptive`` (explicit RK steps of ``tab`` only)."""
     n_out = len(t_out)
     direction = 1.0 if t_out[-1] > t_out[0] else -1.0
     outputs = [y0]
@@ -353,6 +355,11 @@ def integrate_fixed(
             callbacks.step(g0, y, h)
         y1, f1 = stepper(f, g0, h, y, f_next, stats)
         k = [f_next]
+        if on_accept is not None:
+            if f1 is None:
+                f1 = f(g1, y1)
+                stats.nfe += 1
+            on_accept(g0, h, y, [*stepper.last_stages, f1])
         if callbacks is not None:
             callbacks.accept(g0, y, h)
         if trace is not None:
@@ -411,6 +418,7 @@ def rk_stepper(tab: ButcherTableau):
     def step(f, t, h, y, f0, stats):
         y1, k = rk_step(f, tab, t, h, y, f0)
         stats.nfe += tab.stages - 1
+        step.last_stages = k  # for integrate_fixed's on_accept
         return y1, (k[-1] if tab.fsal else None)
 
     return step
