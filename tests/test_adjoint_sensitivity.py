@@ -352,3 +352,18 @@ def test_neuralode_adjoint_uses_seminorm_by_default():
             node(y0).sum().backward()
         assert st.backward.nfe >= 4 * 12
     assert "sensitivity='quadrature'" in repr(NeuralODE(func, gradient="adjoint", sensitivity="quadrature"))
+
+
+def test_output_times_without_loss_cost_no_backward_stops():
+    func = _mlp()
+    y0 = torch.tensor([[0.3, -0.5]], dtype=DT)
+    nfe, grads = {}, {}
+    for n in (2, 20):
+        t = torch.linspace(0, 1, n, dtype=DT)
+        func.zero_grad()
+        with record_stats() as st:
+            ys = odeint_adjoint(func, y0, t, rtol=1e-8, atol=1e-10)
+        ys[-1].sum().backward()  # only the last output enters the loss
+        nfe[n], grads[n] = st.backward.nfe, func.l1.weight.grad.clone()
+    assert nfe[20] == nfe[2]
+    assert _rel(grads[20], grads[2]) < 1e-12

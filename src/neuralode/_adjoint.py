@@ -488,8 +488,12 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
     if quadrature and params:
         on_accept = _Quadrature(TABLEAUS[adj.method], aug_f, traj, f_flat, y_shape, params, lay, a_p, stats)
     if adaptive and adj.method in TABLEAUS:  # one solve across all output times
+        # Output times whose dL/dy is zero need no jump, so no stop either (one synchronisation).
+        nonzero = (grad_ys[1:-1] != 0).any(dim=1).tolist()
+        stops = [i for i in range(n_out - 2, 0, -1) if nonzero[i - 1]]
+        aug_problem.t = [problem.t[-1], *(problem.t[i] for i in stops), problem.t[0]]
         stats.n_solves += 1
-        s_0 = run(aug_problem, stats, jump=lambda j, s: apply_jump(n_out - 1 - j, s), on_accept=on_accept)[-1]
+        s_0 = run(aug_problem, stats, jump=lambda j, s: apply_jump(stops[j - 1], s), on_accept=on_accept)[-1]
     else:  # fixed grids and the other methods: one solve per output interval, as torchdiffeq
         s, ds = s_n, ds_n
         for i in range(n_out - 1, 0, -1):
