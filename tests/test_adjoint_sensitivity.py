@@ -344,6 +344,9 @@ def test_neuralode_adjoint_uses_seminorm_by_default():
     with record_stats() as default:
         odeint_adjoint(func, y0, t, rtol=1e-6, atol=1e-8).sum().backward()
     assert nfe_node == semi.backward.nfe < default.backward.nfe
+    node = NeuralODE(func, t=t, gradient="adjoint", rtol=1e-6, atol=1e-8, adjoint_options={"norm": None})
+    node(y0).sum().backward()
+    assert node.last_stats.backward.nfe == default.backward.nfe  # torchdiffeq's norm on request
     for sens in SENSITIVITIES:
         node = NeuralODE(
             func, t=t, gradient="adjoint", sensitivity=sens, method="rk4", options={"step_size": 0.1}
