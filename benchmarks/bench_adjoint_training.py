@@ -53,6 +53,9 @@ def contenders(func: Counted, cfg: SpiralConfig) -> dict:
         ),
         "adjoint interpolating, seminorm": node(gradient="adjoint", sensitivity="interpolating"),
         "adjoint quadrature": node(gradient="adjoint", sensitivity="quadrature"),
+        "adjoint interpolating, seminorm, adjoint_method=bosh3": lambda y0, t: neuralode.odeint_adjoint(
+            func, y0, t, **tol, sensitivity="interpolating", adjoint_method="bosh3", adjoint_options=semi
+        ),
         "checkpoint": node(gradient="checkpoint"),
         "torchdiffeq adjoint, default norm": lambda y0, t: torchdiffeq.odeint_adjoint(func, y0, t, **tol),
         "torchdiffeq adjoint, seminorm": lambda y0, t: torchdiffeq.odeint_adjoint(
