@@ -117,7 +117,7 @@ def odeint_adjoint(
             adaptive one for ``adjoint_method``.
         checkpoints: ``"interpolating"``/``"quadrature"``: ``None`` (default) keeps the dense output of
             every forward step (its stages: memory O(steps · stages · state), no recomputation; on fixed
-            grids about √(2n) states, as below); an int keeps at most that many states and re-solves the
+            grids and with ``options["compile"]``: about √(2n) states, as below); an int keeps at most that many states and re-solves the
             forward steps between two of them when the backward pass reaches them (memory
             O(checkpoints + one segment), about one forward solve more; see
             :func:`~neuralode.odeint_checkpoint`).
@@ -303,7 +303,11 @@ class _Adjoint(torch.autograd.Function):
         with torch.no_grad():
             if adjoint.sensitivity == "backsolve":
                 ys = torch.stack(run(problem, stats))
-            elif adjoint.checkpoints is None and TABLEAUS[problem.method].adaptive:
+            elif (
+                adjoint.checkpoints is None
+                and TABLEAUS[problem.method].adaptive
+                and not problem.options.get("compile")  # the compiled step hands out no stages
+            ):
                 recorder = _DenseRecorder(problem, stats)  # the whole dense output
                 ys = torch.stack(run(problem, stats, on_accept=recorder))
                 ctx.record = ("dense", recorder.steps)
