@@ -308,7 +308,7 @@ def test_sensitivity_with_event_and_options():
                 adjoint_method="bosh3",
                 adjoint_rtol=1e-5,
                 adjoint_atol=1e-7,
-                adjoint_options={"max_num_steps": 10_000},
+                adjoint_options={"max_num_steps": 10_000, "controller": "pi"},
             )
         ys.sum().backward()
         assert st.backward.n_accepted > 0 and st.backward.nfe > 0
