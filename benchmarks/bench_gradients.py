@@ -16,7 +16,8 @@ growing horizons T. Output times are just ``[0, T]``; the loss is the sum of squ
     python benchmarks/bench_gradients.py --suite dopri5 --json out.json
 
 Prints one markdown table per suite; ratios are against torchdiffeq's counterpart (direct and
-checkpoint vs ``torchdiffeq.odeint``; adjoint vs ``odeint_adjoint``; seminorm vs its seminorm), for
+checkpoint vs ``torchdiffeq.odeint``; adjoint vs ``odeint_adjoint``; seminorm, and the interpolating
+(with the seminorm) and quadrature sensitivities, vs its seminorm; on rk4 vs its adjoint), for
 wall time, process CPU time (the steadier figure on a shared machine) and the peak-memory increase.
 """
 
@@ -43,6 +44,8 @@ MODES = {
         ("neuralode", "direct"),
         ("neuralode", "adjoint"),
         ("neuralode", "checkpoint"),
+        ("neuralode", "interpolating"),
+        ("neuralode", "quadrature"),
         ("torchdiffeq", "direct"),
         ("torchdiffeq", "adjoint"),
     ],
@@ -50,6 +53,8 @@ MODES = {
         ("neuralode", "direct"),
         ("neuralode", "adjoint"),
         ("neuralode", "seminorm"),
+        ("neuralode", "interpolating"),
+        ("neuralode", "quadrature"),
         ("neuralode", "checkpoint"),
         ("torchdiffeq", "direct"),
         ("torchdiffeq", "adjoint"),
@@ -109,9 +114,11 @@ def _solve_fn(lib: str, mode: str, method: str, horizon: float, steps: int | Non
                     ys = neuralode.odeint(func, y0, t, **kw)
                 elif mode == "checkpoint":
                     ys = neuralode.odeint_checkpoint(func, y0, t, **kw)
-                else:
-                    opts = {"norm": "seminorm"} if mode == "seminorm" else None
-                    ys = neuralode.odeint_adjoint(func, y0, t, adjoint_options=opts, **kw)
+                else:  # adjoint: backsolve (default norm), seminorm, interpolating (seminorm), quadrature
+                    semi = mode in ("seminorm", "interpolating") and not fixed
+                    opts = {"norm": "seminorm"} if semi else None
+                    sens = mode if mode in neuralode.SENSITIVITIES else "backsolve"
+                    ys = neuralode.odeint_adjoint(func, y0, t, adjoint_options=opts, sensitivity=sens, **kw)
                 ys[-1].pow(2).sum().backward()
             return st.nfe, st.backward.nfe
 
@@ -194,7 +201,7 @@ def run_one(cfg: dict) -> dict:
 # -- driver --------------------------------------------------------------------------------------------
 
 
-def _configs(suite: str, quick: bool, reps: int) -> list[dict]:
+def _configs(suite: str, quick: bool, reps: int, only: set[str] | None = None) -> list[dict]:
     out = []
     if suite in ("rk4", "all"):
         for n in RK4_STEPS[:2] if quick else RK4_STEPS:
@@ -210,6 +217,8 @@ def _configs(suite: str, quick: bool, reps: int) -> list[dict]:
                         suite="dopri5", lib=lib, mode=mode, method="dopri5", horizon=T, steps=None, reps=reps
                     )
                 )
+    if only:
+        out = [c for c in out if f"{c['lib']}:{c['mode']}" in only]
     return out
 
 
@@ -248,7 +257,11 @@ def table(results: list[dict], suite: str) -> str:
         if "error" in r:
             lines.append(f"| {_size(r)} | {r['lib']} | {r['mode']} | {r['error']} ||||||||| |")
             continue
-        counterpart = {"checkpoint": "direct"}.get(r["mode"], r["mode"])
+        counterpart = {"checkpoint": "direct", "interpolating": "seminorm", "quadrature": "seminorm"}.get(
+            r["mode"], r["mode"]
+        )
+        if r["suite"] == "rk4" and counterpart == "seminorm":
+            counterpart = "adjoint"
         base = ref.get((_size(r), counterpart))
         theirs = base and r["lib"] != "torchdiffeq"
         ratio_t = f"{r['wall_s'] / base['wall_s']:.2f}×" if theirs else ""
@@ -273,13 +286,15 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per configuration (median)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--only", help="comma-separated library:mode pairs to run, e.g. neuralode:quadrature")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return
     results = []
-    for cfg in _configs(args.suite, args.quick, args.reps):
+    only = set(args.only.split(",")) if args.only else None
+    for cfg in _configs(args.suite, args.quick, args.reps, only):
         r = _spawn(cfg, args.timeout)
         results.append(r)
         status = r.get("error") or f"{r['wall_s']:.3f} s, Δ{r['peak_delta_mb']:.1f} MB"

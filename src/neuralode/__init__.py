@@ -5,7 +5,7 @@ Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_
 
 from importlib import metadata as _metadata
 
-from neuralode._adjoint import odeint_adjoint
+from neuralode._adjoint import SENSITIVITIES, odeint_adjoint
 from neuralode._batched import PerSampleInfo, odeint_per_sample
 from neuralode._batched_adjoint import odeint_per_sample_adjoint
 from neuralode._checkpoint import odeint_checkpoint
@@ -23,6 +23,7 @@ __all__ = [
     "ADAPTIVE_METHODS",
     "FIXED_METHODS",
     "GRADIENT_METHODS",
+    "SENSITIVITIES",
     "SOLVERS",
     "TABLEAUS",
     "ButcherTableau",

@@ -1,48 +1,66 @@
-"""``odeint_adjoint``: gradients by solving the adjoint ODE backwards in time, at O(1) memory in the number
-of solver steps (Chen et al. 2018, §2 and Appendix B; Kidger, Chen & Lyons 2021 for the seminorm).
+"""``odeint_adjoint``: gradients by solving the adjoint ODE backwards in time (Chen et al. 2018, §2 and
+Appendix B; Kidger, Chen & Lyons 2021 for the seminorm), in three variants chosen by ``sensitivity``.
 
-The forward solve keeps no autograd graph; it stores only the outputs ``y(t_i)``. The backward pass
-integrates the augmented state ``s = [y, a, a_θ, a_t]`` (flattened into one vector, so the same engine
-as the forward solve runs it) from ``t_N`` to ``t_0``, one output interval at a time:
+The forward solve keeps no autograd graph. With ``a = dL/dy`` the adjoint, the backward pass integrates
 
-    dy/dt = f(t, y),   da/dt = −aᵀ ∂f/∂y,   da_θ/dt = −aᵀ ∂f/∂θ,   da_t/dt = −aᵀ ∂f/∂t
+    da/dt = −aᵀ ∂f/∂y,   da_θ/dt = −aᵀ ∂f/∂θ,   da_t/dt = −aᵀ ∂f/∂t
 
-with the three vector-Jacobian products from one ``torch.autograd.grad`` call per evaluation. At each
-output time the reconstructed ``y`` is replaced by the stored forward value (cheap partial
-checkpointing, §1.4 of our notes) and ``dL/dy(t_i)`` is added to ``a``.
+from ``t_N`` to ``t_0`` (the three vector-Jacobian products from one autograd call per evaluation), as
+*one* adaptive solve with the output times as stops: at each ``t_i`` the jump ``a += dL/dy(t_i)`` is
+applied and only the first stage is re-evaluated; the step size and the controller history carry over.
+Where ``y(t)`` comes from is what the sensitivities differ in:
 
-The gradient it returns is the exact gradient of the continuous solution evaluated along a numerically
-reconstructed trajectory: it differs from backpropagation through the solver by O(tolerance). When that
-difference matters (stiff or strongly contracting dynamics, loose tolerances), use ``odeint`` (direct)
-or ``odeint_checkpoint``.
+- ``"backsolve"`` (torchdiffeq's): ``y`` is solved backwards together with the adjoint, in the state
+  ``[y, a, a_θ, a_t]``; at each output time ``y`` is reset to the stored forward value. O(1) memory in
+  the number of steps; the reverse-time solve of ``y`` is ill-conditioned for dissipative dynamics.
+- ``"interpolating"``: ``y(t)`` is read from the dense output of the forward steps: kept whole (default),
+  or re-solved one segment at a time (no graph) from checkpoints, the state every few accepted steps
+  (``checkpoints=K``: memory O(K + one segment)). The backward state is ``[a, a_θ, a_t]``: no
+  reverse-time solve of ``y``.
+- ``"quadrature"``: ``y(t)`` as for ``"interpolating"``; the backward state is only ``[a, a_t]`` (error
+  control on them alone), and ``a_θ`` is a Gauss-Legendre quadrature of ``−aᵀ ∂f/∂θ`` over each accepted
+  backward step, with ``a`` at the nodes from the step's dense output.
+
+The gradient is the exact gradient of the continuous solution evaluated along a numerically
+reconstructed trajectory: it differs from backpropagation through the solver by O(tolerance).
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from neuralode._callbacks import collect_callbacks
 from neuralode._control import make_norm
+from neuralode._methods import TABLEAUS
 from neuralode._odeint import (
     SOLVERS,
     Problem,
+    _check_step_options,
     _check_tol,
+    _time,
     make_problem,
     method_callbacks,
     method_options,
     run,
 )
+from neuralode._solve import dense_eval, rk_step
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 
-__all__ = ["odeint_adjoint"]
+__all__ = ["SENSITIVITIES", "odeint_adjoint"]
 
 TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
+
+#: The adjoint variants of ``odeint_adjoint(..., sensitivity=...)``.
+SENSITIVITIES: tuple[str, ...] = ("backsolve", "interpolating", "quadrature")
 
 
 def odeint_adjoint(
@@ -60,12 +78,14 @@ def odeint_adjoint(
     adjoint_method: str | None = None,
     adjoint_options: dict[str, Any] | None = None,
     adjoint_params: Sequence[torch.Tensor] | None = None,
+    sensitivity: str = "backsolve",
+    checkpoints: int | None = None,
 ) -> TensorOrTuple:
     """Solve ``dy/dt = func(t, y)`` like :func:`~neuralode.odeint`; gradients by the adjoint method.
 
-    Memory does not grow with the number of solver steps: the forward pass stores only the outputs.
-    The price is a second solve (backwards, of a system about twice the state plus the parameters) and a
-    gradient that matches backpropagation through the solver only to O(tolerance).
+    The forward pass stores only the outputs (``"backsolve"``) or a few checkpoints (the other
+    sensitivities). The price is a second solve, backwards, and a gradient that matches backpropagation
+    through the solver only to O(tolerance).
 
     Args:
         func, y0, t, rtol, atol, method, options: as for :func:`~neuralode.odeint`.
@@ -78,13 +98,29 @@ def odeint_adjoint(
         adjoint_options: options of the backward solve; default ``options`` without its ``norm`` (when
             ``adjoint_method`` is ``method``). ``{"norm": "seminorm"}`` leaves the parameter adjoint
             ``a_θ`` out of the error estimate (Kidger, Chen & Lyons 2021): it never feeds back into the
-            dynamics, so controlling its error only costs steps. ``"norm"`` may also be a callable that
-            receives the tuple ``(a_t, y, a, *a_θ)`` of flat tensors (torchdiffeq's convention). The
-            default norm is the max over the RMS of ``y``, ``a`` (each measured with the forward norm),
-            of every parameter's adjoint, and ``|a_t|``.
+            dynamics, so controlling its error only costs steps. ``"norm"`` may also be a callable; it
+            receives torchdiffeq's split of the backward state, a tuple ``(a_t, *y, *a_y, *a_θ)`` with
+            ``a_t`` 0-d, each ``y``/``a_y`` part in the shape of its part of ``y0`` and each ``a_θ`` in its
+            parameter's shape (``"interpolating"``: no ``y``; ``"quadrature"``: only ``(a_t, *a_y)``). The
+            default norm is the max over the RMS of ``y`` and of ``a`` (each measured with the forward
+            norm), of every parameter's adjoint, and ``|a_t|``.
         adjoint_params: the tensors to compute gradients for; default ``tuple(func.parameters())`` when
             ``func`` is an ``nn.Module``. Tensors that ``func`` uses but that are not listed here get
-            no gradient. Listed tensors that ``func`` does not use get zeros.
+            no gradient. Listed leaf tensors that ``func`` does not use get zeros. A listed tensor that
+            is not a leaf (computed from others, e.g. spline coefficients from data) must be used by
+            ``func``; its gradient flows on to the tensors it was computed from.
+        sensitivity: ``"backsolve"`` (default, torchdiffeq's: the state solved backwards with the
+            adjoint), ``"interpolating"`` (the state from forward checkpoints; right where backsolve is
+            unstable) or ``"quadrature"`` (as ``"interpolating"``, parameter gradient by Gauss-Legendre
+            quadrature on each backward step, error control on the state's adjoint only). The last two
+            need an explicit Runge-Kutta ``method`` (its steps are re-solved); ``"quadrature"`` also an
+            adaptive one for ``adjoint_method``.
+        checkpoints: ``"interpolating"``/``"quadrature"``: ``None`` (default) keeps the dense output of
+            every forward step (its stages: memory O(steps · stages · state), no recomputation; on fixed
+            grids and with ``options["compile"]``: about √(2n) states, as below); an int keeps at most that many states and re-solves the
+            forward steps between two of them when the backward pass reaches them (memory
+            O(checkpoints + one segment), about one forward solve more; see
+            :func:`~neuralode.odeint_checkpoint`).
 
     Returns:
         ``(len(t), *y0.shape)`` tensor, or a tuple of ``(len(t), *y0[i].shape)`` tensors.
@@ -100,16 +136,42 @@ def odeint_adjoint(
         kwargs.update(
             adjoint_atol=adjoint_atol, adjoint_method=adjoint_method, adjoint_options=adjoint_options
         )
+        kwargs.update(sensitivity=sensitivity, checkpoints=checkpoints)
         return solve_to_event_with(
             odeint_adjoint, func, y0, t, event_fn, adjoint_params=adjoint_params, **kwargs
         )
-    params = _check_params(func, adjoint_params)
+    if not isinstance(sensitivity, str) or sensitivity not in SENSITIVITIES:
+        raise ValueError(f"sensitivity={sensitivity!r}; expected one of {', '.join(SENSITIVITIES)}")
+    if checkpoints is not None and (
+        isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1
+    ):
+        raise ValueError(f"checkpoints must be a positive int or None, got {checkpoints!r}")
+    params = _check_params(func, adjoint_params, leaves_only=False)
+    non_leaf = {
+        k: next(i for i, q in enumerate(adjoint_params) if q is p)
+        for k, p in enumerate(params)
+        if not p.is_leaf
+    }
     y0_flat = torch.cat([x.reshape(-1) for x in y0]) if isinstance(y0, (tuple, list)) else y0
     with torch.no_grad():
         problem = make_problem(func, y0, t, rtol, atol, method, options)
+    if sensitivity != "backsolve" and problem.method not in TABLEAUS:
+        raise ValueError(
+            f"sensitivity={sensitivity!r} re-solves the forward steps, which needs an explicit Runge-Kutta "
+            f"method; got method={problem.method!r} (valid: {', '.join(TABLEAUS)}); use "
+            "sensitivity='backsolve' with it"
+        )
     adjoint = _adjoint_setup(
         func, problem, params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, options
     )
+    adjoint.sensitivity, adjoint.checkpoints, adjoint.non_leaf = sensitivity, checkpoints, non_leaf
+    if sensitivity == "quadrature" and adjoint.method not in TABLEAUS:
+        raise ValueError(
+            f"sensitivity='quadrature' integrates the parameter gradient on the steps of an explicit "
+            f"Runge-Kutta backward solve; got adjoint_method={adjoint.method!r} (valid: {', '.join(TABLEAUS)})"
+        )
+    if non_leaf and torch.is_grad_enabled():
+        _check_non_leaf_used(problem, params, non_leaf)
     ys = _Adjoint.apply(problem, adjoint, t, y0_flat, *params)
     return problem.unflatten(ys)
 
@@ -130,12 +192,15 @@ class _AdjointSetup:
     seminorm: bool
     user_norm: Callable | None
     state_norm: Callable  # the forward norm, on the flat state
+    sensitivity: str = "backsolve"
+    checkpoints: int | None = None
+    non_leaf: dict[int, int] = dataclasses.field(default_factory=dict)  # params index -> adjoint_params index
 
 
 def _check_params(
-    func, adjoint_params, name: str = "adjoint_params", who: str = "odeint_adjoint"
+    func, adjoint_params, name: str = "adjoint_params", who: str = "odeint_adjoint", leaves_only: bool = True
 ) -> tuple[torch.Tensor, ...]:
-    """The tensors that get gradients: given ones (leaf tensors), or ``func``'s parameters."""
+    """The tensors that get gradients: given ones, or ``func``'s parameters (those needing grad)."""
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
             raise ValueError(
@@ -151,7 +216,7 @@ def _check_params(
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{name}[{i}] must be a tensor, got {type(p).__name__}")
-            if not p.is_leaf:
+            if leaves_only and not p.is_leaf:
                 raise ValueError(
                     f"{name}[{i}] is not a leaf tensor (it was computed from other tensors); "
                     "pass the leaf tensors it was computed from, or compute it inside func"
@@ -159,6 +224,14 @@ def _check_params(
             if p.requires_grad and not p.is_floating_point():
                 raise TypeError(f"{name}[{i}] must be floating point, got dtype {p.dtype}")
     return tuple(p for p in params if p.requires_grad)
+
+
+def inherited_options(fwd_options: dict[str, Any] | None, method: str) -> dict[str, Any]:
+    """The backward solve's default options: the forward ones that ``method`` takes, without ``norm``
+    (the backward state is another) and ``compile`` (the backward dynamics run the autograd engine,
+    which torch.compile cannot trace)."""
+    valid = method_options(method)[0]
+    return {k: v for k, v in (fwd_options or {}).items() if k not in ("norm", "compile") and k in valid}
 
 
 def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, fwd_options) -> _AdjointSetup:
@@ -169,11 +242,7 @@ def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, 
         )
     valid, adaptive = method_options(method)
     if options is None:
-        # The backward dynamics call the autograd engine, which torch.compile cannot trace: the forward
-        # solve's "compile" stays with the forward solve.
-        options = {
-            k: v for k, v in (fwd_options or {}).items() if k not in ("norm", "compile") and k in valid
-        }
+        options = inherited_options(fwd_options, method)
     elif not isinstance(options, dict):
         raise TypeError(f"adjoint_options must be a dict, got {type(options).__name__}")
     else:
@@ -199,6 +268,7 @@ def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, 
         )
     if norm is not None and norm != "seminorm" and not callable(norm):
         raise ValueError(f"adjoint_options['norm']={norm!r}; expected 'seminorm' or a callable")
+    _check_step_options(options)
     sizes = None if problem.shapes is None else [math.prod(s) for s in problem.shapes]
     return _AdjointSetup(
         func=func,
@@ -215,7 +285,7 @@ def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, 
 
 def _aug_tol(tol, name: str, problem: Problem):
     """The backward tolerance on the flat state: a float, or a per-element tensor of the flat state's
-    size (``_expand`` extends it to the augmented state)."""
+    size (``_Layout.tol`` extends it to the backward state)."""
     tol = _check_tol(name, tol, problem.y0, problem.shapes)  # (re-)validates the forward default too
     if isinstance(tol, float):
         return tol
@@ -229,8 +299,25 @@ class _Adjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, adjoint: _AdjointSetup, t, y0_flat, *params):
         stats = SolveStats(n_solves=1, nfe=1)  # func(t0, y0) in make_problem
+        ctx.record = None
         with torch.no_grad():
-            ys = torch.stack(run(problem, stats))
+            if adjoint.sensitivity == "backsolve":
+                ys = torch.stack(run(problem, stats))
+            elif (
+                adjoint.checkpoints is None
+                and TABLEAUS[problem.method].adaptive
+                and not problem.options.get("compile")  # the compiled step hands out no stages
+            ):
+                recorder = _DenseRecorder(problem, stats)  # the whole dense output
+                ys = torch.stack(run(problem, stats, on_accept=recorder))
+                ctx.record = ("dense", recorder.steps)
+            else:  # the step sequence and a few states, to re-solve the forward steps segment by segment
+                from neuralode._checkpoint import _Keeper
+
+                trace: list = []
+                keeper = _Keeper(adjoint.checkpoints)
+                ys = torch.stack(run(problem, stats, trace=trace, callbacks=keeper))
+                ctx.record = ("checkpoints", trace, keeper.states)
         ctx.sinks = _report_forward(stats)
         ctx.problem, ctx.adjoint = problem, adjoint
         ctx.t_grad = t.requires_grad
@@ -243,7 +330,9 @@ class _Adjoint(torch.autograd.Function):
         t, ys = ctx.saved_tensors
         problem, adjoint = ctx.problem, ctx.adjoint
         stats = SolveStats()
-        grad_y0, grad_params, grad_t = _backward(problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats)
+        grad_y0, grad_params, grad_t = _backward(
+            problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record
+        )
         _report_backward(ctx.sinks, stats)
         return (None, None, grad_t, grad_y0.view(problem.y0.shape), *grad_params)
 
@@ -264,25 +353,62 @@ def _flat_func(func: Callable, shapes) -> Callable[[torch.Tensor, torch.Tensor],
 _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
 
 
-def _vjp(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``torch.autograd.grad(out, inputs, v, allow_unused=True, materialize_grads=True)``.
+def _vjp(out, inputs: tuple[torch.Tensor, ...], v) -> tuple[torch.Tensor, ...]:
+    """``torch.autograd.grad(out, inputs, v, allow_unused=True, materialize_grads=True)``; ``out`` and
+    ``v`` a tensor each or equally long tuples.
 
     Calls the autograd engine directly: ``v`` has ``out``'s shape and dtype by construction, so the
     public wrapper's argument normalisation and shape checks are pure overhead, ~30 µs of the ~170 µs
     an adjoint evaluation of a small network costs on CPU. Falls back to the public call if the
     engine's signature ever differs."""
+    outs = out if isinstance(out, tuple) else (out,)
+    vs = v if isinstance(v, tuple) else (v,)
     if _ENGINE is not None:
         try:
-            res = _ENGINE.run_backward((out,), (v,), False, False, inputs, True, accumulate_grad=False)
+            res = _ENGINE.run_backward(outs, vs, False, False, inputs, True, accumulate_grad=False)
         except TypeError:
             pass
         else:
             return tuple(r if r is not None else torch.zeros_like(x) for r, x in zip(res, inputs))
-    return torch.autograd.grad(out, inputs, v, allow_unused=True, materialize_grads=True)
+    return torch.autograd.grad(outs, inputs, vs, allow_unused=True, materialize_grads=True)
 
 
-def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool, stats: SolveStats):
-    """Integrate the augmented system over each output interval, last to first."""
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where each part sits in the flat backward state: ``[y?, a, a_θ?, a_t?]``."""
+
+    n: int  # state size
+    with_y: bool  # backsolve: y is solved backwards too
+    n_p: int  # parameter entries in the state (0 for quadrature)
+    n_t: int  # 1 when t needs a gradient
+
+    @property
+    def a(self) -> slice:
+        o = self.n if self.with_y else 0
+        return slice(o, o + self.n)
+
+    @property
+    def p(self) -> slice:
+        return slice(self.a.stop, self.a.stop + self.n_p)
+
+    @property
+    def t(self) -> int:
+        return self.p.stop
+
+    @property
+    def total(self) -> int:
+        return self.p.stop + self.n_t
+
+    def tol(self, tol):
+        """Per-element tolerance on the state (see ``_aug_tol``) → on the backward state."""
+        if isinstance(tol, float):
+            return tol
+        rest = tol.min().expand(self.total - (2 if self.with_y else 1) * self.n)
+        return torch.cat([tol, tol, rest] if self.with_y else [tol, rest])
+
+
+def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool, stats: SolveStats, record):
+    """Integrate the backward system from ``t_N`` to ``t_0``, jumping ``a`` at every output time."""
     dtype, device = ys.dtype, ys.device
     n_out = ys.shape[0]
     ys = ys.reshape(n_out, -1)
@@ -291,111 +417,286 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
     params = adj.params
     p_numels = [p.numel() for p in params]
     n_p = sum(p_numels)
-    n_t = 1 if t_grad else 0
+    sens = adj.sensitivity
+    quadrature = sens == "quadrature"
+    lay = _Layout(n=n, with_y=sens == "backsolve", n_p=0 if quadrature else n_p, n_t=1 if t_grad else 0)
     f_flat = _flat_func(adj.func, problem.shapes)
     y_shape = problem.y0.shape if problem.shapes is None else (n,)
     cast_params = any(p.dtype != dtype for p in params)
+    traj = None if lay.with_y else _Trajectory(problem, ys, stats, record)
+    state_params = () if quadrature else params
+    last_fy: list[torch.Tensor | None] = [None]  # f(t, y) of the latest evaluation (for dL/dt_i)
 
-    def aug_f(tt: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        y, a = s[:n], s[n : 2 * n]
+    def aug_f(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
+        y = s[:n] if lay.with_y else traj(tt)
+        a = s[lay.a]
         with torch.enable_grad():
             y_ = y.detach().view(y_shape).requires_grad_(True)
-            tt_ = tt.detach().requires_grad_(t_grad)
+            tt_ = _time(tt, dtype, device, perturb).requires_grad_(t_grad)
             fy = f_flat(tt_, y_)
-            inputs = (y_, *params, tt_) if t_grad else (y_, *params)
+            inputs = (y_, *state_params, tt_) if t_grad else (y_, *state_params)
             if fy.requires_grad:
                 vjps = _vjp(fy, inputs, -a.view_as(fy))
             else:  # f does not depend on anything differentiable
                 vjps = tuple(torch.zeros_like(x) for x in inputs)
-        parts = [fy.detach().reshape(-1), vjps[0].reshape(-1)]
+        fy = fy.detach().reshape(-1)
+        last_fy[0] = fy
+        parts = [fy, vjps[0].reshape(-1)] if lay.with_y else [vjps[0].reshape(-1)]
         if cast_params:
-            parts.extend(v.reshape(-1).to(dtype) for v in vjps[1 : 1 + len(params)])
+            parts.extend(v.reshape(-1).to(dtype) for v in vjps[1 : 1 + len(state_params)])
         else:
-            parts.extend(v.reshape(-1) for v in vjps[1 : 1 + len(params)])
+            parts.extend(v.reshape(-1) for v in vjps[1 : 1 + len(state_params)])
         if t_grad:
             parts.append(vjps[-1].reshape(1).to(dtype))
         return torch.cat(parts)
 
-    options = dict(adj.options)
-    if method_options(adj.method)[1]:
-        options["norm"] = _aug_norm(adj, n, p_numels, n_t)
-    total = 2 * n + n_p + n_t
-    a_p = torch.zeros(n_p, dtype=dtype, device=device)
-    a_t = torch.zeros(n_t, dtype=dtype, device=device)
-    a = grad_ys[-1]
     time_vjps = torch.zeros(n_out, dtype=dtype, device=device) if t_grad else None
-    aug_problem = None
-    for i in range(n_out - 1, 0, -1):
-        if t_grad:
-            with torch.no_grad():
-                f_i = f_flat(torch.tensor(problem.t[i], dtype=dtype, device=device), ys[i].view(y_shape))
-            stats.nfe += 1
-            g = torch.dot(f_i.reshape(-1), grad_ys[i])
-            time_vjps[i] = g
-            a_t = a_t - g
-        s0 = torch.cat([ys[i], a, a_p, a_t])
-        interval = torch.tensor([problem.t[i], problem.t[i - 1]], dtype=torch.float64, device=device)
-        if aug_problem is None:
-            with torch.no_grad():
-                aug_problem = make_problem(
-                    aug_f, s0, interval, _expand(adj.rtol, n, total), _expand(adj.atol, n, total),
-                    adj.method, options,
-                )  # fmt: skip
-            # callback_*_adjoint on func see the backward solve (flat augmented state [y, a_y, a_θ, a_t]).
-            aug_problem.callbacks = collect_callbacks(
-                adj.func, adj.method, method_callbacks(adj.method), adjoint=True
-            )
-            f0 = aug_problem.f0
-        else:
-            aug_problem = dataclasses.replace(aug_problem, t=[problem.t[i], problem.t[i - 1]], y0=s0)
-            with torch.no_grad():
-                f0 = aug_problem.f(problem.t[i], s0)
+
+    def apply_jump(i: int, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """At output time t_i: y ← y(t_i) (backsolve), a += dL/dy(t_i), a_t −= dL/dy(t_i)·f(t_i, y(t_i));
+        returns the new state and its derivative (one evaluation)."""
+        s = s.clone()
+        if lay.with_y:
+            s[:n] = ys[i]
+        s[lay.a] += grad_ys[i]
+        ds = aug_f(problem.t[i], s)  # does not depend on a_t
         stats.nfe += 1
+        if t_grad:
+            g = torch.dot(last_fy[0], grad_ys[i])
+            time_vjps[i] = g
+            s[lay.t] -= g
+        return s, ds
+
+    a_p = torch.zeros(n_p, dtype=dtype, device=device)
+    if n_out == 1:
+        return grad_ys[0], _split_params(a_p, params, p_numels), time_vjps
+    s_n, ds_n = apply_jump(n_out - 1, torch.zeros(lay.total, dtype=dtype, device=device))
+    options = dict(adj.options)
+    adaptive = method_options(adj.method)[1]
+    if adaptive:
+        options["norm"] = _aug_norm(adj, lay, problem.shapes, y_shape)
+    aug_problem = Problem(
+        f=aug_f,
+        y0=s_n,
+        t=problem.t[::-1],
+        method=adj.method,
+        options=options,
+        rtol=lay.tol(adj.rtol),
+        atol=lay.tol(adj.atol),
+        shapes=None,
+        f0=ds_n,
+        # callback_*_adjoint on func see the backward solve (the flat backward state).
+        callbacks=collect_callbacks(adj.func, adj.method, method_callbacks(adj.method), adjoint=True),
+    )
+    on_accept = None
+    if quadrature and params:
+        on_accept = _Quadrature(TABLEAUS[adj.method], aug_f, traj, f_flat, y_shape, params, lay, a_p, stats)
+    if adaptive and adj.method in TABLEAUS:  # one solve across all output times
+        # Output times whose dL/dy is zero need no jump, so no stop either (one synchronisation).
+        nonzero = (grad_ys[1:-1] != 0).any(dim=1).tolist()
+        stops = [i for i in range(n_out - 2, 0, -1) if nonzero[i - 1]]
+        aug_problem.t = [problem.t[-1], *(problem.t[i] for i in stops), problem.t[0]]
         stats.n_solves += 1
-        with torch.no_grad():
-            s1 = run(aug_problem, stats, y0=s0, f0=f0)[-1]
-        a = s1[n : 2 * n] + grad_ys[i - 1]
-        a_p = s1[2 * n : 2 * n + n_p]
-        a_t = s1[2 * n + n_p :]
-    grad_params = []
-    offset = 0
-    for p, m in zip(params, p_numels):
-        grad_params.append(a_p[offset : offset + m].view_as(p).to(p.dtype))
-        offset += m
-    grad_t = None
+        s_0 = run(aug_problem, stats, jump=lambda j, s: apply_jump(stops[j - 1], s), on_accept=on_accept)[-1]
+    else:  # fixed grids and the other methods: one solve per output interval, as torchdiffeq
+        s, ds = s_n, ds_n
+        for i in range(n_out - 1, 0, -1):
+            piece = dataclasses.replace(aug_problem, t=[problem.t[i], problem.t[i - 1]])
+            stats.n_solves += 1
+            s = run(piece, stats, y0=s, f0=ds, on_accept=on_accept)[-1]
+            if i > 1:
+                s, ds = apply_jump(i - 1, s)
+        s_0 = s
+    a = s_0[lay.a] + grad_ys[0]
+    if not quadrature:
+        a_p = s_0[lay.p]
     if t_grad:
-        time_vjps[0] = a_t.reshape(())
-        grad_t = time_vjps.to(t.dtype)
-    return a, grad_params, grad_t
+        time_vjps[0] = s_0[lay.t]
+    return a, _split_params(a_p, params, p_numels), None if time_vjps is None else time_vjps.to(t.dtype)
 
 
-def _expand(tol, n: int, total: int):
-    """Per-element tolerance on the state → on the augmented state (see ``_aug_tol``)."""
-    if isinstance(tol, float):
-        return tol
-    rest = tol.min().expand(total - 2 * n)
-    return torch.cat([tol, tol, rest])
+def _split_params(a_p: torch.Tensor, params, p_numels) -> list[torch.Tensor]:
+    return [g.view_as(p).to(p.dtype) for g, p in zip(a_p.split(p_numels), params)]
 
 
-def _aug_norm(adj: _AdjointSetup, n: int, p_numels: list[int], n_t: int) -> Callable:
+def _check_non_leaf_used(problem: Problem, params, non_leaf: dict[int, int]) -> None:
+    """A non-leaf tensor in ``adjoint_params`` that ``func`` does not use would get a zero gradient and
+    pass none on to the tensors it was computed from: almost surely a mistake, so it is an error. Checked
+    on one evaluation ``func(t0, y0)`` with autograd (only when such tensors are given)."""
+    ks = list(non_leaf)
+    with torch.enable_grad():
+        fy = problem.f(problem.t[0], problem.y0.detach())
+    used = (
+        torch.autograd.grad(fy, [params[k] for k in ks], torch.ones_like(fy), allow_unused=True)
+        if fy.requires_grad
+        else [None] * len(ks)
+    )
+    for k, g in zip(ks, used):
+        if g is None:
+            raise ValueError(
+                f"adjoint_params[{non_leaf[k]}] is not a leaf tensor and func does not use it, so no "
+                "gradient could reach the tensors it was computed from; pass the tensor func uses (or "
+                "compute it inside func)"
+            )
+
+
+class _Trajectory:
+    """``y(t)`` of the forward solve, read from the tableau's dense output of its steps.
+
+    Either every forward step's stages were kept (``dense``: ``(t, h, y, stages)`` per step, recorded by
+    :class:`_DenseRecorder`), or only checkpoints (``trace`` and ``states``, as ``odeint_checkpoint``
+    records them): then the steps of the segment holding ``t`` are re-solved (no graph, identical
+    arithmetic) from its checkpoint when first needed; two segments stay cached."""
+
+    def __init__(self, problem: Problem, ys: torch.Tensor, stats: SolveStats, record: tuple):
+        self.f, self.tab, self.stats = problem.f, TABLEAUS[problem.method], stats
+        t_out = problem.t
+        self.direction = 1.0 if t_out[-1] > t_out[0] else -1.0
+        self.cache: collections.OrderedDict = collections.OrderedDict()
+        kind, *data = record
+        if kind == "dense":
+            (dense,) = data
+            ends = [(d[0], d[2]) for d in dense[1:]] + [(t_out[-1], ys[-1].view(problem.y0.shape))]
+            steps = [(t, h, y, w_k, y1, t1) for (t, h, y, w_k), (t1, y1) in zip(dense, ends)]
+            self.keys = [self.direction * dense[0][0]]
+            self.cache[0] = ([self.direction * d[0] for d in dense], steps)
+            self.max_cached = 1
+        else:
+            trace, states = data
+            self.trace = trace
+            self.ends = [trace[j + 1][0] for j in range(len(trace) - 1)] + [t_out[-1]]
+            self.starts = sorted(states)
+            self.states = states
+            self.keys = [self.direction * trace[s][0] for s in self.starts]
+            self.max_cached = 2
+
+    def __call__(self, tt: float) -> torch.Tensor:
+        x = self.direction * tt
+        seg = max(bisect.bisect_right(self.keys, x) - 1, 0)
+        keys, steps = self._segment(seg)
+        t, h, y, w_k, y1, t1 = steps[max(bisect.bisect_right(keys, x) - 1, 0)]
+        if tt == t1:
+            return y1
+        theta = (tt - t) / h
+        if theta <= 0.0:
+            return y
+        w = torch.tensor([wi * h for wi in self.tab.dense_weights(theta)], dtype=y.dtype)
+        return torch.addmv(y.reshape(-1), w_k, w.to(y.device, non_blocking=True)).view(y.shape)
+
+    @torch.no_grad()
+    def _segment(self, seg: int):
+        if seg in self.cache:
+            self.cache.move_to_end(seg)
+            return self.cache[seg]
+        tab, stats = self.tab, self.stats
+        start = self.starts[seg]
+        end = self.starts[seg + 1] if seg + 1 < len(self.starts) else len(self.trace)
+        y = self.states[start]
+        f0 = self.f(self.trace[start][0], y)
+        stats.nfe += 1
+        keys, steps = [], []
+        for j in range(start, end):
+            t, h = self.trace[j]
+            t1 = self.ends[j]
+            y1, k = rk_step(self.f, tab, t, h, y, f0)
+            stats.nfe += tab.stages - 1
+            f1 = k[-1] if tab.fsal else self.f(t1, y1)
+            stats.nfe += 0 if tab.fsal else 1
+            k_ext = [*k, f1]
+            if tab.uses_extra_stages:  # dense_eval appends the extra stages to k_ext
+                dense_eval(self.f, tab, t, h, y, k_ext, [0.5], stats)
+            keys.append(self.direction * t)
+            steps.append((t, h, y, _stages_matrix(k_ext), y1, t1))
+            y, f0 = y1, f1
+        self.cache[seg] = (keys, steps)
+        if len(self.cache) > self.max_cached:
+            self.cache.popitem(last=False)
+        return keys, steps
+
+
+def _stages_matrix(k_ext: list[torch.Tensor]) -> torch.Tensor:
+    """``(state size, stages)``: the matrix whose product with the dense weights is the step's increment."""
+    return torch.stack(k_ext).reshape(len(k_ext), -1).T
+
+
+class _DenseRecorder:
+    """``on_accept`` hook of the forward solve that keeps every step's start, size, state and stages."""
+
+    def __init__(self, problem: Problem, stats: SolveStats):
+        self.f, self.tab, self.stats = problem.f, TABLEAUS[problem.method], stats
+        self.steps: list = []
+
+    def __call__(self, t: float, h: float, y: torch.Tensor, k_ext: list[torch.Tensor]) -> None:
+        if self.tab.uses_extra_stages:  # dense_eval appends the extra stages to k_ext
+            dense_eval(self.f, self.tab, t, h, y, k_ext, [0.5], self.stats)
+        self.steps.append((t, h, y, _stages_matrix(k_ext)))
+
+
+class _Quadrature:
+    """``on_accept`` hook of the backward solve: ``a_θ += h Σ_j w_j (−a(t_j)ᵀ ∂f/∂θ(t_j, y(t_j)))`` at
+    Gauss-Legendre nodes of each accepted step (``⌈(order + 1)/2⌉`` nodes: exact beyond the method's
+    order), ``a(t_j)`` from the step's dense output, ``y(t_j)`` from the forward trajectory; one
+    vector-Jacobian product for all nodes."""
+
+    def __init__(self, tab, aug_f, traj, f_flat, y_shape, params, lay: _Layout, a_p, stats):
+        m = max(2, math.ceil((tab.order + 1) / 2))
+        x, w = np.polynomial.legendre.leggauss(m)
+        self.thetas = [float(v) for v in (x + 1) / 2]
+        self.weights = [float(v) for v in w / 2]
+        self.tab, self.aug_f, self.traj, self.f_flat = tab, aug_f, traj, f_flat
+        self.y_shape, self.params, self.lay, self.a_p, self.stats = y_shape, params, lay, a_p, stats
+
+    def __call__(self, t: float, h: float, s: torch.Tensor, k_ext: list[torch.Tensor]) -> None:
+        lay = self.lay
+        nodes = dense_eval(self.aug_f, self.tab, t, h, s, k_ext, self.thetas, self.stats)
+        outs, cots = [], []
+        dtype, device = s.dtype, s.device
+        with torch.enable_grad():
+            for th, w, s_j in zip(self.thetas, self.weights, nodes):
+                tt = t + th * h
+                fy = self.f_flat(_time(tt, dtype, device), self.traj(tt).view(self.y_shape))
+                if fy.requires_grad:
+                    outs.append(fy)
+                    cots.append(s_j[lay.a].view_as(fy) * (-w * h))
+        self.stats.nfe += len(self.thetas)
+        if not outs:
+            return
+        grads = _vjp(tuple(outs), self.params, tuple(cots))
+        self.a_p.add_(torch.cat([g.reshape(-1).to(dtype) for g in grads]))
+
+
+def _aug_norm(adj: _AdjointSetup, lay: _Layout, shapes, y_shape) -> Callable:
     state_norm = adj.state_norm
-    n_p = sum(p_numels)
+    params = adj.params
+    p_numels = [p.numel() for p in params]
+    n = lay.n
     if adj.user_norm is not None:
         user = adj.user_norm
+        sizes = None if shapes is None else [math.prod(s) for s in shapes]
+
+        def state_parts(v: torch.Tensor) -> list[torch.Tensor]:
+            if sizes is None:
+                return [v.view(y_shape)]
+            return [p.view(s) for p, s in zip(v.split(sizes), shapes)]
 
         def user_norm(s: torch.Tensor) -> torch.Tensor:
-            a_t = s[2 * n + n_p :].reshape(()) if n_t else s.new_zeros(())
-            a_ps = s[2 * n : 2 * n + n_p].split(p_numels) if p_numels else ()
-            return torch.as_tensor(user((a_t, s[:n], s[n : 2 * n], *a_ps)))
+            parts = [s[lay.t] if lay.n_t else s.new_zeros(())]
+            if lay.with_y:
+                parts.extend(state_parts(s[:n]))
+            parts.extend(state_parts(s[lay.a]))
+            if lay.n_p:
+                parts.extend(g.view(p.shape) for g, p in zip(s[lay.p].split(p_numels), params))
+            return torch.as_tensor(user(tuple(parts)))
 
         return user_norm
 
-    if adj.seminorm or not p_numels:
+    if adj.seminorm or not lay.n_p:
 
         def seminorm(s: torch.Tensor) -> torch.Tensor:
-            parts = [state_norm(s[:n]), state_norm(s[n : 2 * n])]
-            if n_t:
-                parts.append(s[-1].abs())
+            parts = [state_norm(s[:n])] if lay.with_y else []
+            parts.append(state_norm(s[lay.a]))
+            if lay.n_t:
+                parts.append(s[lay.t].abs())
             return torch.stack(parts).max()
 
         return seminorm
@@ -406,10 +707,11 @@ def _aug_norm(adj: _AdjointSetup, n: int, p_numels: list[int], n_t: int) -> Call
         nonlocal inv_sqrt
         if inv_sqrt is None:
             inv_sqrt = torch.tensor([1.0 / math.sqrt(m) for m in p_numels], dtype=s.dtype, device=s.device)
-        p_norms = torch.stack(torch._foreach_norm(list(s[2 * n : 2 * n + n_p].split(p_numels)))) * inv_sqrt
-        parts = [state_norm(s[:n]).reshape(1), state_norm(s[n : 2 * n]).reshape(1), p_norms]
-        if n_t:
-            parts.append(s[-1:].abs())
+        p_norms = torch.stack(torch._foreach_norm(list(s[lay.p].split(p_numels)))) * inv_sqrt
+        parts = [state_norm(s[:n]).reshape(1)] if lay.with_y else []
+        parts.extend([state_norm(s[lay.a]).reshape(1), p_norms])
+        if lay.n_t:
+            parts.append(s[lay.t : lay.t + 1].abs())
         return torch.cat(parts).max()
 
     return default_norm

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuralode._adjoint import SENSITIVITIES, inherited_options
+from neuralode._odeint import SOLVERS, method_options
 from neuralode._stats import SolveStats, record_stats
 
 __all__ = ["GRADIENT_METHODS", "NeuralODE"]
@@ -24,13 +26,20 @@ class NeuralODE(nn.Module):
         method: solver name (see ``neuralode.SOLVERS``); default ``"dopri5"``.
         rtol, atol: forward tolerances.
         adjoint_rtol, adjoint_atol: backward tolerances (adjoint only); default the forward ones.
-        options, adjoint_options: solver options dicts, as for ``odeint``/``odeint_adjoint``.
+        options, adjoint_options: solver options dicts, as for ``odeint``/``odeint_adjoint``. Unlike
+            ``odeint_adjoint``, the backward error norm defaults to ``"seminorm"`` here (the parameter
+            adjoint left out of step-size control, which saves backward steps); pass
+            ``adjoint_options={"norm": ...}`` to choose another.
         gradient: ``"direct"`` (backprop through the solver, the paper's RK-Net), ``"adjoint"``
-            (O(1) memory, the paper's ODE-Net), or ``"checkpoint"`` (exact discrete gradient at
-            O(checkpoints) memory).
+            (the paper's ODE-Net; variant chosen by ``sensitivity``), or ``"checkpoint"`` (exact
+            discrete gradient at O(checkpoints) memory).
+        sensitivity: with ``gradient="adjoint"``: ``"backsolve"`` (default; O(1) memory),
+            ``"interpolating"`` or ``"quadrature"`` (the state read from the forward pass instead of
+            solved backwards); see :func:`~neuralode.odeint_adjoint`.
         only_last: return only the state at ``t[-1]`` instead of the whole trajectory.
         checkpoints: with ``gradient="checkpoint"``, how many states the forward pass keeps (default
-            about √(2·steps)).
+            about √(2·steps)); with ``gradient="adjoint"`` and an interpolating or quadrature
+            sensitivity, likewise (default: the dense output of every step).
 
     Shapes: ``forward(y0)`` returns ``(len(t), *y0.shape)``, or ``y0.shape`` when ``only_last``.
     After each forward, ``last_stats`` holds the solve's :class:`SolveStats`; its ``.backward`` fills in
@@ -50,6 +59,7 @@ class NeuralODE(nn.Module):
         options: dict[str, Any] | None = None,
         adjoint_options: dict[str, Any] | None = None,
         gradient: str = "direct",
+        sensitivity: str = "backsolve",
         only_last: bool = False,
         checkpoints: int | None = None,
     ):
@@ -58,6 +68,15 @@ class NeuralODE(nn.Module):
             raise ValueError(
                 f"gradient={gradient!r} is not a gradient method; expected one of {GRADIENT_METHODS}"
             )
+        if sensitivity not in SENSITIVITIES:
+            raise ValueError(
+                f"sensitivity={sensitivity!r} is not an adjoint sensitivity; expected one of {SENSITIVITIES}"
+            )
+        if sensitivity != "backsolve" and gradient != "adjoint":
+            raise ValueError(
+                f"sensitivity={sensitivity!r} chooses the adjoint's variant; it needs gradient='adjoint', "
+                f"got gradient={gradient!r}"
+            )
         if not isinstance(func, nn.Module):
             raise TypeError(f"func must be an nn.Module, got {type(func).__name__}")
         self.func = func
@@ -65,7 +84,7 @@ class NeuralODE(nn.Module):
         self.method, self.rtol, self.atol = method, rtol, atol
         self.adjoint_rtol, self.adjoint_atol = adjoint_rtol, adjoint_atol
         self.options, self.adjoint_options = options, adjoint_options
-        self.gradient, self.only_last = gradient, only_last
+        self.gradient, self.sensitivity, self.only_last = gradient, sensitivity, only_last
         if checkpoints is not None and (not isinstance(checkpoints, int) or checkpoints < 1):
             raise ValueError(f"checkpoints must be a positive int, got {checkpoints!r}")
         self.checkpoints = checkpoints
@@ -78,9 +97,15 @@ class NeuralODE(nn.Module):
         common = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
         with record_stats() as stats:
             if self.gradient == "adjoint":
+                adjoint_options = self.adjoint_options
+                if self.method in SOLVERS and method_options(self.method)[1]:  # adaptive: seminorm default
+                    if adjoint_options is None:
+                        adjoint_options = inherited_options(self.options, self.method)
+                    adjoint_options = {"norm": "seminorm", **adjoint_options}
                 ys = odeint_adjoint(
                     self.func, y0, t, **common, adjoint_rtol=self.adjoint_rtol, adjoint_atol=self.adjoint_atol,
-                    adjoint_options=self.adjoint_options,
+                    adjoint_options=adjoint_options, sensitivity=self.sensitivity,
+                    checkpoints=self.checkpoints,
                 )  # fmt: skip
             elif self.gradient == "checkpoint":
                 ys = odeint_checkpoint(self.func, y0, t, **common, checkpoints=self.checkpoints)
@@ -90,4 +115,7 @@ class NeuralODE(nn.Module):
         return ys[-1] if self.only_last else ys
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, rtol={self.rtol}, atol={self.atol}, gradient={self.gradient!r}"
+        extra = f", sensitivity={self.sensitivity!r}" if self.gradient == "adjoint" else ""
+        return (
+            f"method={self.method!r}, rtol={self.rtol}, atol={self.atol}, gradient={self.gradient!r}{extra}"
+        )

@@ -184,12 +184,15 @@ def run(
     f0: torch.Tensor | None = None,
     callbacks=None,
     event=None,
+    jump=None,
+    on_accept=None,
 ) -> list[torch.Tensor]:
     """Run the engine on a validated problem; returns the list of flat states at ``problem.t``.
 
     ``trace`` and ``callbacks`` go to the loop (see ``integrate_adaptive``), after the user's callbacks
     found on ``func`` (``problem.callbacks``); ``event`` (adaptive tableaus only) is the terminal-event
-    hook of ``integrate_adaptive``."""
+    hook of ``integrate_adaptive``; so is ``jump``, and ``on_accept`` (the adjoint's hooks) is that of
+    ``integrate_adaptive`` or ``integrate_fixed`` (explicit RK tableaus only)."""
     tab = TABLEAUS.get(problem.method)
     callbacks = chain_callbacks(problem.callbacks, callbacks)
     opts = problem.options
@@ -197,6 +200,11 @@ def run(
     f0 = problem.f0 if f0 is None else f0
     if len(problem.t) == 1:
         return [y0]
+    if (jump is not None and (tab is None or not tab.adaptive)) or (on_accept is not None and tab is None):
+        raise ValueError(f"method={problem.method!r} has no jump/on_accept hooks")
+    if on_accept is not None and opts.get("compile"):
+        raise ValueError("on_accept needs the eager step (options['compile'] is set)")
+    hooks = {"jump": jump, "on_accept": on_accept}
     if tab is None:
         spec = EXTRA_METHODS[problem.method]
         if trace is not None:
@@ -219,16 +227,16 @@ def run(
             stepper=spec.make_stepper(problem),
         )
     if not opts.get("compile"):
-        return _run_tableau(problem, tab, stats, trace, y0, f0, callbacks, event, None)
+        return _run_tableau(problem, tab, stats, trace, y0, f0, callbacks, event, None, **hooks)
     compiled, release = _compiled(problem, tab, y0)
     try:
-        return _run_tableau(problem, tab, stats, trace, y0, f0, callbacks, event, compiled)
+        return _run_tableau(problem, tab, stats, trace, y0, f0, callbacks, event, compiled, **hooks)
     finally:
         release()
 
 
 def _run_tableau(
-    problem: Problem, tab, stats, trace, y0, f0, callbacks, event, compiled
+    problem: Problem, tab, stats, trace, y0, f0, callbacks, event, compiled, jump=None, on_accept=None
 ) -> list[torch.Tensor]:
     """The explicit Runge-Kutta part of :func:`run`; ``compiled`` is the compiled step or None."""
     opts = problem.options
@@ -266,6 +274,8 @@ def _run_tableau(
             stops=_stops(problem),
             event=event,
             compiled=compiled,
+            jump=jump,
+            on_accept=on_accept,
         )
     return integrate_fixed(
         problem.f,
@@ -280,6 +290,7 @@ def _run_tableau(
         trace=trace,
         callbacks=callbacks,
         stepper=None if compiled is None else compiled_stepper(tab, compiled),
+        on_accept=on_accept,
     )
 
 

@@ -65,6 +65,8 @@ def integrate_adaptive(
     stops: Sequence[tuple[float, bool]] = (),
     event=None,
     compiled=None,
+    jump=None,
+    on_accept=None,
 ) -> list[torch.Tensor]:
     """Adaptive solve through the times ``t_out`` (monotonic; ``t_out[0]`` is the start).
 
@@ -91,6 +93,11 @@ def integrate_adaptive(
     n_steps = 0
     i_stop = 0
     failed = None  # (t, h, stages) of the last attempt when its error estimate was not finite
+    if jump is not None:
+        merged = dict.fromkeys(t_out[1:-1], False)
+        for ts, is_jump in stops:
+            merged[ts] = merged.get(ts, False) or is_jump
+        stops = sorted(merged.items(), key=lambda p: direction * p[0])
     while i_stop < len(stops) and direction * (stops[i_stop][0] - t) <= 0:
         i_stop += 1
     # Default RMS norm with scalar tolerances: the cheaper error ratio that reuses |y1| as the next |y|.
@@ -160,7 +167,10 @@ def integrate_adaptive(
             failed = None
         if accepted:
             t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
-            if stop is not None and stop[1]:
+            j_jump = i_out if jump is not None and i_out < n_out - 1 and t_out[i_out] == t1 else None
+            if j_jump is not None and not tab.fsal and on_accept is None:
+                f1 = None  # replaced by the jump's own evaluation
+            elif stop is not None and stop[1]:
                 f1 = f(t1, y1, perturb=int(direction))  # one-sided limit past the jump
                 stats.nfe += 1
             elif tab.fsal:
@@ -174,6 +184,8 @@ def integrate_adaptive(
                 callbacks.accept(t, y, h_signed)
             if trace is not None:
                 trace.append((t, h_signed))
+            if on_accept is not None:
+                on_accept(t, h_signed, y, [*k, f1])
             # Outputs inside (t, t1]: exact at t1, dense output strictly inside.
             if direction * (t_out[i_out] - t1) <= 0:  # (the common step reaches no output)
                 inner, i_out, at_end = step_outputs(t_out, i_out, t, h_signed, t1, direction)
@@ -185,6 +197,10 @@ def integrate_adaptive(
             stop_now = event is not None and bool(crossed)
             if stop_now:
                 event.found(t, h_signed, y, [*k, f1], t1, y1)
+            if j_jump is not None:
+                y1, f1 = jump(j_jump, y1)
+                if fast_norm:
+                    y1_abs = torch.abs(y1.detach()).add_(c_tol)
             t, y, f0 = t1, y1, f1
             if fast_norm:
                 y_abs = y1_abs
@@ -217,12 +233,14 @@ def integrate_fixed(
     trace: list | None = None,
     callbacks=None,
     stepper=None,
+    on_accept=None,
 ) -> list[torch.Tensor]:
     """Fixed-grid solve: one step per grid interval; outputs between grid points by linear (default) or
     cubic Hermite interpolation. ``grid`` runs from ``t_out[0]`` to ``t_out[-1]``.
 
     ``stepper(f, t, h, y, f0, stats) -> (y1, f1 or None)`` replaces the explicit RK step of ``tab`` (used
-    by the implicit and Adams methods; ``f1`` is ``f(t + h, y1)`` when the step has it for free)."""
+    by the implicit and Adams methods; ``f1`` is ``f(t + h, y1)`` when the step has it for free).
+    ``on_accept(t, h, y, k_ext)`` as for ``integrate_adaptive`` (explicit RK steps of ``tab`` only)."""
     direction = 1.0 if t_out[-1] > t_out[0] else -1.0
     outputs = [y0]
     i_out = 1
@@ -244,6 +262,11 @@ def integrate_fixed(
             callbacks.step(g0, y, h)
         y1, f1 = stepper(f, g0, h, y, f_next, stats)
         k = [f_next]
+        if on_accept is not None:
+            if f1 is None:
+                f1 = f(g1, y1)
+                stats.nfe += 1
+            on_accept(g0, h, y, [*stepper.last_stages, f1])
         if callbacks is not None:
             callbacks.accept(g0, y, h)
         if trace is not None:
@@ -324,6 +347,7 @@ def rk_stepper(tab: ButcherTableau):
     def step(f, t, h, y, f0, stats):
         y1, k = rk_step(f, tab, t, h, y, f0)
         stats.nfe += tab.stages - 1
+        step.last_stages = k  # for integrate_fixed's on_accept
         return y1, (k[-1] if tab.fsal else None)
 
     return step

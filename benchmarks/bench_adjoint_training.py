@@ -1,0 +1,181 @@
+"""One training iteration (forward, loss, backward; no optimiser step) with each gradient method: direct
+backprop, the adjoint's three sensitivities, checkpointing, and torchdiffeq's adjoint.
+
+Problems (``--problem``):
+
+- ``spiral``: the model and data of ``neuralode train spiral`` (``SpiralFunc``: 2-50-2 tanh on y³,
+  float32; dopri5 at rtol 1e-7, atol 1e-9; batch 20 windows of 10 output times; L1 loss).
+- ``mnist``: the ODE-Net classifier (64 channels, its ODE block on [0, 1] by dopri5 at rtol = atol =
+  1e-3; cross-entropy), on a seeded batch of random 28×28 inputs (``--batch``, default 32) with random
+  labels: no data set needed; the solver's work at the seeded initial weights is what is measured.
+
+Weights at their seeded initialisation. The contenders run interleaved, ``--rounds`` times over the same
+``--batches`` minibatches, at one thread; reported: median wall and process-CPU milliseconds per
+iteration, the spread (max/min of the per-round CPU medians of direct backprop: the machine's noise),
+forward/backward NFE of the first batch and the gradient's relative difference from direct backprop.
+
+Usage::
+
+    python benchmarks/bench_adjoint_training.py [--problem spiral|mnist] [--rounds 7] [--batches 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import neuralode
+
+
+class Counted(torch.nn.Module):
+    def __init__(self, func):
+        super().__init__()
+        self.func, self.calls = func, 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        return self.func(t, y)
+
+
+def contenders(func: Counted, tol: dict) -> dict:
+    """name -> solve(y0, t) returning the trajectory ``(len(t), *y0.shape)``."""
+    import torchdiffeq
+
+    def node(**kw):
+        m = neuralode.NeuralODE(func, **tol, **kw)
+        return lambda y0, t: m(y0, t)
+
+    semi = {"norm": "seminorm"}
+    return {
+        "direct": node(gradient="direct"),
+        "adjoint backsolve, seminorm (NeuralODE default)": node(gradient="adjoint"),
+        "adjoint backsolve, default norm (odeint_adjoint default)": lambda y0, t: neuralode.odeint_adjoint(
+            func, y0, t, **tol
+        ),
+        "adjoint interpolating, seminorm": node(gradient="adjoint", sensitivity="interpolating"),
+        "adjoint quadrature": node(gradient="adjoint", sensitivity="quadrature"),
+        "adjoint interpolating, seminorm, adjoint_method=bosh3": lambda y0, t: neuralode.odeint_adjoint(
+            func, y0, t, **tol, sensitivity="interpolating", adjoint_method="bosh3", adjoint_options=semi
+        ),
+        "checkpoint": node(gradient="checkpoint"),
+        "torchdiffeq adjoint, default norm": lambda y0, t: torchdiffeq.odeint_adjoint(func, y0, t, **tol),
+        "torchdiffeq adjoint, seminorm": lambda y0, t: torchdiffeq.odeint_adjoint(
+            func, y0, t, adjoint_options=semi, **tol
+        ),
+        "torchdiffeq direct": lambda y0, t: torchdiffeq.odeint(func, y0, t, **tol),
+    }
+
+
+def spiral_problem(n_batches: int, batch: int | None):
+    from neuralode.experiments.spiral import SpiralConfig, SpiralFunc, _get_batch, make_spiral_data
+
+    cfg = SpiralConfig() if batch is None else SpiralConfig(batch_size=batch)
+    t_all, y_all = make_spiral_data(cfg.data_size, cfg.t_end)
+    gen = torch.Generator().manual_seed(0)
+    batches = [_get_batch(t_all, y_all, cfg, gen) for _ in range(n_batches)]
+    torch.manual_seed(cfg.seed)
+    func = Counted(SpiralFunc(cfg.hidden))
+
+    def loss(solve, b):
+        y0, t, y = b
+        return (solve(y0, t) - y).abs().mean()
+
+    return func, dict(rtol=cfg.rtol, atol=cfg.atol, method=cfg.method), batches, loss, list(func.parameters())
+
+
+def mnist_problem(n_batches: int, batch: int | None):
+    from neuralode.models.odenet import ODENet
+
+    torch.manual_seed(0)
+    model = ODENet(64)
+    func = Counted(model.odefunc)
+    gen = torch.Generator().manual_seed(1)
+    n = 32 if batch is None else batch
+    batches = [(torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen))]
+    batches = batches + [
+        (torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+        for _ in range(n_batches - 1)
+    ]
+    t = torch.tensor([0.0, 1.0])
+
+    def loss(solve, b):
+        x, labels = b
+        logits = model.head(solve(model.downsampling(x), t)[-1])
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    return func, dict(rtol=1e-3, atol=1e-3, method="dopri5"), batches, loss, list(model.parameters())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--problem", choices=("spiral", "mnist"), default="spiral")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--batches", type=int, default=5)
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 20 spiral, 32 mnist)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    make = spiral_problem if args.problem == "spiral" else mnist_problem
+    func, tol, batches, loss_of, params = make(args.batches, args.batch)
+    runs = contenders(func, tol)
+
+    def iteration(solve, batch) -> tuple[int, int]:
+        for q in params:
+            q.grad = None
+        func.calls = 0
+        loss = loss_of(solve, batch)
+        fwd = func.calls
+        loss.backward()
+        return fwd, func.calls - fwd
+
+    nfe = {name: iteration(solve, batches[0]) for name, solve in runs.items()}  # also the warm-up
+    grads = {}
+    for name, solve in runs.items():
+        iteration(solve, batches[0])
+        grads[name] = torch.cat([q.grad.reshape(-1) for q in params])
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, solve in runs.items():
+            w, c = [], []
+            for batch in batches:
+                w0, c0 = time.perf_counter(), time.process_time()
+                iteration(solve, batch)
+                w.append(time.perf_counter() - w0)
+                c.append(time.process_time() - c0)
+            wall[name].append(statistics.median(w))
+            cpu[name].append(statistics.median(c))
+    ref = statistics.median(cpu["direct"])
+    noise = max(cpu["direct"]) / min(cpu["direct"])
+    g_ref = grads["direct"]
+    rows = []
+    print(f"{args.problem}: per-round CPU medians of direct backprop vary {noise:.2f}x (max/min)\n")
+    print("| gradient | wall ms | CPU ms | CPU vs direct | NFE fwd | NFE bwd | grad rel. diff vs direct |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in runs:
+        rel = float((grads[name] - g_ref).norm() / g_ref.norm())
+        row = {
+            "gradient": name,
+            "wall_ms": 1e3 * statistics.median(wall[name]),
+            "cpu_ms": 1e3 * statistics.median(cpu[name]),
+            "nfe_fwd": nfe[name][0],
+            "nfe_bwd": nfe[name][1],
+            "grad_rel_diff": rel,
+        }
+        rows.append(row)
+        print(
+            f"| {name} | {row['wall_ms']:.1f} | {row['cpu_ms']:.1f} | {row['cpu_ms'] / (1e3 * ref):.2f}x | "
+            f"{row['nfe_fwd']} | {row['nfe_bwd']} | {rel:.1e} |"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"problem": args.problem, "noise": noise, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
