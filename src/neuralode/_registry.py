@@ -39,9 +39,9 @@ class MethodSpec:
 
 
 def _build() -> dict[str, MethodSpec]:
-    from neuralode import _adams, _implicit, _scipy_solver
+    from neuralode import _adams, _implicit, _scipy_solver, _stiff
 
-    specs = [*_adams.SPECS, *_implicit.SPECS, *_scipy_solver.SPECS]
+    specs = [*_adams.SPECS, *_implicit.SPECS, *_scipy_solver.SPECS, *_stiff.SPECS]
     return {s.name: s for s in specs}
 
 

@@ -26,6 +26,8 @@ class SolveStats:
         n_rejected: rejected steps.
         n_solves: how many solves were added up here.
         last_step: size of the last accepted step (time units), ``None`` before any step.
+        n_jac: Jacobian evaluations (the implicit adaptive methods, ``kvaerno*``).
+        n_lu: LU factorisations of the Newton matrix (the same methods).
         backward: statistics of the backward solves (adjoint or checkpoint recomputation) of these solves.
     """
 
@@ -35,6 +37,8 @@ class SolveStats:
     n_rejected: int = 0
     n_solves: int = 0
     last_step: float | None = None
+    n_jac: int = 0
+    n_lu: int = 0
     backward: SolveStats | None = None
 
     def add(self, other: SolveStats) -> None:
@@ -44,6 +48,8 @@ class SolveStats:
         self.n_accepted += other.n_accepted
         self.n_rejected += other.n_rejected
         self.n_solves += other.n_solves
+        self.n_jac += other.n_jac
+        self.n_lu += other.n_lu
         if other.last_step is not None:
             self.last_step = other.last_step
 
@@ -58,7 +64,7 @@ class SolveStats:
     def as_dict(self) -> dict:
         d = {
             k: getattr(self, k)
-            for k in ("nfe", "n_steps", "n_accepted", "n_rejected", "n_solves", "last_step")
+            for k in ("nfe", "n_steps", "n_accepted", "n_rejected", "n_solves", "last_step", "n_jac", "n_lu")
         }
         if self.backward is not None:
             d["backward"] = self.backward.as_dict()

@@ -1,0 +1,592 @@
+"""Adaptive stiff solvers: Kværnø's ESDIRK methods with Newton iterations and error control.
+
+Methods: ``kvaerno3`` (order 3, embedded 2, 4 stages), ``kvaerno4`` (4(3), 5 stages), ``kvaerno5`` (5(4),
+7 stages); A. Kværnø, "Singly diagonally implicit Runge-Kutta methods with an explicit first stage",
+BIT 44 (2004). Each is an ESDIRK (explicit first stage, one diagonal coefficient γ for every implicit
+stage), L-stable and stiffly accurate: the step's result is its last stage, the embedded solution its
+second-to-last (also at ``c = 1``), and the error estimate is their difference. The first stage is the
+previous step's last (FSAL). Dense output: cubic Hermite through ``(y0, f0)`` and ``(y1, f1)``.
+
+Each implicit stage solves ``Y = ψ + hγ f(t + c_i h, Y)`` by a simplified Newton iteration with the
+matrix ``M = I − hγ J``. ``options['jacobian']`` chooses how ``J`` is formed and ``M`` solved:
+
+- ``"dense"``: the full Jacobian of the (flattened) state by autograd, one LU factorisation
+  (``torch.linalg.lu_factor``) shared by every stage of a step. ``"auto"`` (the default) picks it for
+  states of at most 256 elements.
+- ``"batch"``: ``y0`` of shape ``(batch, ...)`` whose rows are independent problems (row ``b`` of ``f``
+  depends only on row ``b`` of ``y``): one ``(d, d)`` Jacobian block per row and a batched LU, so the cost
+  stays linear in the batch. The error and the Newton convergence are then measured per row (the worst
+  row decides), unless ``options['norm']`` is given. All rows share the step size (joint stepping).
+- ``"krylov"``: matrix-free: each Newton correction comes from GMRES whose products ``J v`` are
+  finite-difference directional derivatives of ``f``; no Jacobian is stored. ``"auto"`` picks it for
+  states of more than 256 elements.
+
+As in Hairer and Wanner's codes, the Jacobian is kept across steps while Newton converges fast
+(contraction below ``1e-3``) and refreshed otherwise; the LU factorisation is kept while the step size
+stays within a factor ``[1, 1.2]`` of the one it was built for (the step is then not enlarged). A stage
+whose Newton iteration diverges or has not converged after ``options['max_iters']`` (default 7)
+iterations rejects the step: ``h`` is halved and a stale Jacobian refreshed. ``options['newton_tol']``
+is the Newton stopping threshold relative to the tolerances (default Hairer's
+``max(10 eps / rtol, min(0.03, sqrt(rtol)))``).
+
+Gradients (``odeint``'s direct mode) do not flow through the Newton iterations: each converged stage is
+differentiated by the implicit function theorem, ``dY = (I − hγ J(Y))⁻¹ (dψ + hγ ∂f/∂θ dθ)``, with the
+exact Jacobian at the converged stage (one linear solve per stage in the backward pass: dense or batched
+solve, or GMRES with vector-Jacobian products in the Krylov mode). This costs one extra evaluation of
+``f`` per stage in the forward pass when gradients are enabled. Step sizes carry no gradient.
+
+The iterations synchronise with the host (one norm per Newton iteration and the error ratio per step);
+like the other implicit methods these solvers are not sync-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from neuralode._callbacks import ADAPTIVE_CALLBACKS
+from neuralode._control import initial_step, make_norm
+from neuralode._errors import SolverError
+from neuralode._implicit import ImplicitTableau, _combine, gmres
+from neuralode._registry import MethodSpec
+from neuralode._tableau import hermite_dense
+
+__all__ = ["ESDIRK_TABLEAUS", "EsdirkTableau"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EsdirkTableau:
+    """A stiffly accurate ESDIRK method with an embedded stiffly accurate solution.
+
+    Attributes:
+        name: the ``method=`` string.
+        gamma: the diagonal coefficient of every implicit stage.
+        c: nodes (``c[0] = 0``; ``c[-2] = c[-1] = 1``).
+        a: full ``s × s`` lower-triangular coefficients: row 0 zero, ``a[i][i] = γ`` for ``i ≥ 1``.
+        order: order of the propagated solution ``b = a[-1]``.
+        error_order: order of the embedded solution ``b̂ = a[-2]``.
+        reference: where the coefficients come from.
+    """
+
+    name: str
+    gamma: float
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    order: int
+    error_order: int
+    reference: str = ""
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+    @property
+    def b(self) -> tuple[float, ...]:
+        return self.a[-1]
+
+    @functools.cached_property
+    def method(self) -> ImplicitTableau:
+        """The propagated method as an :class:`ImplicitTableau` (its order check is reused)."""
+        return ImplicitTableau(self.name, self.c, self.a, self.b, self.order, self.reference)
+
+    @functools.cached_property
+    def embedded(self) -> ImplicitTableau:
+        """The embedded method (weights ``a[-2]``) as an :class:`ImplicitTableau`."""
+        return ImplicitTableau(f"{self.name} (embedded)", self.c, self.a, self.a[-2], self.error_order)
+
+    def check(self, tol: float = 1e-10) -> None:
+        """Raise ``ValueError`` unless the structure is ESDIRK, both solutions are stiffly accurate and the
+        order conditions hold (rows sum to ``c``; rooted trees up to ``order`` and ``error_order``)."""
+        s = self.stages
+        if any(v != 0.0 for v in self.a[0]):
+            raise ValueError(f"{self.name}: the first stage must be explicit (row 0 of a zero)")
+        for i in range(1, s):
+            if self.a[i][i] != self.gamma or any(v != 0.0 for v in self.a[i][i + 1 :]):
+                raise ValueError(f"{self.name}: row {i} must end with γ={self.gamma} on the diagonal")
+        if self.c[-1] != 1.0 or self.c[-2] != 1.0 or self.a[-2][-1] != 0.0:
+            raise ValueError(f"{self.name}: the last two stages must sit at c = 1 (stiffly accurate)")
+        self.method.check(tol)
+        self.embedded.check(tol)
+
+    def stability(self, z: complex) -> complex:
+        """The linear stability function ``R(z) = 1 + z bᵀ (I − zA)⁻¹ 𝟙`` (``y' = λy``, ``z = hλ``)."""
+        x: list[complex] = []
+        for i, row in enumerate(self.a):  # forward substitution, A is lower triangular
+            x.append((1.0 + z * sum(row[j] * x[j] for j in range(i))) / (1.0 - z * row[i]))
+        return 1.0 + z * sum(bj * xj for bj, xj in zip(self.b, x))
+
+    @functools.cached_property
+    def dense(self) -> tuple[tuple[float, ...], ...]:
+        """Cubic Hermite weights over ``[K_0, ..., K_{s-1}, f(t1, y1)]``."""
+        return hermite_dense(self.b)
+
+
+def _kvaerno3() -> EsdirkTableau:
+    g = 0.43586652150  # root of the L-stability condition
+    a31 = (-4 * g**2 + 6 * g - 1) / (4 * g)
+    a32 = (-2 * g + 1) / (4 * g)
+    a41 = (6 * g - 1) / (12 * g)
+    a42 = -1 / ((24 * g - 12) * g)
+    a43 = (-6 * g**2 + 6 * g - 1) / (6 * g - 3)
+    a = ((0.0,) * 4, (g, g, 0.0, 0.0), (a31, a32, g, 0.0), (a41, a42, a43, g))
+    return EsdirkTableau("kvaerno3", g, (0.0, 2 * g, 1.0, 1.0), a, 3, 2, _REF + ", ESDIRK 3(2)")
+
+
+def _kvaerno4() -> EsdirkTableau:
+    g = 0.5728160625
+
+    def p(*coeffs: float) -> float:  # polynomial in γ, highest power first
+        return functools.reduce(lambda acc, x: acc * g + x, coeffs, 0.0)
+
+    a31 = p(144, -180, 81, -15, 1) * g / p(12, -6, 1) ** 2
+    a32 = p(-36, 39, -15, 2) * g / p(12, -6, 1) ** 2
+    a41 = p(-144, 396, -330, 117, -18, 1) / (12 * g**2 * p(12, -9, 2))
+    a42 = p(72, -126, 69, -15, 1) / (12 * g**2 * p(3, -1))
+    a43 = p(-6, 6, -1) * p(12, -6, 1) ** 2 / (12 * g**2 * p(12, -9, 2) * p(3, -1))
+    a51 = p(288, -312, 120, -18, 1) / (48 * g**2 * p(12, -9, 2))
+    a52 = p(24, -12, 1) / (48 * g**2 * p(3, -1))
+    a53 = -(p(12, -6, 1) ** 3) / (48 * g**2 * p(3, -1) * p(12, -9, 2) * p(6, -6, 1))
+    a54 = p(-24, 36, -12, 1) / p(24, -24, 4)
+    a = (
+        (0.0,) * 5,
+        (g, g, 0.0, 0.0, 0.0),
+        (a31, a32, g, 0.0, 0.0),
+        (a41, a42, a43, g, 0.0),
+        (a51, a52, a53, a54, g),
+    )
+    c = (0.0, 2 * g, a31 + a32 + g, 1.0, 1.0)
+    return EsdirkTableau("kvaerno4", g, c, a, 4, 3, _REF + ", ESDIRK 4(3)")
+
+
+def _kvaerno5() -> EsdirkTableau:
+    g = 0.26
+    rows = (
+        (0.13, 0.84033320996790809),
+        (0.22371961478320505, 0.47675532319799699, -0.06470895363112615),
+        (0.16648564323248321, 0.10450018841591720, 0.03631482272098715, -0.13090704451073998),
+        (0.13855640231268224, 0.0, -0.04245337201752043, 0.02446657898003141, 0.61943039072480676),
+        (
+            0.13659751177640291,
+            0.0,
+            -0.05496908796538376,
+            -0.04118626728321046,
+            0.62993304899016403,
+            0.06962479448202728,
+        ),
+    )
+    s = 7
+    a = [(0.0,) * s, (g, g) + (0.0,) * (s - 2)]
+    for r in rows:
+        a.append((*r, g) + (0.0,) * (s - len(r) - 1))
+    c = (*(sum(r) for r in a[:-2]), 1.0, 1.0)
+    return EsdirkTableau("kvaerno5", g, c, tuple(a), 5, 4, _REF + ", ESDIRK 5(4)")
+
+
+_REF = "Kværnø (2004), BIT 44:489-502"
+ESDIRK_TABLEAUS: dict[str, EsdirkTableau] = {t.name: t for t in (_kvaerno3(), _kvaerno4(), _kvaerno5())}
+
+OPTIONS = frozenset(
+    {
+        "first_step",
+        "safety",
+        "ifactor",
+        "dfactor",
+        "max_num_steps",
+        "min_step",
+        "max_step",
+        "norm",
+        "dtype",
+        "controller",
+        "pcoeff",
+        "icoeff",
+        "step_t",
+        "jump_t",
+        "jacobian",
+        "max_iters",
+        "newton_tol",
+    }
+)
+JACOBIANS = ("auto", "dense", "batch", "krylov")
+_AUTO_DENSE_MAX = 256  # "auto": dense Jacobian up to this many state elements, Krylov above
+_REUSE_THETA = 1e-3  # keep the Jacobian for the next step when Newton contracted at least this fast
+_KAPPA = 0.03  # Newton stops when its estimated error is this fraction of the tolerance
+_KEEP_H = (1.0, 1.2)  # keep h (and the LU) when the controller proposes a factor in this range
+
+
+# -- Jacobians and linear solves -------------------------------------------------------------------------
+
+
+def jacobian(f: Callable, t: float, z: torch.Tensor, batch: bool) -> torch.Tensor:
+    """``∂f/∂y`` at ``(t, z)`` by reverse-mode autograd: ``(n, n)`` over the flattened state, or with
+    ``batch`` the ``(B, d, d)`` diagonal blocks of independent rows (``d`` elements per row)."""
+    shape = z.shape
+    n = z[0].numel() if batch else z.numel()
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    basis = eye.reshape(n, 1, *shape[1:]).expand(n, *shape) if batch else eye.reshape(n, *shape)
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        out = f(t, zz)
+        if not out.requires_grad:  # f does not depend on y
+            rows = torch.zeros(n, *shape, dtype=z.dtype, device=z.device)
+        else:
+            try:
+                with warnings.catch_warnings():  # vmap's "performance drop" fallbacks are harmless here
+                    warnings.simplefilter("ignore")
+                    rows = torch.autograd.grad(out, zz, basis, is_grads_batched=True, allow_unused=True)[0]
+            except RuntimeError:  # an operation without a batching rule: one backward pass per row
+                rows = torch.stack(
+                    [torch.autograd.grad(out, zz, v, retain_graph=True, allow_unused=True)[0] for v in basis]
+                )
+            if rows is None:
+                rows = torch.zeros(n, *shape, dtype=z.dtype, device=z.device)
+    # rows[k] = e_kᵀ J: row k of J (of every block, with batch)
+    if batch:
+        return rows.reshape(n, shape[0], n).transpose(0, 1)
+    return rows.reshape(n, n)
+
+
+class _StageGrad(torch.autograd.Function):
+    """Value: the converged stage ``Y*``. Gradient by the implicit function theorem for
+    ``Y = G(Y) = ψ + hγ f(t, Y)``: the incoming ``g`` becomes ``λ = (I − hγ J(Y*))⁻ᵀ g``, passed to the
+    live evaluation ``G(Y*)`` (which carries the dependence on ψ and on the parameters of ``f``)."""
+
+    @staticmethod
+    def forward(ctx, g_live, z_star, solve_transposed):
+        ctx.solve_transposed = solve_transposed
+        return z_star.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return ctx.solve_transposed(grad), None, None
+
+
+# -- the solve ---------------------------------------------------------------------------------------------
+
+
+class _Newton:
+    """Stage solves of one solve: the Jacobian, the LU of ``I − hγ J`` and Hairer's convergence state.
+
+    One instance per solve (it is the solve's working memory, not reused across solves)."""
+
+    def __init__(self, problem, tab: EsdirkTableau, mode: str, y0: torch.Tensor, stats):
+        self.f, self.tab, self.mode, self.stats = problem.f, tab, mode, stats
+        opts = problem.options
+        self.max_iters = opts.get("max_iters", 7)
+        if not isinstance(self.max_iters, int) or isinstance(self.max_iters, bool) or self.max_iters < 1:
+            raise ValueError(f"options['max_iters'] must be a positive int, got {self.max_iters!r}")
+        eps = torch.finfo(y0.dtype).eps
+        rtol = problem.rtol if isinstance(problem.rtol, float) else float(problem.rtol.min())
+        kappa = opts.get("newton_tol", max(10 * eps / rtol, _KAPPA))
+        if not isinstance(kappa, (int, float)) or isinstance(kappa, bool) or not kappa > 0:
+            raise ValueError(f"options['newton_tol'] must be a positive float, got {kappa!r}")
+        self.kappa = float(kappa)
+        self.eps = eps
+        self.jac = None  # J at the start of the step it was computed for
+        self.fresh = False  # J computed at this step's start
+        self.lu = None  # (LU, pivots) of I − hγ J for h = self.h_lu
+        self.h_lu = None
+        self.eta = 1.0  # Hairer's η = θ/(1 − θ) of the last iteration, carried over
+        self.theta = 0.0  # worst contraction rate of the current step
+
+    def prepare(self, t: float, y: torch.Tensor, h: float) -> None:
+        """Make sure a Jacobian and an LU for step ``h`` exist (dense and batch modes)."""
+        if self.mode == "krylov":
+            return
+        if self.jac is None:
+            self.jac = jacobian(self.f, t, y.detach(), self.mode == "batch")
+            self.stats.n_jac += 1
+            self.fresh = True
+            self.lu = None
+        if self.lu is None or h != self.h_lu:
+            n = self.jac.shape[-1]
+            eye = torch.eye(n, dtype=self.jac.dtype, device=self.jac.device)
+            self.lu = torch.linalg.lu_factor(eye - (h * self.tab.gamma) * self.jac)
+            self.h_lu = h
+            self.stats.n_lu += 1
+
+    def _solve(self, r: torch.Tensor, t: float, z: torch.Tensor, fz: torch.Tensor, hg: float) -> torch.Tensor:
+        """``(I − hγ J)⁻¹ r``."""
+        if self.mode == "krylov":
+            fd = math.sqrt(self.eps)
+
+            def op(v: torch.Tensor) -> torch.Tensor:
+                nv = float(torch.linalg.vector_norm(v))
+                if nv == 0.0:
+                    return v
+                e = fd * (1.0 + float(torch.linalg.vector_norm(z))) / nv
+                self.stats.nfe += 1
+                return v - hg * (self.f(t, z + e * v) - fz) / e
+
+            return gmres(op, r, rtol=1e-3)
+        lu, piv = self.lu
+        if self.mode == "batch":
+            rr = r.reshape(r.shape[0], -1, 1)
+        else:
+            rr = r.reshape(-1, 1)
+        return torch.linalg.lu_solve(lu, piv, rr).reshape(r.shape)
+
+    def stage(self, t: float, psi: torch.Tensor, z0: torch.Tensor, hg: float, scale, norm):
+        """Solve ``Z = ψ + hγ f(t, Z)`` from ``z0`` (all detached). Returns ``Z`` or ``None`` (diverged or
+        not converged: the caller rejects the step)."""
+        z = z0
+        prev = None
+        self.fail_factor = 0.5
+        eta = max(self.eta, self.eps) ** 0.8
+        for k in range(self.max_iters):
+            fz = self.f(t, z)
+            self.stats.nfe += 1
+            dz = self._solve(psi + hg * fz - z, t, z, fz, hg)
+            z = z + dz
+            ndz = float(norm(dz / scale))  # one synchronisation per iteration
+            if not math.isfinite(ndz):
+                return None
+            if prev is not None:
+                theta = ndz / prev if prev > 0 else 0.0
+                self.theta = max(self.theta, theta)
+                if theta >= 0.99:
+                    return None
+                eta = theta / (1.0 - theta)
+                # Hairer: give up early when the remaining iterations cannot reach the tolerance.
+                remaining = self.max_iters - 1 - k
+                predicted = eta * ndz * theta**remaining / self.kappa
+                if predicted >= 1.0:
+                    self.fail_factor = 0.8 * min(20.0, predicted) ** (-1.0 / (4 + remaining))
+                    return None
+            if eta * ndz <= self.kappa or ndz == 0.0:
+                self.eta = eta
+                return z
+            prev = ndz
+        return None
+
+    def transposed_solver(self, t: float, z_star: torch.Tensor, hg: float):
+        """``g ↦ (I − hγ J(Z*))⁻ᵀ g`` with the exact Jacobian at the converged stage (for backward)."""
+        f, mode = self.f, self.mode
+
+        def solve(g: torch.Tensor) -> torch.Tensor:
+            if mode == "krylov":
+                with torch.enable_grad():
+                    zz = z_star.detach().requires_grad_(True)
+                    out = f(t, zz)
+
+                def op(v: torch.Tensor) -> torch.Tensor:
+                    if not out.requires_grad:
+                        return v
+                    (u,) = torch.autograd.grad(out, zz, v, retain_graph=True, allow_unused=True)
+                    return v if u is None else v - hg * u
+
+                return gmres(op, g, rtol=max(self.eps**0.75, 1e-10))
+            jac = jacobian(f, t, z_star, mode == "batch")
+            n = jac.shape[-1]
+            m = torch.eye(n, dtype=jac.dtype, device=jac.device) - hg * jac
+            rhs = g.reshape(g.shape[0], n, 1) if mode == "batch" else g.reshape(n, 1)
+            return torch.linalg.solve(m.mT, rhs).reshape(g.shape)
+
+        return solve
+
+
+def _step(newton: _Newton, tab: EsdirkTableau, t: float, h: float, y, k0, scale, norm, grad: bool):
+    """One ESDIRK step from ``(t, y)`` with ``k0 = f(t, y)``: ``(y1, y_embedded, stages)`` or ``None`` when
+    a stage's Newton iteration fails."""
+    hg = h * tab.gamma
+    ks = [k0]
+    zs = [y]
+    newton.theta = 0.0
+    for i in range(1, tab.stages):
+        ti = t + tab.c[i] * h
+        psi = _combine(y, ks, tab.a[i][:i], h)
+        with torch.no_grad():
+            z = newton.stage(ti, psi.detach(), psi.detach() + hg * ks[-1].detach(), hg, scale, norm)
+        if z is None:
+            return None
+        if grad:
+            g_live = psi + hg * newton.f(ti, z)
+            newton.stats.nfe += 1
+            if g_live.requires_grad:
+                z = _StageGrad.apply(g_live, z, newton.transposed_solver(ti, z, hg))
+        ks.append((z - psi) / hg)
+        zs.append(z)
+    return zs[-1], zs[-2], ks
+
+
+def _row_max_norm(x: torch.Tensor) -> torch.Tensor:
+    """The worst row's RMS (rows: the first dimension)."""
+    return x.reshape(x.shape[0], -1).pow(2).mean(dim=1).max().sqrt()
+
+
+def _dense_output(tab: EsdirkTableau, y: torch.Tensor, ks, f1, h: float, thetas) -> list[torch.Tensor]:
+    k = torch.stack([*ks, f1]).reshape(len(ks) + 1, -1)
+    w = torch.tensor(
+        [[h * sum(p * th ** (j + 1) for j, p in enumerate(poly)) for poly in tab.dense] for th in thetas],
+        dtype=y.dtype,
+        device=y.device,
+    )
+    out = torch.addmm(y.reshape(1, -1), w, k)
+    return list(out.view(len(thetas), *y.shape).unbind(0))
+
+
+def _mode(opts: dict, y0: torch.Tensor, shapes) -> str:
+    mode = opts.get("jacobian", "auto")
+    if mode not in JACOBIANS:
+        raise ValueError(f"options['jacobian']={mode!r}; expected one of {', '.join(map(repr, JACOBIANS))}")
+    if mode == "batch" and (shapes is not None or y0.dim() < 2):
+        raise ValueError(
+            "options['jacobian']='batch' needs a single tensor y0 of shape (batch, ...) whose rows are "
+            f"independent problems, got {'a tuple state' if shapes is not None else tuple(y0.shape)}"
+        )
+    if mode == "auto":
+        mode = "dense" if y0.numel() <= _AUTO_DENSE_MAX else "krylov"
+    return mode
+
+
+def _stops(opts: dict, t0: float, direction: float) -> list[tuple[float, bool]]:
+    pts = [(v, False) for v in opts.get("step_t") or ()] + [(v, True) for v in opts.get("jump_t") or ()]
+    return sorted({p for p in pts if direction * (p[0] - t0) > 0}, key=lambda p: direction * p[0])
+
+
+def _run(problem, stats, y0: torch.Tensor) -> list[torch.Tensor]:
+    from neuralode._odeint import _controller  # lazy: _odeint imports the registry that imports us
+
+    tab = ESDIRK_TABLEAUS[problem.method]
+    opts, t_out = problem.options, problem.t
+    f = problem.f
+    mode = _mode(opts, y0, problem.shapes)
+    sizes = None if problem.shapes is None else [math.prod(s) for s in problem.shapes]
+    user_norm = opts.get("norm")
+    norm = (
+        _row_max_norm
+        if mode == "batch" and user_norm is None
+        else make_norm(user_norm, sizes, problem.shapes)
+    )
+    controller = _controller(tab, opts)
+    rtol, atol = problem.rtol, problem.atol
+    newton = _Newton(problem, tab, mode, y0, stats)
+    t_end = t_out[-1]
+    direction = 1.0 if t_end > t_out[0] else -1.0
+    if y0 is problem.y0:
+        f0 = problem.f0
+    else:
+        f0 = f(t_out[0], y0)
+        stats.nfe += 1
+    h = opts.get("first_step")
+    if h is None:
+        h = initial_step(f, t_out[0], y0.detach(), f0.detach(), tab.order, rtol, atol, norm, direction)
+        stats.nfe += 1
+    min_step = float(opts.get("min_step", 0.0))
+    max_step = float(opts.get("max_step", math.inf))
+    max_num_steps = int(opts.get("max_num_steps", 1_000_000))
+    h = min(abs(float(h)), max_step)
+    stops = _stops(opts, t_out[0], direction)
+    callbacks = problem.callbacks
+    grad = torch.is_grad_enabled()
+    outputs, i_out, n_out, i_stop = [y0], 1, len(t_out), 0
+    t, y = t_out[0], y0
+    prev_ratio, n_steps = 1.0, 0
+    while i_out < n_out:
+        h = max(h, min_step)
+        last = h >= abs(t_end - t)
+        h_signed = (t_end - t) if last else direction * h
+        stop = None
+        if i_stop < len(stops) and direction * (stops[i_stop][0] - (t + h_signed)) < 0:
+            stop = stops[i_stop]
+            h_signed, last = stop[0] - t, False
+        if t + h_signed == t:
+            raise SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
+        if n_steps >= max_num_steps:
+            raise SolverError(
+                "max_num_steps",
+                f"max_num_steps={max_num_steps} exceeded",
+                t=t,
+                step_size=h_signed,
+                n_steps=n_steps,
+            )
+        if callbacks is not None:
+            callbacks.step(t, y, h_signed)
+        n_steps += 1
+        yd = y.detach()
+        scale = yd.abs() * rtol + atol
+        newton.prepare(t, yd, h_signed)
+        out = _step(newton, tab, t, h_signed, y, f0, scale, norm, grad)
+        if out is None:  # Newton failed: a rejected step with h halved (and a fresh Jacobian)
+            if abs(h_signed) <= min_step:
+                raise SolverError(
+                    "underflow",
+                    "the Newton iteration did not converge at the minimum step size (options['min_step'])",
+                    t=t,
+                    step_size=h_signed,
+                    n_steps=n_steps,
+                )
+            stats.n_rejected += 1
+            if callbacks is not None:
+                callbacks.reject(t, y, h_signed)
+            if not newton.fresh:
+                newton.jac = None
+            h = abs(h_signed) * newton.fail_factor
+            continue
+        y1, y_emb, ks = out
+        with torch.no_grad():
+            y1d = y1.detach()
+            err_scale = torch.maximum(yd.abs(), y1d.abs()) * rtol + atol
+            ratio = float(norm((y1d - y_emb.detach()) / err_scale))
+        accepted = ratio <= 1.0 or abs(h_signed) <= min_step
+        if not math.isfinite(ratio):
+            accepted = False
+            if not bool(torch.isfinite(f0).all()):
+                raise SolverError(
+                    "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
+                )
+        if accepted:
+            t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
+            f1 = ks[-1]
+            inner = []
+            j = i_out
+            while j < n_out and direction * (t_out[j] - t1) < 0:
+                inner.append((t_out[j] - t) / h_signed)
+                j += 1
+            if inner:
+                outputs.extend(_dense_output(tab, y, ks, f1, h_signed, inner))
+            i_out = j
+            if i_out < n_out and t_out[i_out] == t1:
+                outputs.append(y1)
+                i_out += 1
+            if stop is not None:
+                i_stop += 1
+                if stop[1]:  # past a jump: f at the one-sided limit, a fresh Jacobian
+                    f1 = f(t1, y1, perturb=int(direction))
+                    stats.nfe += 1
+                    newton.jac = None
+            if callbacks is not None:
+                callbacks.accept(t, y, h_signed)
+            t, y, f0 = t1, y1, f1
+            stats.n_accepted += 1
+            stats.last_step = abs(h_signed)
+            prev_ratio = ratio
+            if newton.theta > _REUSE_THETA:
+                newton.jac = None
+            newton.fresh = False
+        else:
+            stats.n_rejected += 1
+            if callbacks is not None:
+                callbacks.reject(t, y, h_signed)
+        factor = controller.factor(ratio, prev_ratio, accepted)
+        if (
+            accepted
+            and newton.lu is not None
+            and newton.jac is not None
+            and _KEEP_H[0] <= factor <= _KEEP_H[1]
+        ):
+            factor = 1.0  # keep the LU factorisation
+        h = min(abs(h_signed) * factor, max_step)
+    stats.n_steps += n_steps
+    return outputs
+
+
+SPECS = [
+    MethodSpec(name=n, options=OPTIONS, callbacks=ADAPTIVE_CALLBACKS, order=t.order, run=_run, events=False)
+    for n, t in ESDIRK_TABLEAUS.items()
+]
