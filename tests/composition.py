@@ -340,7 +340,8 @@ weighted sum of the outputs with respect to `A` and `y0`; "ok" means the values 
 analytic solution (matrix exponential) within the method's own accuracy; "error" means the call raises a
 `ValueError`/`TypeError` that says what is supported instead. No cell may be silently wrong: the
 test suite (`tests/test_composition.py`) runs the matrix, and this page is generated from the same
-registry by `python tests/composition.py --all --markdown docs/composition.md`.
+registry by `python tests/composition.py --markdown docs/composition.md` (the default suite's share of the
+cells; `--all` runs every cell, compiled ones included, in about ten minutes).
 
 Columns: gradient method (`direct` = backprop through `odeint`, `adjoint` = `odeint_adjoint`,
 `checkpoint` = `odeint_checkpoint`) / `none` = fixed output times, `event` = `odeint_event` with a terminal
