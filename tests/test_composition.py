@@ -14,9 +14,7 @@ from neuralode import TABLEAUS
 from neuralode._implicit import IMPLICIT_TABLEAUS
 
 # Cells known to be wrong: each shows as an expected failure, and the test fails once it is fixed.
-KNOWN_WRONG: dict[str, str] = {
-    "scipy_solver-joint-eager-direct-none-float64": "scipy_solver's output has no gradient and says nothing",
-}
+KNOWN_WRONG: dict[str, str] = {}
 
 
 def _default(c: Cell) -> bool:

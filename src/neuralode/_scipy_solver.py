@@ -4,7 +4,8 @@ Options: ``solver`` (any ``solve_ivp`` method: ``"RK45"``, ``"RK23"``, ``"DOP853
 ``"BDF"``, ``"LSODA"``; default ``"LSODA"`` as torchdiffeq), ``min_step`` (LSODA only), ``max_step``,
 ``first_step``; ``norm`` and ``dtype`` are accepted and ignored (SciPy uses its own norm and float64).
 
-As in torchdiffeq, the solve runs in NumPy on the host: the result carries no gradient, ``func`` is called
+As in torchdiffeq, the solve runs in NumPy on the host: backpropagating through the result raises
+``NotImplementedError`` (use ``odeint_adjoint`` for gradients), ``func`` is called
 under ``torch.no_grad()`` with the state copied to and from the host, and events and callbacks are not
 supported. SciPy is an optional dependency (``pip install neuralode[scipy]``).
 """
@@ -70,7 +71,24 @@ def _run(problem, stats, y0):
     if not sol.success:
         raise RuntimeError(f"scipy_solver ({solver}) failed: {sol.message}")
     ys = torch.as_tensor(sol.y.T, dtype=dtype).to(device)
+    if torch.is_grad_enabled() and y0.requires_grad:
+        # The host solve cuts the graph: a gradient asked of it must say so instead of silently being 0.
+        ys = _NotDifferentiable.apply(ys, y0)
     return [ys[i].reshape(shape) for i in range(ys.shape[0])]
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ys: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        return ys.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(
+            "method='scipy_solver' solves on the host in NumPy and cannot be backpropagated through; "
+            "use odeint_adjoint(..., method='scipy_solver') for gradients, or an adaptive method such "
+            "as 'dopri5' with odeint"
+        )
 
 
 SPECS = [
