@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from neuralode._compiled_step import check_compile_option
-from neuralode._control import Controller, initial_step, make_controller, rms_rows
+from neuralode._control import STEP_SIZE_OPTIONS, Controller, initial_step, make_controller, rms_rows
 from neuralode._dense import dense_rows, row_outputs
 from neuralode._errors import SolverError
 from neuralode._methods import ADAPTIVE_METHODS, TABLEAUS
@@ -32,21 +32,7 @@ from neuralode._tableau import ButcherTableau
 
 __all__ = ["PerSampleInfo", "odeint_per_sample"]
 
-PER_SAMPLE_OPTIONS = frozenset(
-    {
-        "first_step",
-        "safety",
-        "ifactor",
-        "dfactor",
-        "max_num_steps",
-        "min_step",
-        "max_step",
-        "controller",
-        "pcoeff",
-        "icoeff",
-        "compile",
-    }
-)
+PER_SAMPLE_OPTIONS = STEP_SIZE_OPTIONS | {"compile"}
 
 #: Status codes of :class:`PerSampleInfo` (``status`` tensor).
 STATUS = {0: "success", 1: "max_num_steps", 2: "underflow", 3: "nonfinite"}

@@ -15,6 +15,7 @@ import torch
 from neuralode._rk import SCALAR, combine_dop853
 
 __all__ = [
+    "STEP_SIZE_OPTIONS",
     "Controller",
     "combine_dop853",
     "initial_step",
@@ -23,6 +24,23 @@ __all__ = [
     "rms_norm",
     "rms_rows",
 ]
+
+#: The options of adaptive step-size control (initial step, limits, controller), the same for every adaptive
+#: loop: joint, per-sample and the stiff solvers.
+STEP_SIZE_OPTIONS = frozenset(
+    {
+        "first_step",
+        "safety",
+        "ifactor",
+        "dfactor",
+        "max_num_steps",
+        "min_step",
+        "max_step",
+        "controller",
+        "pcoeff",
+        "icoeff",
+    }
+)
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 

@@ -18,7 +18,7 @@ import torch
 
 from neuralode._batched import odeint_per_sample
 from neuralode._callbacks import ADAPTIVE_CALLBACKS, FIXED_CALLBACKS, chain_callbacks, collect_callbacks
-from neuralode._control import Controller, initial_step, make_controller, make_norm
+from neuralode._control import STEP_SIZE_OPTIONS, Controller, initial_step, make_controller, make_norm
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._registry import EXTRA_METHODS
 from neuralode._solve import compiled_stepper, integrate_adaptive, integrate_fixed
@@ -28,27 +28,7 @@ __all__ = ["SOLVERS", "odeint"]
 
 TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
 
-ADAPTIVE_OPTIONS = frozenset(
-    {
-        "first_step",
-        "safety",
-        "ifactor",
-        "dfactor",
-        "max_num_steps",
-        "min_step",
-        "max_step",
-        "norm",
-        "dtype",
-        "controller",
-        "pcoeff",
-        "icoeff",
-        "step_t",
-        "jump_t",
-        "grid_points",
-        "eps",
-        "compile",
-    }
-)
+ADAPTIVE_OPTIONS = STEP_SIZE_OPTIONS | {"norm", "dtype", "step_t", "jump_t", "grid_points", "eps", "compile"}
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "interp", "perturb", "dtype", "compile"})
 
 #: Every method name ``odeint`` accepts.

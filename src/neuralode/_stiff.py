@@ -50,7 +50,7 @@ from collections.abc import Callable
 import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
-from neuralode._control import initial_step, make_norm
+from neuralode._control import STEP_SIZE_OPTIONS, initial_step, make_norm
 from neuralode._errors import SolverError
 from neuralode._implicit import ImplicitTableau, _combine, gmres
 from neuralode._registry import MethodSpec
@@ -190,27 +190,7 @@ def _kvaerno5() -> EsdirkTableau:
 _REF = "Kværnø (2004), BIT 44:489-502"
 ESDIRK_TABLEAUS: dict[str, EsdirkTableau] = {t.name: t for t in (_kvaerno3(), _kvaerno4(), _kvaerno5())}
 
-OPTIONS = frozenset(
-    {
-        "first_step",
-        "safety",
-        "ifactor",
-        "dfactor",
-        "max_num_steps",
-        "min_step",
-        "max_step",
-        "norm",
-        "dtype",
-        "controller",
-        "pcoeff",
-        "icoeff",
-        "step_t",
-        "jump_t",
-        "jacobian",
-        "max_iters",
-        "newton_tol",
-    }
-)
+OPTIONS = STEP_SIZE_OPTIONS | {"norm", "dtype", "step_t", "jump_t", "jacobian", "max_iters", "newton_tol"}
 JACOBIANS = ("auto", "dense", "batch", "krylov")
 _AUTO_DENSE_MAX = 256  # "auto": dense Jacobian up to this many state elements, Krylov above
 _REUSE_THETA = 1e-3  # keep the Jacobian for the next step when Newton contracted at least this fast
