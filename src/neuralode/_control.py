@@ -21,6 +21,7 @@ __all__ = [
     "initial_step",
     "make_controller",
     "make_norm",
+    "propose_step",
     "rms_norm",
     "rms_rows",
 ]
@@ -43,6 +44,24 @@ STEP_SIZE_OPTIONS = frozenset(
 )
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
+
+
+def propose_step(
+    t: float, h: float, t_end: float, direction: float, stops, i_stop: int, min_step: float
+) -> tuple[float, bool, tuple[float, bool] | None]:
+    """The next signed step of an adaptive loop from ``t`` with proposed size ``h`` (> 0).
+
+    The step is at least ``min_step``, ends exactly on ``t_end`` when it would reach it (``last``), and is
+    shortened to end on the next entry of ``stops`` (``(time, is_jump)`` pairs in the direction of
+    integration, from index ``i_stop``) that it would cross. Returns ``(h_signed, last, stop)``.
+    """
+    h = max(h, min_step)
+    last = h >= abs(t_end - t)
+    h_signed = (t_end - t) if last else direction * h
+    if i_stop < len(stops) and direction * (stops[i_stop][0] - (t + h_signed)) < 0:
+        stop = stops[i_stop]
+        return stop[0] - t, False, stop
+    return h_signed, last, None
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from neuralode._control import Controller, Norm, rms_norm
+from neuralode._control import Controller, Norm, propose_step, rms_norm
 from neuralode._dense import dense_eval, interpolate, step_outputs
 from neuralode._errors import SolverError
 from neuralode._rk import error_ratio, rk_step, rms_error_ratio, rms_factor, without_grad
@@ -109,13 +109,7 @@ def integrate_adaptive(
         y_abs = torch.abs(y0.detach()).add_(c_tol)
         rms_host = rms_factor(tab, rtol, y0.numel())
     while i_out < n_out:
-        h = max(h, min_step)
-        last = h >= abs(t_end - t)
-        h_signed = (t_end - t) if last else direction * h
-        stop = None
-        if i_stop < len(stops) and direction * (stops[i_stop][0] - (t + h_signed)) < 0:
-            stop = stops[i_stop]
-            h_signed, last = stop[0] - t, False
+        h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
         if t + h_signed == t:
             if failed is not None:  # the step shrank because func returned NaN/inf, not for accuracy
                 raise _nonfinite_stage(tab, *failed, n_steps)

@@ -50,7 +50,7 @@ from collections.abc import Callable
 import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
-from neuralode._control import STEP_SIZE_OPTIONS, initial_step, make_norm
+from neuralode._control import STEP_SIZE_OPTIONS, initial_step, make_norm, propose_step
 from neuralode._errors import SolverError
 from neuralode._implicit import ImplicitTableau, _combine, gmres
 from neuralode._registry import MethodSpec
@@ -468,13 +468,7 @@ def _run(problem, stats, y0: torch.Tensor) -> list[torch.Tensor]:
     t, y = t_out[0], y0
     prev_ratio, n_steps = 1.0, 0
     while i_out < n_out:
-        h = max(h, min_step)
-        last = h >= abs(t_end - t)
-        h_signed = (t_end - t) if last else direction * h
-        stop = None
-        if i_stop < len(stops) and direction * (stops[i_stop][0] - (t + h_signed)) < 0:
-            stop = stops[i_stop]
-            h_signed, last = stop[0] - t, False
+        h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
         if t + h_signed == t:
             raise SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
         if n_steps >= max_num_steps:
