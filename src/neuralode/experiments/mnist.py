@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -78,11 +79,13 @@ PAPER_TABLE1 = {
     "resnet": ("ResNet", "0.41%", "0.60 M", "O(L)", "O(L)"),
     "rknet": ("RK-Net", "0.47%", "0.22 M", "O(L~)", "O(L~)"),
     "odenet": ("ODE-Net", "0.42%", "0.22 M", "O(1)", "O(L~)"),
+    "downsample": ("Downsampling + head (ablation)", "-", "-", "-", "-"),
 }
 
 PLOT_DPI = 150
 LR_BOUNDARIES = (60 / 160, 100 / 160, 140 / 160)
 LR_DECAYS = (1.0, 0.1, 0.01, 0.001)
+LR_SCHEDULES = ("paper", "onecycle", "constant")
 
 
 @dataclasses.dataclass
@@ -106,9 +109,11 @@ class MNISTConfig:
     weight_decay: float = opt(0.0, "SGD weight decay")
     lr_schedule: str = opt(
         "paper",
-        "paper: x0.1 at 60/160, 100/160, 140/160 of the run; constant: no decay",
-        choices=("paper", "constant"),
+        "paper: x0.1 at 60/160, 100/160, 140/160 of the run; onecycle: linear warm-up over the first"
+        " --warmup of the run, then cosine to zero (made for short runs); constant: no decay",
+        choices=LR_SCHEDULES,
     )
+    warmup: float = opt(0.15, "onecycle: fraction of the run spent warming up from lr/25 to lr")
     rtol: float = opt(1e-3, "forward relative tolerance")
     atol: float = opt(1e-3, "forward absolute tolerance")
     adjoint_tol: float | None = opt(None, "backward rtol = atol (none: the forward tolerances)")
@@ -135,7 +140,9 @@ class MNISTConfig:
     def __post_init__(self) -> None:
         check_choice(self, "model", MODELS)
         check_choice(self, "dataset", sorted(data.DATASETS))
-        check_choice(self, "lr_schedule", ("paper", "constant"))
+        check_choice(self, "lr_schedule", LR_SCHEDULES)
+        if not 0.0 <= self.warmup < 1.0:
+            raise UsageError(f"warmup={self.warmup} must be a fraction of the run in [0, 1)")
         check_positive_int(self, "epochs", "batch_size", "eval_batch_size", "checkpoint_every", "log_every")
         check_positive_int(self, "channels", "max_steps")
         check_positive_int(self, "train_size", "test_size", "threads", allow_none=True)
@@ -164,13 +171,25 @@ class MNISTConfig:
 
 
 def lr_at(step: int, steps_per_epoch: int, cfg: MNISTConfig) -> float:
-    """Learning rate at global step ``step``: ``lr * batch/128`` times the piecewise-constant decay
-    (``lr_schedule="paper"``) or times 1 (``"constant"``)."""
+    """Learning rate at global step ``step``: ``lr * batch/128`` times the schedule's factor.
+
+    ``"paper"``: piecewise constant, x0.1 at 60/160, 100/160 and 140/160 of the run. ``"onecycle"``: linear
+    from 1/25 to 1 over the first ``warmup`` of the run, then a cosine from 1 to 0 at the last step.
+    ``"constant"``: 1.
+    """
+    base = cfg.lr * cfg.batch_size / 128
     if cfg.lr_schedule == "constant":
-        return cfg.lr * cfg.batch_size / 128
+        return base
+    total = cfg.epochs * steps_per_epoch
+    if cfg.lr_schedule == "onecycle":
+        n_warm = int(cfg.warmup * total)
+        if step < n_warm:
+            return base * (1 / 25 + (1 - 1 / 25) * step / n_warm)
+        frac = (step - n_warm) / max(total - n_warm, 1)
+        return base * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
     epoch = step / steps_per_epoch
     k = sum(epoch >= b * cfg.epochs for b in LR_BOUNDARIES)
-    return cfg.lr * cfg.batch_size / 128 * LR_DECAYS[k]
+    return base * LR_DECAYS[k]
 
 
 def make_model(cfg: MNISTConfig) -> nn.Module:
@@ -195,8 +214,8 @@ def make_model(cfg: MNISTConfig) -> nn.Module:
         if cfg.gradient is not None:
             kw["gradient"] = cfg.gradient
         return build_model(cfg.model, **kw)
-    if cfg.model == "resnet":
-        return build_model("resnet", channels=cfg.channels, downsampling=cfg.downsampling)
+    if cfg.model in ("resnet", "downsample"):
+        return build_model(cfg.model, channels=cfg.channels, downsampling=cfg.downsampling)
     return build_model("mlp")
 
 

@@ -228,11 +228,12 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-MODELS = ("odenet", "rknet", "resnet", "mlp")
+MODELS = ("odenet", "rknet", "resnet", "mlp", "downsample")
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """``"odenet"`` (adjoint gradient), ``"rknet"`` (backprop through the solver), ``"resnet"``, ``"mlp"``.
+    """``"odenet"`` (adjoint gradient), ``"rknet"`` (backprop through the solver), ``"resnet"``, ``"mlp"``,
+    ``"downsample"`` (the ablation: the downsampling layers and the head alone, a ResNet with no blocks).
 
     Keyword arguments go to the class; for ``"rknet"`` a given ``gradient`` must be ``"direct"``.
     """
@@ -250,6 +251,8 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         return ResNet(**kwargs)
     if name == "mlp":
         return MLP(**kwargs)
+    if name == "downsample":
+        return ResNet(**{**kwargs, "n_blocks": 0})
     raise ValueError(f"model={name!r} is unknown; expected one of {MODELS}")
 
 
