@@ -30,8 +30,8 @@ import torch
 
 from neuralode._callbacks import FIXED_CALLBACKS
 from neuralode._methods import RK4
-from neuralode._registry import MethodSpec
 from neuralode._rk import rk_step
+from neuralode._tableau import MethodSpec
 
 __all__ = ["MAX_ORDER", "bashforth", "moulton"]
 
@@ -145,7 +145,7 @@ def _rk38(f, t, h, y, k1, stats) -> torch.Tensor:
     return rk_step(f, RK4, t, h, y, k1)[0]
 
 
-_FIXED = {"step_size", "grid_constructor", "interp", "perturb", "dtype"}
+_FIXED = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "max_num_steps"}
 SPECS = [
     MethodSpec(
         name="explicit_adams",

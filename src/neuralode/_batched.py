@@ -21,18 +21,14 @@ from typing import Any
 
 import torch
 
-from neuralode._compiled_step import check_compile_option
-from neuralode._control import STEP_SIZE_OPTIONS, Controller, initial_step, make_controller, rms_rows
+from neuralode._control import Controller, initial_step, rms_rows
 from neuralode._dense import dense_rows, row_outputs
 from neuralode._errors import SolverError
-from neuralode._methods import ADAPTIVE_METHODS, TABLEAUS
+from neuralode._problem import RowsProblem, check_tol, make_rows_problem
 from neuralode._rk import ROWS, error_ratio, rk_step, rms_error_ratio, rms_factor
 from neuralode._stats import SolveStats, _report_forward
-from neuralode._tableau import ButcherTableau
 
 __all__ = ["PerSampleInfo", "odeint_per_sample"]
-
-PER_SAMPLE_OPTIONS = STEP_SIZE_OPTIONS | {"compile"}
 
 #: Status codes of :class:`PerSampleInfo` (``status`` tensor).
 STATUS = {0: "success", 1: "max_num_steps", 2: "underflow", 3: "nonfinite"}
@@ -105,36 +101,25 @@ def odeint_per_sample(
     Gradients flow by backpropagation through the steps (step-size control is not differentiated, as in
     ``odeint``).
     """
+    hooks = {}
+    if options is not None and ("_groups" in options or "_quad" in options):  # interim: the adjoint's hooks
+        options = dict(options)
+        hooks = {"groups": options.pop("_groups", None), "quad": options.pop("_quad", None)}
+    problem = make_rows_problem(func, y0, t, rtol, atol, method, options, **hooks)
+    return solve_rows(problem, throw=throw, return_info=return_info, stats=stats)
+
+
+def solve_rows(
+    problem: RowsProblem, *, throw: bool = True, return_info: bool = False, stats: SolveStats | None = None
+) -> torch.Tensor | tuple[torch.Tensor, PerSampleInfo]:
+    """Solve a validated per-sample problem (see :func:`odeint_per_sample` for what it returns)."""
     solve_stats = stats
-    tab, opts = _check_method(method, options)
-    y0, t2, rtol, atol = _check_inputs(func, y0, t, rtol, atol)
-    B = y0.shape[0]
-    shape = y0.shape
-    dtype = y0.dtype
-
-    def f(tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return func(tt.to(dtype), y.view(shape)).reshape(B, -1)
-
-    f0_full = func(t2[:, 0].to(dtype), y0)
-    _check_output(f0_full, y0)
-    stats = SolveStats(n_solves=1, nfe=1)
-    ys, info = _integrate(
-        f,
-        tab,
-        y0.reshape(B, -1),
-        f0_full.reshape(B, -1),
-        t2,
-        rtol,
-        atol,
-        opts,
-        stats,
-        throw,
-        func=func,
-        shape=shape,
-    )
+    stats = SolveStats(n_solves=1, nfe=1)  # func(t0, y0) in make_rows_problem
+    ys, info = _integrate(problem, stats, throw)
     _report_forward(stats)
     if solve_stats is not None:
         solve_stats.add(stats)
+    B, shape = problem.y0.shape[0], problem.shape
     if throw:
         bad = (info.status != _RUNNING_OR_OK).nonzero().flatten().tolist()
         if bad:
@@ -154,29 +139,35 @@ def odeint_per_sample(
 # -- the loop ----------------------------------------------------------------------------------------------
 
 
-def _integrate(
-    f, tab: ButcherTableau, y, f0, tt, rtol, atol, opts, stats, throw: bool, func=None, shape=None
-) -> tuple[torch.Tensor, PerSampleInfo]:
-    """The per-sample loop on the flat ``(B, n)`` state; ``f(t, y)`` takes and returns flat states,
-    ``func`` is the user's and ``shape`` its state's (needed for ``options["compile"]``, whose steps are
-    cached per ``func``)."""
-    compile_kwargs = opts.get("compile")
-    if compile_kwargs is None or opts.get("_quad") is not None:  # the quadrature hook runs eagerly
-        return _loop(f, tab, y, f0, tt, rtol, atol, opts, stats, throw, None)
+def _integrate(problem: RowsProblem, stats: SolveStats, throw: bool) -> tuple[torch.Tensor, PerSampleInfo]:
+    """The per-sample loop on the flat ``(B, n)`` state, eager or with the compiled step (cached per
+    ``func``); the quadrature hook runs eagerly."""
+    compile_kwargs = problem.settings.compile
+    if compile_kwargs is None or problem.quad is not None:
+        return _loop(problem, stats, throw, None)
     from neuralode._compiled_step import compiled_step
 
     step, release = compiled_step(
-        func, tab, None, None, rtol, atol, compile_kwargs, rows=(tuple(shape), opts.get("_groups"))
+        problem.func,
+        problem.tab,
+        None,
+        None,
+        problem.rtol,
+        problem.atol,
+        compile_kwargs,
+        rows=(tuple(problem.shape), problem.groups),
     )
     try:
-        return _loop(f, tab, y, f0, tt, rtol, atol, opts, stats, throw, step)
+        return _loop(problem, stats, throw, step)
     finally:
         release()
 
 
 def _loop(
-    f, tab: ButcherTableau, y, f0, tt, rtol, atol, opts, stats, throw: bool, compiled
+    problem: RowsProblem, stats: SolveStats, throw: bool, compiled
 ) -> tuple[torch.Tensor, PerSampleInfo]:
+    f, tab, y, f0, tt = problem.f, problem.tab, problem.y0, problem.f0, problem.t
+    rtol, atol, s = problem.rtol, problem.atol, problem.settings
     B, n = y.shape
     T = tt.shape[1]
     y_init = y
@@ -184,21 +175,20 @@ def _loop(
     tdtype = tt.dtype
     t, t_end = tt[:, 0].clone(), tt[:, -1].clone()
     direction = torch.sign(t_end - t)
-    controller: Controller = opts["controller"]
-    min_step, max_step, max_num_steps = opts["min_step"], opts["max_step"], opts["max_num_steps"]
-    groups = opts.get("_groups")
-    if opts["first_step"] is None:
+    controller: Controller = s.controller
+    min_step, max_step, max_num_steps = s.min_step, s.max_step, s.max_num_steps
+    groups = problem.groups
+    if s.first_step is None:
         h = initial_step(
             f, t, y, f0, tab.order, rtol, atol, functools.partial(rms_rows, groups=groups), direction, ROWS
         )
         stats.nfe += 1
     else:
-        h = torch.as_tensor(opts["first_step"], dtype=tdtype, device=device).abs().expand(B).clone()
+        h = torch.full((B,), s.first_step, dtype=tdtype, device=device)
     h = h.clamp(max=max_step)
-    # Internal (per-sample adjoint): quad(stage_ts, stage_ys, w) is called once per step after the
-    # accept/reject decision, w = h on accepted samples and 0 elsewhere, to accumulate a quadrature
-    # along each sample's accepted steps without it being part of the state.
-    quad = opts.get("_quad")
+    # The per-sample adjoint's hook (see RowsProblem): a quadrature along each sample's accepted steps
+    # without it being part of the state.
+    quad = problem.quad
     # Scalar tolerances and the RMS norm: the error ratio with its constants applied per row at the end.
     scalar_tol = (
         isinstance(rtol, float) and isinstance(atol, float) and tab.b_error_aux is None and groups is None
@@ -359,101 +349,6 @@ def _write_outputs(tab, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed
     return cols
 
 
-# -- validation --------------------------------------------------------------------------------------------
-
-
-def _check_method(method, options) -> tuple[ButcherTableau, dict]:
-    method = "dopri5" if method is None else method
-    if not isinstance(method, str) or method not in ADAPTIVE_METHODS:
-        raise ValueError(
-            f"method={method!r} is not an adaptive method; per-sample stepping needs one of "
-            f"{', '.join(ADAPTIVE_METHODS)}"
-        )
-    options = {} if options is None else dict(options)
-    unknown = sorted(set(options) - PER_SAMPLE_OPTIONS - {"_groups", "_quad"})  # internal: the adjoint
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for per-sample stepping; valid options: "
-            f"{', '.join(sorted(PER_SAMPLE_OPTIONS))}"
-        )
-    opts = {
-        "first_step": options.get("first_step"),
-        "safety": float(options.get("safety", 0.9)),
-        "ifactor": float(options.get("ifactor", 10.0)),
-        "dfactor": float(options.get("dfactor", 0.2)),
-        "min_step": float(options.get("min_step", 0.0)),
-        "max_step": float(options.get("max_step", math.inf)),
-        "max_num_steps": options.get("max_num_steps", 1_000_000),
-        "_groups": options.get("_groups"),
-        "_quad": options.get("_quad"),
-        "controller": make_controller(TABLEAUS[method].order, options),
-        "compile": check_compile_option(options.get("compile")),
-    }
-    if not isinstance(opts["max_num_steps"], int) or opts["max_num_steps"] <= 0:
-        raise ValueError(f"options['max_num_steps'] must be a positive int, got {opts['max_num_steps']!r}")
-    for key in ("min_step", "max_step"):
-        if not opts[key] >= 0:
-            raise ValueError(f"options['{key}'] must be >= 0, got {opts[key]}")
-    return TABLEAUS[method], opts
-
-
-def _check_inputs(func, y0, t, rtol, atol):
-    if not callable(func):
-        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
-    if not isinstance(y0, torch.Tensor):
-        raise TypeError(f"y0 must be a tensor of shape (batch, ...), got {type(y0).__name__}")
-    if not y0.is_floating_point():
-        raise TypeError(f"y0 must be a floating-point tensor, got dtype {y0.dtype}")
-    if y0.dim() < 1 or y0.shape[0] == 0:
-        raise ValueError(f"y0 must have a non-empty batch dimension first, got shape {tuple(y0.shape)}")
-    if not bool(torch.isfinite(y0).all()):
-        raise ValueError("y0 contains NaN or inf values")
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError(f"t must be a floating-point tensor of times, got {t!r:.60}")
-    if t.device != y0.device:
-        raise ValueError(f"t is on {t.device} but y0 is on {y0.device}; put both on the same device")
-    B = y0.shape[0]
-    tdtype = torch.float64 if y0.device.type != "mps" else torch.float32
-    if t.dim() == 1:
-        t2 = t.detach().to(tdtype).unsqueeze(0).expand(B, -1)
-    elif t.dim() == 2 and t.shape[0] == B:
-        t2 = t.detach().to(tdtype)
-    else:
-        raise ValueError(f"t must be (T,) or (batch={B}, T), got shape {tuple(t.shape)}")
-    if t.requires_grad:
-        raise ValueError("gradients with respect to t are not supported in per-sample mode; detach t")
-    if t2.shape[1] < 2:
-        raise ValueError(f"t needs at least a start and an end time per sample, got {t2.shape[1]} column(s)")
-    if not bool(torch.isfinite(t2).all()):
-        raise ValueError("t contains NaN or inf values")
-    d = t2.diff(dim=1)
-    direction = torch.sign(t2[:, -1:] - t2[:, :1])
-    if not bool(((d * direction) > 0).all()):
-        raise ValueError("each row of t must be strictly increasing or strictly decreasing")
-    return y0, t2.contiguous(), _check_tol("rtol", rtol, y0), _check_tol("atol", atol, y0)
-
-
-def _check_tol(name, tol, y0):
-    B = y0.shape[0]
-    if isinstance(tol, torch.Tensor):
-        if not bool((tol > 0).all()) or not bool(torch.isfinite(tol).all()):
-            raise ValueError(f"{name} must be positive and finite everywhere")
-        try:
-            tol = tol.to(dtype=y0.dtype, device=y0.device).expand(y0.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"{name} of shape {tuple(tol.shape)} does not broadcast to y0's shape {tuple(y0.shape)}"
-            ) from None
-        return tol.reshape(B, -1)
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not (tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"{name} must be a positive finite float or a tensor, got {tol!r}")
-    return float(tol)
-
-
-def _check_output(out, y0) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"func(t0, y0) must return a tensor, got {type(out).__name__}")
-    if out.shape != y0.shape:
-        raise ValueError(f"func(t0, y0) returned shape {tuple(out.shape)}; expected {tuple(y0.shape)}")
-    if out.dtype != y0.dtype:
-        raise TypeError(f"func(t0, y0) returned dtype {out.dtype}; expected {y0.dtype}")
+def _check_inputs(func, y0, t, rtol, atol):  # interim, for the per-sample adjoint
+    p = make_rows_problem(func, y0, t, rtol, atol, None, None, evaluate=False)
+    return y0, p.t, check_tol("rtol", rtol, y0), check_tol("atol", atol, y0)

@@ -20,10 +20,10 @@ import torch
 
 from neuralode._adjoint import _check_params
 from neuralode._dense import dense_eval, interpolate, step_outputs
-from neuralode._methods import TABLEAUS
-from neuralode._odeint import Problem, _delta, _time_shift, make_problem, run
+from neuralode._odeint import _delta, _time_shift
+from neuralode._problem import Problem, make_problem
 from neuralode._rk import rk_step
-from neuralode._solve import _one_sided
+from neuralode._solve import _one_sided, run
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 
 __all__ = ["odeint_checkpoint"]
@@ -130,8 +130,7 @@ class _Checkpoint(torch.autograd.Function):
 def _step_outputs(problem: Problem, trace) -> list[tuple[float, list[tuple[int, float]], int | None]]:
     """For every accepted step: its exact end time, the outputs strictly inside it as (index, θ), and
     the output at its end (or None): the loops' output plan, replayed from the trace."""
-    t_out = problem.t
-    direction = 1.0 if t_out[-1] > t_out[0] else -1.0
+    t_out, direction = problem.t, problem.direction
     out = []
     i_out = 1
     for j, (t, h) in enumerate(trace):
@@ -143,12 +142,12 @@ def _step_outputs(problem: Problem, trace) -> list[tuple[float, list[tuple[int, 
 
 
 def _backward(problem: Problem, trace, states, params, grad_ys, stats: SolveStats):
-    tab = TABLEAUS[problem.method]
-    opts = problem.options
+    settings = problem.settings
+    tab = settings.tab
     adaptive = tab.adaptive
-    interp = opts.get("interp", "linear")
-    perturb = bool(opts.get("perturb", False)) and not adaptive
-    direction = 1.0 if problem.t[-1] > problem.t[0] else -1.0
+    interp = settings.interp
+    perturb = settings.perturb and not adaptive
+    direction = problem.direction
     plan = _step_outputs(problem, trace)
 
     def f(tt, y, perturb: int = 0):

@@ -19,7 +19,6 @@ Results equal ``odeint(func, y0, t, method=method, options={"step_size": step_si
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import torch
 from neuralode._dense import step_outputs
 from neuralode._methods import FIXED_METHODS, TABLEAUS
 from neuralode._odeint import odeint
+from neuralode._problem import check_func, check_step_options, check_t, fixed_grid
 from neuralode._rk import ROWS, coefficients, rk_step
 from neuralode._solve import nonfinite_outputs
 from neuralode._stats import SolveStats, _report_forward
@@ -86,26 +86,22 @@ class FixedGridSolver:
         compile: bool = False,
         compile_options: dict | None = None,
     ):
-        if not callable(func):
-            raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+        check_func(func)
         if method not in FIXED_METHODS:
             raise ValueError(
                 f"method={method!r} is not a fixed-step method; valid: {', '.join(FIXED_METHODS)}"
             )
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not a mode; expected one of {', '.join(MODES)}")
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < 2 or not t.is_floating_point():
-            raise ValueError(f"t must be a 1-D floating tensor with at least 2 times, got {t!r:.80}")
-        if step_size is not None and not (isinstance(step_size, (int, float)) and step_size > 0):
-            raise ValueError(f"step_size must be a positive float or None, got {step_size!r}")
+        self.t_list = check_t(t, min_len=2)
+        if step_size is not None:
+            options = {"step_size": step_size}
+            check_step_options(options, what="FixedGridSolver")
+            step_size = options["step_size"]
         self.func, self.method, self.mode, self.step_size = func, method, mode, step_size
         self.tab = TABLEAUS[method]
         self.t = t.detach()
-        self.t_list = [float(x) for x in self.t.tolist()]
-        d = [b - a for a, b in itertools.pairwise(self.t_list)]
-        if not (all(x > 0 for x in d) or all(x < 0 for x in d)):
-            raise ValueError("t must be strictly increasing or strictly decreasing")
-        self.grid = _grid(self.t_list, step_size)
+        self.grid = fixed_grid(self.t_list, step_size)
         self.n_steps = len(self.grid) - 1
         self._plan = _output_plan(self.t_list, self.grid)
         step = _rk_step_fn(func, self.tab)
@@ -190,15 +186,6 @@ class FixedGridSolver:
             static_y0.copy_(y0)
             graph.replay()
             return static_out.clone()
-
-
-def _grid(t: list[float], step_size: float | None) -> list[float]:
-    """The grid ``odeint`` uses for a fixed step (mirrors ``neuralode._odeint._grid``)."""
-    if step_size is None:
-        return list(t)
-    direction = 1.0 if t[-1] > t[0] else -1.0
-    n = math.ceil(abs(t[-1] - t[0]) / step_size - 1e-12)
-    return [t[0] + direction * step_size * i for i in range(n)] + [t[-1]]
 
 
 def _output_plan(t: list[float], grid: list[float]) -> list[list[float]]:

@@ -34,8 +34,7 @@ from collections.abc import Callable
 import torch
 
 from neuralode._callbacks import FIXED_CALLBACKS
-from neuralode._registry import MethodSpec
-from neuralode._tableau import _check_order
+from neuralode._tableau import MethodSpec, _check_order
 
 __all__ = ["IMPLICIT_TABLEAUS", "ImplicitTableau"]
 
@@ -166,6 +165,7 @@ OPTIONS = frozenset(
         "grid_constructor",
         "interp",
         "perturb",
+        "max_num_steps",
         "dtype",
         "max_iters",
         "nonlinear_solver",

@@ -17,16 +17,177 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from neuralode._control import Controller, Norm, propose_step, rms_norm
+from neuralode._callbacks import chain_callbacks
+from neuralode._control import Controller, Norm, initial_step, propose_step, rms_norm
 from neuralode._dense import dense_eval, interpolate, step_outputs
 from neuralode._errors import SolverError
 from neuralode._rk import error_ratio, rk_step, rms_error_ratio, rms_factor, without_grad
 from neuralode._stats import SolveStats
 from neuralode._tableau import ButcherTableau
 
-__all__ = ["compiled_stepper", "dense_eval", "integrate_adaptive", "integrate_fixed", "rk_step", "rk_stepper"]
+__all__ = [
+    "compiled_stepper",
+    "dense_eval",
+    "integrate_adaptive",
+    "integrate_fixed",
+    "rk_step",
+    "rk_stepper",
+    "run",
+]
 
 Func = Callable[[float, torch.Tensor], torch.Tensor]
+
+
+def run(
+    problem,
+    stats: SolveStats,
+    trace: list | None = None,
+    y0: torch.Tensor | None = None,
+    f0: torch.Tensor | None = None,
+    callbacks=None,
+    event=None,
+    jump=None,
+    on_accept=None,
+    f0_side: int | None = None,
+) -> list[torch.Tensor]:
+    """Run the engine on a validated :class:`~neuralode._problem.Problem`; returns the list of flat
+    states at ``problem.t``.
+
+    ``trace`` and ``callbacks`` go to the loop (see ``integrate_adaptive``), after the user's callbacks
+    found on ``func`` (``problem.callbacks``); ``event`` (adaptive tableaus only) is the terminal-event
+    hook of ``integrate_adaptive``; so is ``jump``, and ``on_accept`` (the adjoint's hooks) is that of
+    ``integrate_adaptive`` or ``integrate_fixed`` (explicit RK tableaus only). ``f0_side``: the side
+    ``f0`` was evaluated on at ``t[0]`` (see ``Problem.f0_side``; default: ``problem.f0_side`` for
+    ``problem.f0``, 0 for a given ``f0``)."""
+    s = problem.settings
+    tab = s.tab
+    callbacks = chain_callbacks(problem.callbacks, callbacks)
+    if f0_side is None:
+        f0_side = problem.f0_side if f0 is None else 0
+    y0 = problem.y0 if y0 is None else y0
+    f0 = problem.f0 if f0 is None else f0
+    if len(problem.t) == 1:
+        return [y0]
+    if (jump is not None and (tab is None or not tab.adaptive)) or (on_accept is not None and tab is None):
+        raise ValueError(f"method={problem.method!r} has no jump/on_accept hooks")
+    if on_accept is not None and s.compile:
+        raise ValueError("on_accept needs the eager step (options['compile'] is set)")
+    if tab is None:
+        if trace is not None:
+            raise ValueError(
+                f"method={problem.method!r} cannot be replayed from a step trace; use gradient='direct' or 'adjoint'"
+            )
+        if s.spec.run is not None:
+            return s.spec.run(problem, stats, y0)
+        return _run_fixed(
+            problem, stats, None, y0, f0, f0_side, callbacks, s.spec.make_stepper(problem), None
+        )
+    if not s.compile:
+        return _run_tableau(problem, stats, trace, y0, f0, f0_side, callbacks, event, None, jump, on_accept)
+    compiled, release = _compiled(problem, y0)
+    try:
+        return _run_tableau(
+            problem, stats, trace, y0, f0, f0_side, callbacks, event, compiled, jump, on_accept
+        )
+    finally:
+        release()
+
+
+def _run_tableau(
+    problem, stats, trace, y0, f0, f0_side, callbacks, event, compiled, jump, on_accept
+) -> list[torch.Tensor]:
+    """The explicit Runge-Kutta part of :func:`run`; ``compiled`` is the compiled step or None."""
+    s = problem.settings
+    tab = s.tab
+    if tab.adaptive:
+        h0 = s.first_step
+        if h0 is None:
+            h0 = initial_step(
+                problem.f,
+                problem.t[0],
+                y0,
+                f0,
+                tab.order,
+                problem.rtol,
+                problem.atol,
+                problem.norm,
+                problem.direction,
+            )
+            stats.nfe += 1
+        return integrate_adaptive(
+            problem.f,
+            tab,
+            y0,
+            f0,
+            problem.t,
+            rtol=problem.rtol,
+            atol=problem.atol,
+            norm=problem.norm,
+            controller=s.controller,
+            h0=float(h0),
+            min_step=s.min_step,
+            max_step=s.max_step,
+            max_num_steps=s.max_num_steps,
+            stats=stats,
+            trace=trace,
+            callbacks=callbacks,
+            stops=problem.stops(),
+            event=event,
+            compiled=compiled,
+            jump=jump,
+            on_accept=on_accept,
+        )
+    stepper = None if compiled is None else compiled_stepper(tab, compiled)
+    return _run_fixed(problem, stats, trace, y0, f0, f0_side, callbacks, stepper, on_accept)
+
+
+def _run_fixed(problem, stats, trace, y0, f0, f0_side, callbacks, stepper, on_accept) -> list[torch.Tensor]:
+    """The fixed-grid part of :func:`run`: ``stepper`` None steps with the explicit tableau."""
+    s = problem.settings
+    return integrate_fixed(
+        problem.f,
+        s.tab,
+        y0,
+        f0,
+        problem.t,
+        problem.grid(),
+        interp=s.interp,
+        perturb=s.perturb,
+        f0_side=f0_side,
+        stats=stats,
+        trace=trace,
+        callbacks=callbacks,
+        stepper=stepper,
+        on_accept=on_accept,
+    )
+
+
+def _compiled(problem, y0: torch.Tensor):
+    """``(step, release)``: ``step(t, h, y, f0) -> (y1, stages, error ratio)`` through the compiled step
+    (options['compile']), and what to call once the solve is over."""
+    from neuralode._compiled_step import compiled_step
+
+    s, rtol, atol = problem.settings, problem.rtol, problem.atol
+    step, release = compiled_step(problem.func, s.tab, problem.shapes, s.user_norm, rtol, atol, s.compile)
+    device, f64 = y0.device, torch.float64
+
+    if device.type == "cpu":
+
+        def run_step(t: float, h: float, y: torch.Tensor, f0: torch.Tensor):
+            return step(torch.tensor([t, h], dtype=f64), y, f0, rtol, atol)
+
+    else:  # two fill kernels and a stack: a host-to-device copy of [t, h] would synchronise
+
+        def run_step(t: float, h: float, y: torch.Tensor, f0: torch.Tensor):
+            th = torch.stack(
+                (
+                    torch.scalar_tensor(t, dtype=f64, device=device),
+                    torch.scalar_tensor(h, dtype=f64, device=device),
+                )
+            )
+            return step(th, y, f0, rtol, atol)
+
+    return run_step, release
 
 
 def _rms_sq(tab: ButcherTableau, k, y1: torch.Tensor, c: torch.Tensor, y_abs_c: torch.Tensor):
@@ -223,6 +384,7 @@ def integrate_fixed(
     *,
     interp: str = "linear",
     perturb: bool = False,
+    f0_side: int = 0,
     stats: SolveStats,
     trace: list | None = None,
     callbacks=None,
@@ -234,12 +396,15 @@ def integrate_fixed(
 
     ``stepper(f, t, h, y, f0, stats) -> (y1, f1 or None)`` replaces the explicit RK step of ``tab`` (used
     by the implicit and Adams methods; ``f1`` is ``f(t + h, y1)`` when the step has it for free).
-    ``on_accept(t, h, y, k_ext)`` as for ``integrate_adaptive`` (explicit RK steps of ``tab`` only)."""
+    ``on_accept(t, h, y, k_ext)`` as for ``integrate_adaptive`` (explicit RK steps of ``tab`` only).
+    With ``perturb``, ``f`` is evaluated at the one-sided limits inside each step, never at a grid point;
+    ``f0`` is then reused for the first step only if it was evaluated that way (``f0_side`` equal to the
+    direction of integration)."""
     direction = 1.0 if t_out[-1] > t_out[0] else -1.0
     outputs = [y0]
     i_out = 1
     y = y0
-    f_next: torch.Tensor | None = None if perturb else f0
+    f_next: torch.Tensor | None = f0 if not perturb or f0_side == direction else None
     f_plain = f
     stepper = rk_stepper(tab) if stepper is None else stepper
     # A stepper that evaluates the first stage itself when handed None (the compiled step); then f0 is not

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["ButcherTableau", "hermite_dense", "rooted_trees"]
+__all__ = ["ButcherTableau", "MethodSpec", "hermite_dense", "rooted_trees"]
 
 Poly = tuple[float, ...]  # coefficients of θ^1, θ^2, ... (no constant term)
 
@@ -159,6 +159,30 @@ class ButcherTableau:
         for r in self.extra_a:
             a.append(list(r) + [0.0] * (len(c) - len(r)))
         return c, a
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A method that is not an explicit Runge-Kutta tableau (Adams, implicit Runge-Kutta, SciPy, ...).
+
+    Attributes:
+        name: the ``method=`` string.
+        options: the option names it accepts.
+        callbacks: the callback names it calls (see ``_callbacks``).
+        order: order of accuracy (for documentation and tests).
+        make_stepper: fixed-grid methods: ``make_stepper(problem) -> stepper`` (a fresh stepper per solve;
+            the Adams stepper keeps its history of ``f`` values for that one solve).
+        run: methods with their own driver: ``run(problem, stats, y0) -> list of flat states at problem.t``.
+        events: whether ``event_fn`` is supported.
+    """
+
+    name: str
+    options: frozenset[str]
+    callbacks: frozenset[str]
+    order: int
+    make_stepper: Callable | None = None
+    run: Callable | None = None
+    events: bool = True
 
 
 def hermite_dense(b: Sequence[float]) -> tuple[Poly, ...]:
