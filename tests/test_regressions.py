@@ -202,3 +202,20 @@ def test_grid_arithmetic_is_unchanged():
     assert fixed_grid([0.0, 1.0], 0.3) == [0.0, 0.3, 0.6, 0.8999999999999999, 1.0]
     assert fixed_grid([1.0, 0.0], 0.5) == [1.0, 0.5, 0.0]
     assert fixed_grid([0.0, 0.5, 1.0], None) == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    "method, options, match",
+    [
+        ("explicit_adams", {"max_order": 0}, r"options\['max_order'\] must be a positive int"),
+        ("implicit_adams", {"max_iters": 0}, r"options\['max_iters'\] must be a positive int"),
+        ("implicit_euler", {"nonlinear_solver": "x"}, r"options\['nonlinear_solver'\]='x'"),
+        ("gl4", {"nonlinear_tol": -1.0}, r"options\['nonlinear_tol'\] must be positive"),
+        ("scipy_solver", {"solver": "X"}, r"options\['solver'\]='X'"),
+    ],
+)
+def test_method_options_are_checked_before_func_is_called(method, options, match):
+    func = Counting()
+    with pytest.raises(ValueError, match=match):
+        odeint(func, Y0, T01, method=method, options=options)
+    assert func.times == []

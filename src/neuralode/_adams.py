@@ -78,18 +78,8 @@ class _AdamsStepper:
     """Stepper for the fixed-grid loop. Holds the ``f`` history of one solve (a fresh one per solve)."""
 
     def __init__(self, problem, implicit: bool):
-        opts = problem.options
-        max_order = opts.get("max_order", MAX_ORDER)
-        if not isinstance(max_order, int) or isinstance(max_order, bool) or max_order < 1:
-            raise ValueError(f"options['max_order'] must be a positive int, got {max_order!r}")
-        if max_order > MAX_ORDER:
-            raise ValueError(f"options['max_order']={max_order}; it must be at most {MAX_ORDER}")
-        if max_order < MIN_ORDER:
-            warnings.warn(f"max_order is below {MIN_ORDER}, so the solver reduces to `rk4`.", stacklevel=4)
-        max_iters = opts.get("max_iters", MAX_ITERS)
-        if not isinstance(max_iters, int) or max_iters < 1:
-            raise ValueError(f"options['max_iters'] must be a positive int, got {max_iters!r}")
-        self.implicit, self.max_order, self.max_iters = implicit, max_order, max_iters
+        self.implicit = implicit
+        self.max_order, self.max_iters = problem.settings.method_options
         # torchdiffeq reads rtol/atol as the corrector's tolerances.
         self.rtol, self.atol = problem.rtol, problem.atol
         self.history: list[torch.Tensor] = []  # most recent first, at most max_order − 1 entries
@@ -139,6 +129,21 @@ def _dot(weights, fs, h: float) -> torch.Tensor:
     return out
 
 
+def _parse(options: dict) -> tuple[int, int]:
+    """``(max_order, max_iters)`` of the Adams options."""
+    max_order = options.get("max_order", MAX_ORDER)
+    if not isinstance(max_order, int) or isinstance(max_order, bool) or max_order < 1:
+        raise ValueError(f"options['max_order'] must be a positive int, got {max_order!r}")
+    if max_order > MAX_ORDER:
+        raise ValueError(f"options['max_order']={max_order}; it must be at most {MAX_ORDER}")
+    if max_order < MIN_ORDER:
+        warnings.warn(f"max_order is below {MIN_ORDER}, so the solver reduces to `rk4`.", stacklevel=5)
+    max_iters = options.get("max_iters", MAX_ITERS)
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
+        raise ValueError(f"options['max_iters'] must be a positive int, got {max_iters!r}")
+    return max_order, max_iters
+
+
 def _rk38(f, t, h, y, k1, stats) -> torch.Tensor:
     """Kutta's 3/8 rule (the ``rk4`` tableau, torchdiffeq's ``rk4_alt_step_func``), the Adams starter."""
     stats.nfe += 3
@@ -153,6 +158,7 @@ SPECS = [
         callbacks=FIXED_CALLBACKS,
         order=MAX_ORDER - 1,
         make_stepper=lambda problem: _AdamsStepper(problem, implicit=False),
+        parse=_parse,
     ),
     *(
         MethodSpec(
@@ -161,6 +167,7 @@ SPECS = [
             callbacks=FIXED_CALLBACKS,
             order=MAX_ORDER,
             make_stepper=lambda problem: _AdamsStepper(problem, implicit=True),
+            parse=_parse,
         )
         for name in ("implicit_adams", "fixed_adams")
     ),

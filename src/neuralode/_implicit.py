@@ -239,21 +239,11 @@ class _ImplicitGrad(torch.autograd.Function):
 class _ImplicitStepper:
     """The fixed-grid stepper of one implicit tableau (see ``integrate_fixed``); holds no solve state."""
 
-    def __init__(self, tab: ImplicitTableau, opts: dict, dtype: torch.dtype, device: torch.device):
+    def __init__(self, tab: ImplicitTableau, opts: tuple, dtype: torch.dtype, device: torch.device):
         self.tab = tab
-        self.max_iters = int(opts.get("max_iters", 100))
-        if self.max_iters <= 0:
-            raise ValueError(f"options['max_iters'] must be a positive int, got {opts.get('max_iters')!r}")
-        self.newton = opts.get("nonlinear_solver", "newton")
-        if self.newton not in ("newton", "fixed_point"):
-            raise ValueError(
-                f"options['nonlinear_solver']={self.newton!r}; expected 'newton' or 'fixed_point'"
-            )
-        self.newton = self.newton == "newton"
+        self.max_iters, self.newton, tol = opts
         eps = torch.finfo(dtype).eps
-        self.tol = float(opts.get("nonlinear_tol", 10 * eps**0.75))
-        if not self.tol > 0:
-            raise ValueError(f"options['nonlinear_tol'] must be positive, got {self.tol}")
+        self.tol = 10 * eps**0.75 if tol is None else tol
         self.fd_eps = math.sqrt(eps)
         self.implicit = [i for i, e in enumerate(tab.explicit_stages) if not e]
 
@@ -340,14 +330,38 @@ def _combine(y: torch.Tensor, k: torch.Tensor, row, h: float) -> torch.Tensor:
 
 def _make_stepper(name: str):
     def make(problem) -> _ImplicitStepper:
-        return _ImplicitStepper(IMPLICIT_TABLEAUS[name], problem.options, problem.y0.dtype, problem.y0.device)
+        opts = problem.settings.method_options
+        return _ImplicitStepper(IMPLICIT_TABLEAUS[name], opts, problem.y0.dtype, problem.y0.device)
 
     return make
 
 
+def _parse(options: dict) -> tuple[int, bool, float | None]:
+    """``(max_iters, newton?, nonlinear_tol or None for the dtype's default)`` of the options."""
+    max_iters = options.get("max_iters", 100)
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters <= 0:
+        raise ValueError(f"options['max_iters'] must be a positive int, got {max_iters!r}")
+    solver = options.get("nonlinear_solver", "newton")
+    if solver not in ("newton", "fixed_point"):
+        raise ValueError(f"options['nonlinear_solver']={solver!r}; expected 'newton' or 'fixed_point'")
+    tol = options.get("nonlinear_tol")
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise TypeError(f"options['nonlinear_tol'] must be a positive float, got {tol!r}")
+        if not tol > 0:
+            raise ValueError(f"options['nonlinear_tol'] must be positive, got {tol}")
+        tol = float(tol)
+    return max_iters, solver == "newton", tol
+
+
 SPECS = [
     MethodSpec(
-        name=n, options=OPTIONS, callbacks=FIXED_CALLBACKS, order=t.order, make_stepper=_make_stepper(n)
+        name=n,
+        options=OPTIONS,
+        callbacks=FIXED_CALLBACKS,
+        order=t.order,
+        make_stepper=_make_stepper(n),
+        parse=_parse,
     )
     for n, t in IMPLICIT_TABLEAUS.items()
 ]

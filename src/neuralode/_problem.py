@@ -103,6 +103,7 @@ class Settings:
     interp: str = "linear"
     perturb: bool = False
     compile: dict | None = None
+    method_options: Any = None  # what spec.parse made of the method's own options
 
     @property
     def adaptive(self) -> bool:
@@ -133,6 +134,7 @@ def parse_settings(method: str, options: dict[str, Any]) -> Settings:
         interp=options.get("interp", "linear"),
         perturb=bool(options.get("perturb", False)),
         compile=options.get("compile"),
+        method_options=spec.parse(options) if spec is not None and spec.parse is not None else None,
     )
 
 

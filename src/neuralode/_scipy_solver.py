@@ -31,21 +31,22 @@ def _import_scipy():
     return solve_ivp
 
 
+def _parse(options: dict) -> tuple:
+    """``(solver, solve_ivp step keyword arguments)`` of the options (already checked as numbers)."""
+    solver = options.get("solver", "LSODA")
+    if not (isinstance(solver, str) and solver in SOLVERS) and not isinstance(solver, type):
+        raise ValueError(f"options['solver']={solver!r}; expected one of {', '.join(SOLVERS)}")
+    kwargs = {k: float(options[k]) for k in ("max_step", "first_step") if k in options}
+    if "min_step" in options or solver == "LSODA":
+        kwargs["min_step"] = float(options.get("min_step", 0.0))
+    return solver, kwargs
+
+
 def _run(problem, stats, y0):
     solve_ivp = _import_scipy()
     import numpy as np
 
-    opts = problem.options
-    solver = opts.get("solver", "LSODA")
-    if not (isinstance(solver, str) and solver in SOLVERS) and not isinstance(solver, type):
-        raise ValueError(f"options['solver']={solver!r}; expected one of {', '.join(SOLVERS)}")
-    kwargs = {}
-    if "max_step" in opts:
-        kwargs["max_step"] = float(opts["max_step"])
-    if "first_step" in opts:
-        kwargs["first_step"] = float(opts["first_step"])
-    if "min_step" in opts or solver == "LSODA":
-        kwargs["min_step"] = float(opts.get("min_step", 0.0))
+    solver, kwargs = problem.settings.method_options
     shape, dtype, device = y0.shape, y0.dtype, y0.device
 
     def rhs(t, y):
@@ -92,5 +93,13 @@ class _NotDifferentiable(torch.autograd.Function):
 
 
 SPECS = [
-    MethodSpec(name="scipy_solver", options=OPTIONS, callbacks=frozenset(), order=0, run=_run, events=False)
+    MethodSpec(
+        name="scipy_solver",
+        options=OPTIONS,
+        callbacks=frozenset(),
+        order=0,
+        run=_run,
+        events=False,
+        parse=_parse,
+    )
 ]

@@ -174,6 +174,8 @@ class MethodSpec:
             the Adams stepper keeps its history of ``f`` values for that one solve).
         run: methods with their own driver: ``run(problem, stats, y0) -> list of flat states at problem.t``.
         events: whether ``event_fn`` is supported.
+        parse: ``parse(options) -> value``: checks the method's own options (``ValueError``/``TypeError``
+            naming them) when the problem is built; the value is ``problem.settings.method_options``.
     """
 
     name: str
@@ -183,6 +185,7 @@ class MethodSpec:
     make_stepper: Callable | None = None
     run: Callable | None = None
     events: bool = True
+    parse: Callable | None = None
 
 
 def hermite_dense(b: Sequence[float]) -> tuple[Poly, ...]:
