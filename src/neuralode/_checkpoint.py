@@ -20,8 +20,8 @@ import torch
 
 from neuralode._adjoint import _check_params
 from neuralode._dense import dense_eval, interpolate, step_outputs
-from neuralode._odeint import _delta, _time_shift
-from neuralode._problem import Problem, make_problem
+from neuralode._odeint import _time_shift
+from neuralode._problem import Problem, delta, make_problem
 from neuralode._rk import rk_step
 from neuralode._solve import _one_sided, run
 from neuralode._stats import SolveStats, _report_backward, _report_forward
@@ -74,7 +74,7 @@ def odeint_checkpoint(
     stats = SolveStats(n_solves=1, nfe=1)  # func(t0, y0) in make_problem
     time_grad = t.requires_grad
     if time_grad:  # as odeint: shifting t0 by δ is shifting y0 by −δ·f(t0, y0)
-        y0_flat = y0_flat - _delta(t[0], y0_flat) * problem.f0
+        y0_flat = y0_flat - delta(t[0], y0_flat) * problem.f0
     ys = _Checkpoint.apply(problem, checkpoints, stats, y0_flat, *params)
     if time_grad:
         extra = SolveStats()

@@ -14,7 +14,9 @@ import torch
 
 from neuralode._batched import odeint_per_sample
 from neuralode._control import make_controller
-from neuralode._problem import (
+
+# Names that other modules still import from here; they live in the builder (_problem) and the engine.
+from neuralode._problem import (  # noqa: F401
     ADAPTIVE_OPTIONS,
     FIXED_OPTIONS,
     SOLVERS,
@@ -23,17 +25,15 @@ from neuralode._problem import (
     make_problem,
     method_callbacks,
     method_options,
+    shifted_start,
 )
-from neuralode._problem import check_step_options as _check_step_options
-from neuralode._problem import check_tol as _check_tol
+from neuralode._problem import check_step_options as _check_step_options  # noqa: F401
+from neuralode._problem import check_tol as _check_tol  # noqa: F401
+from neuralode._problem import delta as _delta
 from neuralode._solve import run
 from neuralode._stats import SolveStats, _report_forward
 
 __all__ = ["SOLVERS", "odeint"]
-
-# Names other modules import from here (the builder and the engine live in _problem and _solve).
-_REEXPORTS = (ADAPTIVE_OPTIONS, FIXED_OPTIONS, Problem, _time, method_callbacks, method_options, run)
-_REEXPORTS += (_check_step_options, _check_tol)
 
 TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -108,26 +108,19 @@ def odeint(
             )
     problem = make_problem(func, y0, t, rtol, atol, method, options)
     solve_stats = SolveStats(n_solves=1, nfe=1)  # the evaluation of func(t0, y0) in make_problem
-    time_grad = t.requires_grad
-    y0_run = f0_run = None
-    if time_grad:
-        # Shifting t0 by δ moves the whole solution like shifting y0 by −δ·f(t0, y0): exact first order.
-        y0_run = problem.y0 - _delta(t[0], problem.y0) * problem.f0.detach()
-        # The first stage must see the shifted state too, or its Jacobian term is lost from dy/dt0.
-        f0_run = problem.f(problem.t[0], y0_run, perturb=problem.f0_side)
-        solve_stats.nfe += 1
+    y0_run, f0_run = shifted_start(problem, t, solve_stats)
     if event_fn is not None:
         from neuralode._event import solve_to_event
 
         event_t, ys = solve_to_event(problem, event_fn, solve_stats, y0=y0_run, f0=f0_run, t_like=t)
-        if time_grad:  # the state at t0 itself does not move with t0
+        if t.requires_grad:  # the state at t0 itself does not move with t0
             ys = torch.cat([ys[:1] + _delta(t[0], ys) * problem.f0.detach(), ys[1:]])
         if stats is not None:
             stats.add(solve_stats)
         _report_forward(solve_stats)
         return event_t, problem.unflatten(ys)
     ys = torch.stack(run(problem, solve_stats, y0=y0_run, f0=f0_run, f0_side=problem.f0_side))
-    if time_grad:
+    if t.requires_grad:
         ys = ys + _time_shift(problem, t, ys, solve_stats)
     if stats is not None:
         stats.add(solve_stats)
@@ -138,11 +131,6 @@ def odeint(
 def _controller(tab, opts):
     """The step-size controller of ``opts`` for ``tab``'s order (kept for the stiff solvers' driver)."""
     return make_controller(tab.order, opts)
-
-
-def _delta(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t − t.detach()``: zero in value, identity in gradient."""
-    return (t - t.detach()).to(like.dtype)
 
 
 def _time_shift(problem: Problem, t: torch.Tensor, ys: torch.Tensor, stats: SolveStats) -> torch.Tensor:

@@ -35,11 +35,13 @@ __all__ = [
     "Problem",
     "RowsProblem",
     "Settings",
+    "delta",
     "fixed_grid",
     "make_problem",
     "make_rows_problem",
     "method_callbacks",
     "method_options",
+    "shifted_start",
 ]
 
 TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
@@ -213,6 +215,27 @@ class Problem:
                 "options['grid_constructor'] must return a strictly monotonic grid in t's direction"
             )
         return grid
+
+
+def delta(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t − t.detach()``: zero in value, identity in gradient (in ``like``'s dtype)."""
+    return (t - t.detach()).to(like.dtype)
+
+
+def shifted_start(
+    problem: Problem, t: torch.Tensor, stats
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(y0, f0)`` for a solve whose ``t`` requires grad, else ``(None, None)`` (start at ``problem``'s).
+
+    Shifting ``t0`` by δ moves the whole solution like shifting ``y0`` by −δ·f(t0, y0): exact to first
+    order. The first stage must see the shifted state too, or its Jacobian term is lost from dy/dt0
+    (one evaluation, counted in ``stats``)."""
+    if not t.requires_grad:
+        return None, None
+    y0 = problem.y0 - delta(t[0], problem.y0) * problem.f0.detach()
+    f0 = problem.f(problem.t[0], y0, perturb=problem.f0_side)
+    stats.nfe += 1
+    return y0, f0
 
 
 def fixed_grid(t: list[float], step_size: float | None, max_num_steps: int = MAX_NUM_STEPS) -> list[float]:
