@@ -67,7 +67,9 @@ def odeint(
             (default 1,000,000), ``safety`` (0.9), ``ifactor`` (10), ``dfactor`` (0.2), ``norm``
             (callable on the state, or on the tuple of tensors), ``controller`` (``"i"`` or ``"pi"``),
             ``pcoeff``/``icoeff``. Fixed grid: ``step_size``, ``grid_constructor(func, y0, t) -> grid``,
-            ``interp`` (``"linear"`` or ``"cubic"``), ``perturb``. ``per_sample=True`` (adaptive
+            ``interp`` (``"linear"`` or ``"cubic"``), ``perturb`` (``func`` is evaluated at the one-sided
+            limits inside each step, never at a grid point), ``max_num_steps`` (the most grid intervals,
+            default 1,000,000: a larger grid is refused before it is built). ``per_sample=True`` (adaptive
             methods): every sample of the first dimension gets its own step size; see
             :func:`neuralode.odeint_per_sample` (``func`` then receives ``t`` of shape ``(batch,)``).
             Adaptive also: ``step_t``/``jump_t`` (times to step exactly onto; at a ``jump_t`` ``func`` is
