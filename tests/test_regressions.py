@@ -1,6 +1,8 @@
 """Regression tests for wrong behaviours found by running torchdiffeq users' programs against neuralode:
 perturbed fixed grids, bad option values, unbounded fixed grids, LSODA step limits, import cycles."""
 
+import math
+
 import pytest
 import torch
 
@@ -159,6 +161,33 @@ def test_python_float_y0_is_a_type_error(call):
     # torchdiffeq 0.2.5 refuses it too (an AssertionError: "y0 must be either a torch.Tensor or a tuple").
     with pytest.raises(TypeError, match=r"y0 must be a tensor.*got float; wrap a number as torch.tensor"):
         call(1.0)
+
+
+# -- NaN produced mid-solve -----------------------------------------------------------------------------
+
+STIFF = {
+    "kvaerno3",
+    "kvaerno4",
+    "kvaerno5",
+}  # their driver reports NaN as step-size underflow (not checked here)
+
+
+def nan_after_half(t, y):
+    return torch.where(t > 0.5, torch.full_like(y, math.nan), -y)
+
+
+@pytest.mark.filterwarnings("ignore:Functional iteration did not converge")
+@pytest.mark.parametrize("method", [m for m in neuralode.SOLVERS if m not in STIFF])
+def test_nan_mid_solve_is_a_nonfinite_error(method):
+    if method == "scipy_solver":
+        pytest.importorskip("scipy")
+    options = {"step_size": 0.1} if "step_size" in method_options(method)[0] else None
+    with pytest.raises(neuralode.SolverError, match="NaN") as err:
+        odeint(nan_after_half, Y0, T01, method=method, options=options)
+    assert err.value.reason == "nonfinite"
+    assert 0.5 <= err.value.t <= 1.0
+    if method in ADAPTIVE_METHODS:  # where func broke down, not a step-size underflow
+        assert "func returned NaN" in str(err.value) and err.value.t == pytest.approx(0.5)
 
 
 # -- fixed grids have a cap ------------------------------------------------------------------------------

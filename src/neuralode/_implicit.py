@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 
 from neuralode._callbacks import FIXED_CALLBACKS
+from neuralode._errors import SolverError
 from neuralode._tableau import MethodSpec, _check_order
 
 __all__ = ["IMPLICIT_TABLEAUS", "ImplicitTableau"]
@@ -280,7 +281,18 @@ class _ImplicitStepper:
             for _ in range(self.max_iters):
                 gk = self._g(f, t, h, yd, k, fixed_d, stats)
                 r = k - gk
-                if _rms(r) <= self.tol * (1.0 + _rms(k)):
+                r_rms = _rms(r)
+                # NaN: func returned NaN (or the iteration diverged to inf - inf); no iteration recovers.
+                # A large but finite divergence only overflows the norm (inf) and ends in the warning.
+                if math.isnan(r_rms):
+                    raise SolverError(
+                        "nonfinite",
+                        "func returned NaN in an implicit stage (or the stage iteration diverged)",
+                        t=t,
+                        step_size=h,
+                        n_steps=stats.n_steps,
+                    )
+                if r_rms <= self.tol * (1.0 + _rms(k)):
                     converged = True
                     break
                 if not self.newton:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from neuralode._errors import SolverError
 from neuralode._tableau import MethodSpec
 
 OPTIONS = frozenset({"solver", "min_step", "max_step", "first_step", "norm", "dtype"})
@@ -71,6 +72,16 @@ def _run(problem, stats, y0):
     stats.nfe += int(sol.nfev)
     if not sol.success:
         raise RuntimeError(f"scipy_solver ({solver}) failed: {sol.message}")
+    finite = np.isfinite(sol.y).all(axis=0)
+    if not finite.all():  # SciPy's steppers carry NaN/inf on without complaint
+        i = int(np.argmin(finite))
+        raise SolverError(
+            "nonfinite",
+            f"func returned NaN/inf: the scipy_solver ({solver}) solution is not finite from output {i} on",
+            t=float(t[i]),
+            step_size=float("nan"),
+            n_steps=stats.n_steps,
+        )
     ys = torch.as_tensor(sol.y.T, dtype=dtype).to(device)
     if torch.is_grad_enabled() and y0.requires_grad:
         # The host solve cuts the graph: a gradient asked of it must say so instead of silently being 0.
