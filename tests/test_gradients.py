@@ -392,7 +392,7 @@ def test_checkpoint_equals_direct_fixed_grid_options(options):
 
 
 def test_checkpoint_keeps_few_states():
-    from neuralode._checkpoint import _Keeper
+    from neuralode._callbacks import CheckpointKeeper as _Keeper
 
     for n in (1, 10, 100, 1000, 10000):
         keeper = _Keeper(None)

@@ -1,7 +1,9 @@
 """Regression tests for wrong behaviours found by running torchdiffeq users' programs against neuralode:
 perturbed fixed grids, bad option values, unbounded fixed grids, LSODA step limits, import cycles."""
 
+import ast
 import math
+import pathlib
 
 import pytest
 import torch
@@ -223,6 +225,45 @@ def test_scipy_lsoda_with_min_and_max_step(limits):
     t = torch.linspace(0, 10, 5, dtype=F64)
     ys = odeint(f, Y0, t, method="scipy_solver", options={"solver": "LSODA", "min_step": lo, "max_step": hi})
     assert torch.allclose(ys, torch.exp(-t)[:, None].expand(5, 2), rtol=1e-4, atol=1e-6)
+
+
+# -- no import cycles among the private modules --------------------------------------------------------
+
+SRC = pathlib.Path(neuralode.__file__).parent
+
+
+def _private_imports(path: pathlib.Path) -> set[str]:
+    """The ``neuralode._x`` modules ``path`` imports, at module level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("neuralode._"):
+                out.add(node.module.split(".")[1])
+            elif node.module == "neuralode":
+                out.update(a.name for a in node.names if a.name.startswith("_"))
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("neuralode._"))
+    return out
+
+
+def test_private_modules_import_no_cycle():
+    graph = {p.stem: _private_imports(p) for p in SRC.glob("_*.py") if p.stem != "__init__"}
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycle = [*path[path.index(d) :], d]
+                pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            if d not in state:
+                visit(d, [*path, d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
 
 
 def test_grid_arithmetic_is_unchanged():

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuralode._callbacks import collect_callbacks
+from neuralode._callbacks import CheckpointKeeper, collect_callbacks
 from neuralode._control import make_norm
 from neuralode._methods import TABLEAUS
 from neuralode._odeint import (
@@ -306,16 +306,14 @@ class _Adjoint(torch.autograd.Function):
             elif (
                 adjoint.checkpoints is None
                 and TABLEAUS[problem.method].adaptive
-                and not problem.options.get("compile")  # the compiled step hands out no stages
+                and not problem.settings.compile  # the compiled step hands out no stages
             ):
                 recorder = _DenseRecorder(problem, stats)  # the whole dense output
                 ys = torch.stack(run(problem, stats, on_accept=recorder))
                 ctx.record = ("dense", recorder.steps)
             else:  # the step sequence and a few states, to re-solve the forward steps segment by segment
-                from neuralode._checkpoint import _Keeper
-
                 trace: list = []
-                keeper = _Keeper(adjoint.checkpoints)
+                keeper = CheckpointKeeper(adjoint.checkpoints)
                 ys = torch.stack(run(problem, stats, trace=trace, callbacks=keeper))
                 ctx.record = ("checkpoints", trace, keeper.states)
         ctx.sinks = _report_forward(stats)

@@ -24,7 +24,7 @@ import torch
 from neuralode._control import Controller, initial_step, rms_rows
 from neuralode._dense import dense_rows, row_outputs
 from neuralode._errors import SolverError
-from neuralode._problem import RowsProblem, check_tol, make_rows_problem
+from neuralode._problem import RowsProblem, make_rows_problem
 from neuralode._rk import ROWS, error_ratio, rk_step, rms_error_ratio, rms_factor
 from neuralode._stats import SolveStats, _report_forward
 
@@ -101,11 +101,7 @@ def odeint_per_sample(
     Gradients flow by backpropagation through the steps (step-size control is not differentiated, as in
     ``odeint``).
     """
-    hooks = {}
-    if options is not None and ("_groups" in options or "_quad" in options):  # interim: the adjoint's hooks
-        options = dict(options)
-        hooks = {"groups": options.pop("_groups", None), "quad": options.pop("_quad", None)}
-    problem = make_rows_problem(func, y0, t, rtol, atol, method, options, **hooks)
+    problem = make_rows_problem(func, y0, t, rtol, atol, method, options)
     return solve_rows(problem, throw=throw, return_info=return_info, stats=stats)
 
 
@@ -347,8 +343,3 @@ def _write_outputs(tab, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed
         hit = ((next_out <= j) & (j < count)).unsqueeze(1)
         cols[j - 1] = torch.where(hit, dense[:, j - lo], cols[j - 1])
     return cols
-
-
-def _check_inputs(func, y0, t, rtol, atol):  # interim, for the per-sample adjoint
-    p = make_rows_problem(func, y0, t, rtol, atol, None, None, evaluate=False)
-    return y0, p.t, check_tol("rtol", rtol, y0), check_tol("atol", atol, y0)

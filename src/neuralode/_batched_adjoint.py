@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from neuralode._batched import _check_inputs, odeint_per_sample
+from neuralode._batched import odeint_per_sample, solve_rows
 from neuralode._methods import TABLEAUS
+from neuralode._problem import make_rows_problem
 
 __all__ = ["odeint_per_sample_adjoint"]
 
@@ -48,7 +49,8 @@ def odeint_per_sample_adjoint(
     if adjoint_params is None:
         adjoint_params = tuple(func.parameters()) if isinstance(func, torch.nn.Module) else ()
     params = tuple(p for p in adjoint_params if p.requires_grad)
-    y0_checked, t2, _, _ = _check_inputs(func, y0, t, rtol, atol)
+    t2 = make_rows_problem(func, y0, t, rtol, atol, method, options, evaluate=False).t
+    y0_checked = y0
     for name, tol, adj in (("rtol", rtol, adjoint_rtol), ("atol", atol, adjoint_atol)):
         if isinstance(tol, torch.Tensor) and adj is None:
             raise ValueError(
@@ -128,16 +130,19 @@ class _PerSampleAdjoint(torch.autograd.Function):
         for i in range(T - 1, 0, -1):
             state0 = torch.cat([ys_flat[i], a], dim=1)
             rows = torch.stack([t2[:, i], t2[:, i - 1]], dim=1)
-            state1 = odeint_per_sample(
+            # Error norm: max of the RMS of y and of a (the parameter adjoint is a quadrature outside the
+            # state, so it takes no part in step-size control: a seminorm).
+            backward = make_rows_problem(
                 aug_f,
                 state0,
                 rows,
-                rtol=s["adjoint_rtol"],
-                atol=s["adjoint_atol"],
-                method=s["method"],
-                # Error norm: max of the RMS of y and of a (the parameter adjoint is a quadrature
-                # outside the state, so it takes no part in step-size control: a seminorm).
-                options={"_groups": (n, n), **({"_quad": quad} if params else {})},
-            )[-1]
+                s["adjoint_rtol"],
+                s["adjoint_atol"],
+                s["method"],
+                None,
+                groups=(n, n),
+                quad=quad if params else None,
+            )
+            state1 = solve_rows(backward)[-1]
             a = state1[:, n : 2 * n] + g[i - 1]
         return (None, a.view(shape), *p_sum)

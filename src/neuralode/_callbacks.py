@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["CALLBACK_NAMES", "Callbacks", "chain_callbacks", "collect_callbacks"]
+__all__ = ["CALLBACK_NAMES", "Callbacks", "CheckpointKeeper", "chain_callbacks", "collect_callbacks"]
 
 #: The callback attribute names, in the order (step, accept, reject).
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
@@ -102,3 +102,29 @@ def chain_callbacks(first, second):
     if first is None or second is None:
         return second if first is None else first
     return _Chain(first, second)
+
+
+class CheckpointKeeper:
+    """Engine callbacks that keep the state at the start of every ``stride``-th accepted step (the
+    checkpoints of ``odeint_checkpoint`` and of the adjoint's forward solve): at most ``cap`` states, or
+    about √(2n) of n steps when ``cap`` is None; the stride doubles as the solve grows."""
+
+    def __init__(self, cap: int | None):
+        self.cap, self.stride = cap, 1
+        self.n = 0
+        self.states: dict[int, torch.Tensor] = {}
+
+    def step(self, t, y, h) -> None:
+        pass
+
+    def reject(self, t, y, h) -> None:
+        pass
+
+    def accept(self, t, y, h) -> None:
+        if self.n % self.stride == 0:
+            self.states[self.n] = y
+            cap = 2 * self.stride if self.cap is None else self.cap
+            if len(self.states) > max(cap, 1):
+                self.stride *= 2
+                self.states = {i: s for i, s in self.states.items() if i % self.stride == 0}
+        self.n += 1

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from neuralode._adjoint import _check_params
+from neuralode._callbacks import CheckpointKeeper
 from neuralode._dense import dense_eval, interpolate, step_outputs
 from neuralode._odeint import _time_shift
 from neuralode._problem import Problem, delta, make_problem
@@ -83,35 +84,11 @@ def odeint_checkpoint(
     return problem.unflatten(ys)
 
 
-class _Keeper:
-    """Engine callbacks that keep the state at the start of every ``stride``-th accepted step."""
-
-    def __init__(self, cap: int | None):
-        self.cap, self.stride = cap, 1
-        self.n = 0
-        self.states: dict[int, torch.Tensor] = {}
-
-    def step(self, t, y, h) -> None:
-        pass
-
-    def reject(self, t, y, h) -> None:
-        pass
-
-    def accept(self, t, y, h) -> None:
-        if self.n % self.stride == 0:
-            self.states[self.n] = y
-            cap = 2 * self.stride if self.cap is None else self.cap
-            if len(self.states) > max(cap, 1):
-                self.stride *= 2
-                self.states = {i: s for i, s in self.states.items() if i % self.stride == 0}
-        self.n += 1
-
-
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, problem: Problem, checkpoints, stats: SolveStats, y0, *params):
         trace: list = []
-        keeper = _Keeper(checkpoints)
+        keeper = CheckpointKeeper(checkpoints)
         with torch.no_grad():
             ys = torch.stack(run(problem, stats, trace=trace, y0=y0.detach(), callbacks=keeper))
         ctx.sinks = _report_forward(stats)

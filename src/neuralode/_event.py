@@ -32,7 +32,10 @@ import torch
 from neuralode._dense import dense_eval, interpolate
 from neuralode._errors import SolverError
 from neuralode._methods import TABLEAUS
-from neuralode._solve import _one_sided, rk_stepper
+from neuralode._problem import _time, delta, make_problem, shifted_start
+from neuralode._registry import EXTRA_METHODS
+from neuralode._solve import _one_sided, rk_stepper, run
+from neuralode._stats import SolveStats, _report_forward
 
 __all__ = ["odeint_event"]
 
@@ -62,8 +65,6 @@ class _Event:
 
 
 def _flat_event_fn(event_fn: Callable, shapes, dtype, device) -> Callable:
-    from neuralode._odeint import _time
-
     def g(t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tt = t if isinstance(t, torch.Tensor) else _time(t, dtype, device)
         if shapes is not None:
@@ -77,12 +78,43 @@ def _flat_event_fn(event_fn: Callable, shapes, dtype, device) -> Callable:
     return g
 
 
+def odeint_to_event(
+    func,
+    y0,
+    t: torch.Tensor,
+    event_fn: Callable,
+    *,
+    rtol=1e-7,
+    atol=1e-9,
+    method=None,
+    options=None,
+    stats=None,
+):
+    """``odeint(func, y0, t, event_fn=event_fn, ...)``: ``(event_t, solution)``, ``event_t`` without
+    gradient (see :func:`neuralode.odeint`)."""
+    if isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() != 2:
+        raise ValueError(
+            f"event_fn needs t with exactly 2 entries (start, and a time giving the direction), got len(t)={t.numel()}"
+        )
+    if options is not None and "per_sample" in options:
+        options = dict(options)
+        if options.pop("per_sample"):
+            raise ValueError("event_fn is not supported with options['per_sample']=True")
+    problem = make_problem(func, y0, t, rtol, atol, method, options)
+    solve_stats = SolveStats(n_solves=1, nfe=1)  # the evaluation of func(t0, y0) in make_problem
+    y0_run, f0_run = shifted_start(problem, t, solve_stats)
+    event_t, ys = solve_to_event(problem, event_fn, solve_stats, y0=y0_run, f0=f0_run, t_like=t)
+    if t.requires_grad:  # the state at t0 itself does not move with t0
+        ys = torch.cat([ys[:1] + delta(t[0], ys) * problem.f0.detach(), ys[1:]])
+    if stats is not None:
+        stats.add(solve_stats)
+    _report_forward(solve_stats)
+    return event_t, problem.unflatten(ys)
+
+
 def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_like: torch.Tensor):
     """Integrate ``problem`` from ``t[0]`` until the event; returns ``(event_t, stack([y0, y(event_t)]))``
     (flat states; ``event_t`` a detached 0-d tensor in ``t_like``'s dtype)."""
-    from neuralode._odeint import run
-    from neuralode._registry import EXTRA_METHODS
-
     if not callable(event_fn):
         raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
     y_start = problem.y0 if y0 is None else y0
@@ -246,10 +278,6 @@ def odeint_event(
     Raises:
         TypeError, ValueError: bad arguments; SolverError: the solve failed before the event.
     """
-    from neuralode._odeint import odeint
-
-    if odeint_interface is None:
-        odeint_interface = odeint
     if not isinstance(t0, torch.Tensor):
         raise TypeError(f"t0 must be a floating 0-d tensor, got {type(t0).__name__}")
     if t0.numel() != 1 or not t0.is_floating_point():
@@ -261,8 +289,9 @@ def odeint_event(
     t0 = t0.reshape(-1)
     t = torch.cat([t0, t0.detach() + (-1.0 if reverse_time else 1.0)])
 
-    if odeint_interface is odeint:
-        event_t, solution = odeint(func, y0, t, event_fn=event_fn, **kwargs)
+    # odeint locates the event and solves to it in one solve (it marks itself so; no import of it here).
+    if odeint_interface is None or getattr(odeint_interface, "solves_to_event", False):
+        event_t, solution = odeint_to_event(func, y0, t, event_fn, **kwargs)
     else:
         event_t, solution = solve_to_event_with(odeint_interface, func, y0, t, event_fn, **kwargs)
     return _reroute(func, event_fn, t0.detach().reshape(()), event_t, solution)
@@ -273,8 +302,6 @@ def solve_to_event_with(interface: Callable, func, y0, t: torch.Tensor, event_fn
     located by a gradient-free ``odeint`` solve, then ``interface`` solves from ``t[0]`` to it (the event
     time held fixed). Costs one forward solve more than a solve that locates and differentiates at once.
     """
-    from neuralode._odeint import odeint
-
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != 2:
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(
@@ -282,7 +309,7 @@ def solve_to_event_with(interface: Callable, func, y0, t: torch.Tensor, event_fn
         )
     forward = {k: kwargs[k] for k in ("rtol", "atol", "method", "options") if k in kwargs}
     with torch.no_grad():
-        event_t, _ = odeint(func, y0, t.detach(), event_fn=event_fn, **forward)
+        event_t, _ = odeint_to_event(func, y0, t.detach(), event_fn, **forward)
     t_span = torch.cat([t[:1], event_t.detach().to(t).reshape(1)])
     if float(t_span[1].detach()) == float(t_span[0].detach()):  # already on the event: nothing to solve
         sol = y0 if isinstance(y0, torch.Tensor) else tuple(y0)

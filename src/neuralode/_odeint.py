@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from neuralode._batched import odeint_per_sample
-from neuralode._control import make_controller
+from neuralode._event import odeint_to_event
 
 # Names that other modules still import from here; they live in the builder (_problem) and the engine.
 from neuralode._problem import (  # noqa: F401
@@ -96,31 +96,19 @@ def odeint(
         ValueError, TypeError: bad arguments (the message names the argument).
         SolverError: non-finite values, step-size underflow, or more than ``max_num_steps`` steps.
     """
-    if event_fn is not None and isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() != 2:
-        raise ValueError(
-            f"event_fn needs t with exactly 2 entries (start, and a time giving the direction), got len(t)={t.numel()}"
+    if event_fn is not None:
+        return odeint_to_event(
+            func, y0, t, event_fn, rtol=rtol, atol=atol, method=method, options=options, stats=stats
         )
     if options is not None and "per_sample" in options:
         options = dict(options)
         if options.pop("per_sample"):
-            if event_fn is not None:
-                raise ValueError("event_fn is not supported with options['per_sample']=True")
             return odeint_per_sample(
                 func, y0, t, rtol=rtol, atol=atol, method=method, options=options, stats=stats
             )
     problem = make_problem(func, y0, t, rtol, atol, method, options)
     solve_stats = SolveStats(n_solves=1, nfe=1)  # the evaluation of func(t0, y0) in make_problem
     y0_run, f0_run = shifted_start(problem, t, solve_stats)
-    if event_fn is not None:
-        from neuralode._event import solve_to_event
-
-        event_t, ys = solve_to_event(problem, event_fn, solve_stats, y0=y0_run, f0=f0_run, t_like=t)
-        if t.requires_grad:  # the state at t0 itself does not move with t0
-            ys = torch.cat([ys[:1] + _delta(t[0], ys) * problem.f0.detach(), ys[1:]])
-        if stats is not None:
-            stats.add(solve_stats)
-        _report_forward(solve_stats)
-        return event_t, problem.unflatten(ys)
     ys = torch.stack(run(problem, solve_stats, y0=y0_run, f0=f0_run, f0_side=problem.f0_side))
     if t.requires_grad:
         ys = ys + _time_shift(problem, t, ys, solve_stats)
@@ -128,11 +116,6 @@ def odeint(
         stats.add(solve_stats)
     _report_forward(solve_stats)
     return problem.unflatten(ys)
-
-
-def _controller(tab, opts):
-    """The step-size controller of ``opts`` for ``tab``'s order (kept for the stiff solvers' driver)."""
-    return make_controller(tab.order, opts)
 
 
 def _time_shift(problem: Problem, t: torch.Tensor, ys: torch.Tensor, stats: SolveStats) -> torch.Tensor:
@@ -146,3 +129,6 @@ def _time_shift(problem: Problem, t: torch.Tensor, ys: torch.Tensor, stats: Solv
         )
     stats.nfe += len(problem.t)
     return _delta(t, ys).view(-1, *([1] * (ys.dim() - 1))) * fs
+
+
+odeint.solves_to_event = True  # odeint_event locates and differentiates the event in one solve with it

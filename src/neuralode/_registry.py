@@ -8,17 +8,12 @@ work the same for every method); a method with its own driver (``scipy_solver``)
 
 from __future__ import annotations
 
+from neuralode import _adams, _implicit, _scipy_solver, _stiff
 from neuralode._tableau import MethodSpec
 
-__all__ = ["EXTRA_METHODS", "MethodSpec"]
-
-
-def _build() -> dict[str, MethodSpec]:
-    from neuralode import _adams, _implicit, _scipy_solver, _stiff
-
-    specs = [*_adams.SPECS, *_implicit.SPECS, *_scipy_solver.SPECS, *_stiff.SPECS]
-    return {s.name: s for s in specs}
-
+__all__ = ["EXTRA_METHODS"]
 
 #: Every non-tableau method by name.
-EXTRA_METHODS: dict[str, MethodSpec] = _build()
+EXTRA_METHODS: dict[str, MethodSpec] = {
+    s.name: s for s in (*_adams.SPECS, *_implicit.SPECS, *_scipy_solver.SPECS, *_stiff.SPECS)
+}

@@ -53,8 +53,7 @@ from neuralode._callbacks import ADAPTIVE_CALLBACKS
 from neuralode._control import STEP_SIZE_OPTIONS, initial_step, make_norm, propose_step
 from neuralode._errors import SolverError
 from neuralode._implicit import ImplicitTableau, _combine, gmres
-from neuralode._registry import MethodSpec
-from neuralode._tableau import hermite_dense
+from neuralode._tableau import MethodSpec, hermite_dense
 
 __all__ = ["ESDIRK_TABLEAUS", "EsdirkTableau"]
 
@@ -424,26 +423,20 @@ def _mode(opts: dict, y0: torch.Tensor, shapes) -> str:
     return mode
 
 
-def _stops(opts: dict, t0: float, direction: float) -> list[tuple[float, bool]]:
-    pts = [(v, False) for v in opts.get("step_t") or ()] + [(v, True) for v in opts.get("jump_t") or ()]
-    return sorted({p for p in pts if direction * (p[0] - t0) > 0}, key=lambda p: direction * p[0])
-
-
 def _run(problem, stats, y0: torch.Tensor) -> list[torch.Tensor]:
-    from neuralode._odeint import _controller  # lazy: _odeint imports the registry that imports us
-
     tab = ESDIRK_TABLEAUS[problem.method]
     opts, t_out = problem.options, problem.t
     f = problem.f
     mode = _mode(opts, y0, problem.shapes)
     sizes = None if problem.shapes is None else [math.prod(s) for s in problem.shapes]
-    user_norm = opts.get("norm")
+    settings = problem.settings
+    user_norm = settings.user_norm
     norm = (
         _row_max_norm
         if mode == "batch" and user_norm is None
         else make_norm(user_norm, sizes, problem.shapes)
     )
-    controller = _controller(tab, opts)
+    controller = settings.controller
     rtol, atol = problem.rtol, problem.atol
     newton = _Newton(problem, tab, mode, y0, stats)
     t_end = t_out[-1]
@@ -453,15 +446,13 @@ def _run(problem, stats, y0: torch.Tensor) -> list[torch.Tensor]:
     else:
         f0 = f(t_out[0], y0)
         stats.nfe += 1
-    h = opts.get("first_step")
+    h = settings.first_step
     if h is None:
         h = initial_step(f, t_out[0], y0.detach(), f0.detach(), tab.order, rtol, atol, norm, direction)
         stats.nfe += 1
-    min_step = float(opts.get("min_step", 0.0))
-    max_step = float(opts.get("max_step", math.inf))
-    max_num_steps = int(opts.get("max_num_steps", 1_000_000))
+    min_step, max_step, max_num_steps = settings.min_step, settings.max_step, settings.max_num_steps
     h = min(abs(float(h)), max_step)
-    stops = _stops(opts, t_out[0], direction)
+    stops = problem.stops()
     callbacks = problem.callbacks
     grad = torch.is_grad_enabled()
     outputs, i_out, n_out, i_stop = [y0], 1, len(t_out), 0
