@@ -142,6 +142,15 @@ def odeint_adjoint(
         )
     if not isinstance(sensitivity, str) or sensitivity not in SENSITIVITIES:
         raise ValueError(f"sensitivity={sensitivity!r}; expected one of {', '.join(SENSITIVITIES)}")
+    if isinstance(options, dict) and "per_sample" in options:
+        options = dict(options)
+        if options.pop("per_sample"):
+            from neuralode._batched_adjoint import odeint_per_sample_adjoint
+
+            _check_per_sample(sensitivity, checkpoints, method, adjoint_method, adjoint_options)
+            kw = dict(rtol=rtol, atol=atol, method=method, options=options, adjoint_rtol=adjoint_rtol)
+            kw.update(adjoint_atol=adjoint_atol, adjoint_params=adjoint_params)
+            return odeint_per_sample_adjoint(func, y0, t, **kw)
     if checkpoints is not None and (
         isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1
     ):
@@ -174,6 +183,21 @@ def odeint_adjoint(
         _check_non_leaf_used(problem, params, non_leaf)
     ys = _Adjoint.apply(problem, adjoint, t, y0_flat, *params)
     return problem.unflatten(ys)
+
+
+def _check_per_sample(sensitivity, checkpoints, method, adjoint_method, adjoint_options) -> None:
+    """``options["per_sample"]`` runs :func:`~neuralode.odeint_per_sample_adjoint`: the arguments it lacks."""
+    what = "odeint_adjoint(..., options={'per_sample': True}) (odeint_per_sample_adjoint)"
+    if sensitivity != "backsolve":
+        raise ValueError(f"{what} supports sensitivity='backsolve' only, got sensitivity={sensitivity!r}")
+    if checkpoints is not None:
+        raise ValueError(f"{what} keeps no checkpoints (its memory is O(1) already); drop checkpoints")
+    if adjoint_method is not None and adjoint_method != method:
+        raise ValueError(f"{what} solves backwards with the forward method; drop adjoint_method")
+    if adjoint_options is not None and adjoint_options not in ({}, {"norm": "seminorm"}):
+        raise ValueError(
+            f"{what} takes no adjoint_options (its backward norm is already a seminorm), got {adjoint_options!r}"
+        )
 
 
 # -- setup -------------------------------------------------------------------------------------------
@@ -323,10 +347,13 @@ class _Adjoint(torch.autograd.Function):
         return ys
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys):
         t, ys = ctx.saved_tensors
         problem, adjoint = ctx.problem, ctx.adjoint
+        if torch.is_grad_enabled():  # create_graph=True: the backward pass must itself be differentiable
+            _check_differentiable(adjoint, ctx.t_grad)
+            grad_y0, grad_params = _backward_differentiable(problem, adjoint, ys, grad_ys)
+            return (None, None, None, grad_y0.view(problem.y0.shape), *grad_params)
         stats = SolveStats()
         grad_y0, grad_params, grad_t = _backward(
             problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record
@@ -511,6 +538,85 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
     if t_grad:
         time_vjps[0] = s_0[lay.t]
     return a, _split_params(a_p, params, p_numels), None if time_vjps is None else time_vjps.to(t.dtype)
+
+
+def _check_differentiable(adj: _AdjointSetup, t_grad: bool) -> None:
+    if adj.sensitivity != "backsolve":
+        raise NotImplementedError(
+            f"higher-order gradients (create_graph=True) through odeint_adjoint need "
+            f"sensitivity='backsolve'; sensitivity={adj.sensitivity!r} reads the state from the forward "
+            "solve's dense output, which carries no graph (use sensitivity='backsolve', or odeint)"
+        )
+    if t_grad:
+        raise NotImplementedError(
+            "higher-order gradients (create_graph=True) through odeint_adjoint do not cover t; detach t "
+            "(or use odeint)"
+        )
+
+
+def _backward_differentiable(problem: Problem, adj: _AdjointSetup, ys, grad_ys):
+    """The backsolve backward pass as a differentiable computation (``create_graph=True``).
+
+    The backward system ``s = [y, a, a_θ]``, ``ds/dt = [f, −aᵀ∂f/∂y, −aᵀ∂f/∂θ]`` is solved on each output
+    interval by ``odeint_adjoint`` itself (its vector-Jacobian products built with ``create_graph``), and
+    the jumps between intervals are ordinary tensor operations. So the gradient it returns is a
+    differentiable function of ``θ``, of the saved outputs ``ys`` (themselves outputs of this adjoint)
+    and of ``grad_ys``; differentiating it runs the adjoint of the backward system: O(1) memory in the
+    number of steps again, with the same tolerances and method as the backward solve. Same step-size
+    control (norm included) as the first-order backward pass, but one solve per output interval."""
+    dtype = ys.dtype
+    n_out = ys.shape[0]
+    ys = ys.reshape(n_out, -1)
+    grad_ys = grad_ys.reshape(n_out, -1).to(dtype)
+    n = ys.shape[1]
+    params = adj.params
+    p_numels = [p.numel() for p in params]
+    lay = _Layout(n=n, with_y=True, n_p=sum(p_numels), n_t=0)
+    f_flat = _flat_func(adj.func, problem.shapes)
+    y_shape = problem.y0.shape if problem.shapes is None else (n,)
+
+    def aug_f(tt: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        # In the solve's forward pass (no grad mode) nothing needs a graph, and ``s`` may still hang on
+        # the outer graph (the first evaluation): y is cut off from it. In its backward pass ``s`` is a
+        # fresh leaf, so the derivatives taken from its slices are partial ones, as they must be.
+        build = torch.is_grad_enabled()
+        y, a = s[:n].view(y_shape), s[lay.a]
+        with torch.enable_grad():
+            y_ = y if build and y.requires_grad else y.detach().requires_grad_(True)
+            fy = f_flat(tt.to(dtype), y_)
+            if fy.requires_grad:
+                vjps = torch.autograd.grad(
+                    fy,
+                    (y_, *params),
+                    -a.view_as(fy),
+                    create_graph=build,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+            else:
+                vjps = tuple(torch.zeros_like(x) for x in (y_, *params))
+        return torch.cat([fy.reshape(-1), *(v.reshape(-1).to(dtype) for v in vjps)])
+
+    options = dict(adj.options)
+    if method_options(adj.method)[1]:
+        options["norm"] = _aug_norm(adj, lay, problem.shapes, y_shape)
+    rtol, atol = lay.tol(adj.rtol), lay.tol(adj.atol)
+    t_all = torch.tensor(problem.t, dtype=torch.float64)
+    s = torch.cat([ys[-1], grad_ys[-1], grad_ys.new_zeros(lay.n_p)])
+    for i in range(n_out - 1, 0, -1):
+        s = odeint_adjoint(
+            aug_f,
+            s,
+            t_all[[i, i - 1]],
+            rtol=rtol,
+            atol=atol,
+            method=adj.method,
+            options=options,
+            adjoint_params=params,
+        )[-1]
+        s = torch.cat([ys[i - 1], s[lay.a] + grad_ys[i - 1], s[lay.p]])
+    a_y = s[lay.a] if n_out > 1 else grad_ys[0]
+    return a_y, _split_params(s[lay.p], params, p_numels)
 
 
 def _split_params(a_p: torch.Tensor, params, p_numels) -> list[torch.Tensor]:

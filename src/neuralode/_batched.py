@@ -137,9 +137,9 @@ def solve_rows(
 
 def _integrate(problem: RowsProblem, stats: SolveStats, throw: bool) -> tuple[torch.Tensor, PerSampleInfo]:
     """The per-sample loop on the flat ``(B, n)`` state, eager or with the compiled step (cached per
-    ``func``); the quadrature hook runs eagerly."""
+    ``func``); the adjoint's hooks run eagerly."""
     compile_kwargs = problem.settings.compile
-    if compile_kwargs is None or problem.quad is not None:
+    if compile_kwargs is None or problem.quad is not None or problem.jump is not None:
         return _loop(problem, stats, throw, None)
     from neuralode._compiled_step import compiled_step
 
@@ -185,6 +185,11 @@ def _loop(
     # The per-sample adjoint's hook (see RowsProblem): a quadrature along each sample's accepted steps
     # without it being part of the state.
     quad = problem.quad
+    # The other hook: jump(j, hit, y) -> y changes the rows ``hit`` that have just reached their interior
+    # output column j[b] (steps end exactly on those times; the step sizes carry on).
+    jump = problem.jump
+    if jump is not None:
+        next_stop = torch.ones(B, dtype=torch.int64, device=device)
     # Scalar tolerances and the RMS norm: the error ratio with its constants applied per row at the end.
     scalar_tol = (
         isinstance(rtol, float) and isinstance(atol, float) and tab.b_error_aux is None and groups is None
@@ -208,7 +213,8 @@ def _loop(
     n_acc = torch.zeros_like(n_steps)
     prev_ratio = torch.ones(B, dtype=tdtype, device=device) if controller.pcoeff else None
     last_nan = None
-    dense_out = T > 2  # with only (t0, t1) the answer is the state where each sample stops
+    # With only (t0, t1) (or with jumps) the answer is the state where each sample stops.
+    dense_out = T > 2 and jump is None
     if dense_out:
         next_out = torch.ones(B, dtype=torch.int64, device=device)
         cols = [y] * (T - 1)
@@ -221,7 +227,10 @@ def _loop(
         iteration += 1
         if min_step > 0:
             h = h.clamp(min=min_step)
-        dist = (t_end - t) * direction  # 0 for samples that are done: they take steps of size 0
+        t_to = t_end
+        if jump is not None:  # this row's next output time (its own time once it stopped)
+            t_to = torch.where(running, tt.gather(1, next_stop.unsqueeze(1)).squeeze(1), t)
+        dist = (t_to - t) * direction  # 0 for samples that are done: they take steps of size 0
         last = h >= dist
         h_signed = torch.where(last, dist, h) * direction
         t_try = t + h_signed
@@ -237,7 +246,7 @@ def _loop(
                 stage_ts, stage_ys = [t_lo], [y]
             y1, k = rk_step(f_step, tab, t_lo, hp, y, f0, ROWS)
         stats.nfe += tab.stages - 1
-        t_new = torch.where(last, t_end, t_try)
+        t_new = torch.where(last, t_to, t_try)
         if tab.fsal:
             f1 = k[-1]
         else:
@@ -257,9 +266,16 @@ def _loop(
         accept = (ratio <= 1.0) & running
         if min_step > 0:
             accept = accept | (running & (h_signed.abs() <= min_step) & torch.isfinite(ratio))
-        running_next = running & ~(accept & last)
+        if jump is not None:
+            reached = accept & last
+            hit = reached & (next_stop < T - 1)
+            running_next = running & ~(reached & ~hit)
+        else:
+            running_next = running & ~(accept & last)
         underflow = (t_try == t) & running
         flags = torch.stack([running_next.any(), torch.isfinite(ratio).all(), underflow.any()])
+        if jump is not None:
+            flags = torch.cat([flags, hit.any().reshape(1)])
         if dense_out:
             count, window = row_outputs(tt, t_new, direction, accept, next_out)
             flags = torch.cat([flags.to(torch.int64), window])
@@ -306,6 +322,12 @@ def _loop(
         t = torch.where(accept, t_new, t)
         n_steps = n_steps + running
         n_acc = n_acc + accept
+        if jump is not None and flag_values[3]:
+            hit = hit & accept  # (a failure check above may have withdrawn the acceptance)
+            y = jump(next_stop, hit, y)
+            f0 = torch.where(hit.unsqueeze(1), f(t, y), f0)
+            stats.nfe += 1
+            next_stop = next_stop + hit
         with torch.no_grad():
             h = h_signed.abs().mul_(controller.factor_rows(ratio, prev_ratio, all_finite))
             if max_step < math.inf:

@@ -2,14 +2,17 @@
 step sizes forwards *and* backwards.
 
 The backward pass solves, for each sample ``b``, the augmented system ``[y_b, a_b]`` backwards with
-:func:`~neuralode.odeint_per_sample` (error norm: the max of the RMS of ``y`` and of ``a``). The parameter
+:func:`~neuralode.odeint_per_sample` (error norm: the max of the RMS of ``y`` and of ``a``), as *one*
+solve from each row's last output time to its first: a row ends a step on each of its output times,
+where ``y_b ← y_b(t_i)`` and ``a_b += dL/dy_b(t_i)`` (its first stage re-evaluated), and carries its step
+size and controller history on. The parameter
 adjoint ``a_θ = ∫ −aᵀ ∂f/∂θ dt`` does not feed back into the dynamics, so it is not part of the state: it
 is a quadrature along each sample's *accepted* steps, ``a_θ += Σ_b h_b Σ_i b_i (−a_{b,i}ᵀ ∂f/∂θ)``,
 computed after each step's accept/reject decision as one ordinary vector-Jacobian product per stage
 with the cotangent rows scaled by each sample's ``h_b`` (0 for rejected or finished samples). Cost: about
 twice the backward work of the state-only adjoint (each stage with a non-zero weight ``b_i`` is
 re-evaluated once for the parameters); parameters take no part in step-size control (a seminorm).
-The backward solves are reported to ``record_stats`` as forward solves.
+The backward solve is reported to ``record_stats`` as a forward solve.
 """
 
 from __future__ import annotations
@@ -91,6 +94,11 @@ class _PerSampleAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_ys: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "higher-order gradients (create_graph=True) are not supported by the per-sample adjoint; "
+                "use odeint_per_sample (backpropagation through the solver) or the joint odeint_adjoint"
+            )
         ys, *params = ctx.saved_tensors
         s = ctx.settings
         func, t2 = s["func"], s["t2"]
@@ -126,23 +134,31 @@ class _PerSampleAdjoint(torch.autograd.Function):
                 for acc, v in zip(p_sum, vjps):
                     acc.add_(v.to(acc.dtype))
 
-        a = g[-1]
-        for i in range(T - 1, 0, -1):
-            state0 = torch.cat([ys_flat[i], a], dim=1)
-            rows = torch.stack([t2[:, i], t2[:, i - 1]], dim=1)
-            # Error norm: max of the RMS of y and of a (the parameter adjoint is a quadrature outside the
-            # state, so it takes no part in step-size control: a seminorm).
-            backward = make_rows_problem(
-                aug_f,
-                state0,
-                rows,
-                s["adjoint_rtol"],
-                s["adjoint_atol"],
-                s["method"],
-                None,
-                groups=(n, n),
-                quad=quad if params else None,
-            )
-            state1 = solve_rows(backward)[-1]
-            a = state1[:, n : 2 * n] + g[i - 1]
+        rows = torch.arange(B, device=ys.device)
+
+        def jump(j: torch.Tensor, hit: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+            """At its output time t_i (column j of the reversed times, i = T-1-j) a row takes y ← y(t_i)
+            and a += dL/dy(t_i)."""
+            i = T - 1 - j
+            new = torch.cat([ys_flat[i, rows], state[:, n:] + g[i, rows]], dim=1)
+            return torch.where(hit.unsqueeze(1), new, state)
+
+        # One backward solve across all output times: each row stops on its own output times for the jump
+        # and carries its step size and controller history on. Error norm: max of the RMS of y and of a
+        # (the parameter adjoint is a quadrature outside the state, so it takes no part in step-size
+        # control: a seminorm).
+        backward = make_rows_problem(
+            aug_f,
+            torch.cat([ys_flat[-1], g[-1]], dim=1),
+            t2.flip(1),
+            s["adjoint_rtol"],
+            s["adjoint_atol"],
+            s["method"],
+            None,
+            groups=(n, n),
+            quad=quad if params else None,
+            jump=jump,
+        )
+        state1 = solve_rows(backward)[-1]
+        a = state1[:, n : 2 * n] + g[0]
         return (None, a.view(shape), *p_sum)

@@ -68,6 +68,11 @@ def odeint_checkpoint(
         isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1
     ):
         raise ValueError(f"checkpoints must be a positive int or None, got {checkpoints!r}")
+    if isinstance(options, dict) and options.get("per_sample"):
+        raise ValueError(
+            "odeint_checkpoint does not support options['per_sample']=True (the per-sample loop keeps no step "
+            "sequence to replay); use odeint_per_sample_adjoint, or odeint with options['per_sample']"
+        )
     params = _check_params(func, params, name="params", who="odeint_checkpoint")
     y0_flat = torch.cat([x.reshape(-1) for x in y0]) if isinstance(y0, (tuple, list)) else y0
     with torch.no_grad():

@@ -571,7 +571,10 @@ class RowsProblem:
     ``f(t: (B,) tensor, y: (B, n)) -> (B, n)``; ``t`` is ``(B, T)`` in the time dtype (float64, float32 on
     MPS); ``rtol``/``atol`` floats or ``(B, n)`` tensors. ``groups`` (column counts) makes the error norm
     the max over the groups' RMS; ``quad(stage_ts, stage_ys, w)`` is called once per step after
-    accept/reject (``w = h`` on accepted rows, 0 elsewhere): both are the per-sample adjoint's hooks.
+    accept/reject (``w = h`` on accepted rows, 0 elsewhere); ``jump(j, hit, y) -> y`` makes every row end a
+    step on each of its output times and changes the rows ``hit`` that have just reached their interior
+    column ``j[b]`` (their first stage is then re-evaluated; only the final state is returned): all three
+    are the per-sample adjoint's hooks.
     """
 
     f: Callable
@@ -586,6 +589,7 @@ class RowsProblem:
     shape: torch.Size  # the user's state shape (B, *shape)
     groups: tuple[int, ...] | None = None
     quad: Callable | None = None
+    jump: Callable | None = None
 
 
 def make_rows_problem(
@@ -599,6 +603,7 @@ def make_rows_problem(
     *,
     groups: tuple[int, ...] | None = None,
     quad: Callable | None = None,
+    jump: Callable | None = None,
     evaluate: bool = True,
 ) -> RowsProblem:
     """Validate what ``odeint_per_sample`` receives. ``func`` is called once at the start times (the
@@ -653,6 +658,7 @@ def make_rows_problem(
         shape=shape,
         groups=groups,
         quad=quad,
+        jump=jump,
     )
 
 
