@@ -88,7 +88,9 @@ def odeint_adjoint(
     through the solver only to O(tolerance).
 
     Args:
-        func, y0, t, rtol, atol, method, options: as for :func:`~neuralode.odeint`.
+        func, y0, t, rtol, atol, method, options: as for :func:`~neuralode.odeint`;
+            ``options={"per_sample": True}`` runs :func:`~neuralode.odeint_per_sample_adjoint` (backsolve
+            only; ``checkpoints``, another ``adjoint_method`` and ``adjoint_options`` are errors there).
         event_fn: terminal event, as for :func:`~neuralode.odeint`: returns ``(event_t, solution)``; the
             state at the event is differentiated by the adjoint with the event time held fixed (use
             :func:`~neuralode.odeint_event` for a differentiable event time). The event is located by a
@@ -125,9 +127,16 @@ def odeint_adjoint(
     Returns:
         ``(len(t), *y0.shape)`` tensor, or a tuple of ``(len(t), *y0[i].shape)`` tensors.
 
+    Higher-order gradients: with ``torch.autograd.grad(..., create_graph=True)`` the backward pass of
+    ``"backsolve"`` is itself differentiable (it is then made of ``odeint_adjoint`` solves of the
+    backward system, one per output interval), so Hessian-vector products and gradient penalties work
+    at O(1) memory in the number of steps. ``"interpolating"``, ``"quadrature"`` and gradients with
+    respect to ``t`` raise ``NotImplementedError`` there.
+
     Raises:
         ValueError, TypeError: bad arguments (the message names the argument).
         SolverError: the forward or the backward solve failed.
+        NotImplementedError: ``create_graph=True`` with a sensitivity other than ``"backsolve"``.
     """
     if event_fn is not None:  # torchdiffeq's event mode: (event_t, solution), event_t without gradient
         from neuralode._event import solve_to_event_with
