@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuralode._batched_adjoint import odeint_per_sample_adjoint
 from neuralode._callbacks import CheckpointKeeper, collect_callbacks
 from neuralode._control import make_norm
 from neuralode._methods import TABLEAUS
@@ -154,8 +155,6 @@ def odeint_adjoint(
     if isinstance(options, dict) and "per_sample" in options:
         options = dict(options)
         if options.pop("per_sample"):
-            from neuralode._batched_adjoint import odeint_per_sample_adjoint
-
             _check_per_sample(sensitivity, checkpoints, method, adjoint_method, adjoint_options)
             kw = dict(rtol=rtol, atol=atol, method=method, options=options, adjoint_rtol=adjoint_rtol)
             kw.update(adjoint_atol=adjoint_atol, adjoint_params=adjoint_params)
