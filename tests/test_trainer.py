@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import usage_error as _usage_error
 from neuralode.cli import main
 from neuralode.experiments._config import UsageError
 from neuralode.experiments._trainer import RunFolder, read_checkpoint
@@ -46,16 +47,6 @@ def _quiet(monkeypatch):
 
 def _spiral(out, *extra):
     return main(["train", "spiral", *TINY, "--out", str(out), *extra])
-
-
-def _usage_error(capsys, *argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "error:" in err
-    return err
 
 
 def _model(out):
@@ -236,3 +227,32 @@ def test_tensorboard_scalars_read_back_with_tensorboards_reader(tmp_path):
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     logged = {e.step: e.value for e in acc.Scalars("eval/eval_l1")}
     assert logged == pytest.approx({r["iter"]: r["eval_l1"] for r in rows})
+
+
+def test_a_signal_outside_the_loop_stops_at_once_naming_the_last_checkpoint():
+    from neuralode.experiments._trainer import Interrupted, StopSignal
+
+    with StopSignal() as stop:
+        stop.saved = 7  # e.g. during the final test, after the last checkpoint
+        with pytest.raises(Interrupted, match="stopped by SIGTERM at iteration 7") as exc:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert exc.value.step == 7
+        stop.signum, stop.saved = 0, None
+        with pytest.raises(Interrupted, match="before its first checkpoint"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        stop.signum, stop.defer = 0, True  # inside the loop: only noted, the trainer stops after the step
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(Interrupted):  # a second signal does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+
+def test_max_steps_may_be_raised_on_resume(tmp_path):
+    out = tmp_path / "run"
+    assert _spiral(out, "--iters", "2") == 0
+    assert _spiral(out, "--iters", "4", "--resume", "--max-steps", "5000") == 0
+    assert read_checkpoint(out / "checkpoint.pt")["config"]["max_steps"] == 5000
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 5000

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,14 @@ from neuralode.experiments._trainer import (
     StopSignal,
     Trainer,
     check_device,
+    eval_device,
     execute,
+    load_run_config,
+    read_weights,
     register_experiment,
     write_config,
 )
+from neuralode.experiments._trainer import register_eval as _register_eval
 from neuralode.models.cnf import CNF, ConcatSquashMLP, GatedPlanarField
 from neuralode.models.planar_flow import PlanarNF
 
@@ -62,6 +67,7 @@ __all__ = [
     "Figure4Config",
     "NFConfig",
     "build_cnf",
+    "evaluate_run",
     "register",
     "run_figure4",
     "train_cnf",
@@ -400,6 +406,37 @@ def _train_nf(cfg: NFConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal
     if cfg.plots:
         _plot_nf(model.cpu(), cfg, run)
     return final
+
+
+def evaluate_run(
+    run_dir: str | Path, *, experiment: str = "cnf", device: str | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """Test NLL of a ``train cnf`` (``experiment="cnf"``) or ``train nf`` run folder: the weights in its
+    ``checkpoint.pt`` (loaded with ``weights_only=True``) on the run's full test set, at the run's
+    evaluation tolerance. Returns ``test_nll``, ``n_test`` and the reference NLL where the data set has
+    one, equal to the run's ``metrics.json`` entries on the same device and thread count."""
+    if experiment not in ("cnf", "nf"):
+        raise ValueError(f"experiment={experiment!r} is unknown; expected 'cnf' or 'nf'")
+    run_dir, kind = Path(run_dir), experiment
+    cfg = load_run_config(run_dir, kind, CNFConfig if kind == "cnf" else NFConfig)
+    dev = eval_device(device, cfg)
+    torch.set_num_threads(threads or cfg.threads)
+    weights, ckpt = read_weights(run_dir / "checkpoint.pt", kind)
+    if kind == "cnf":
+        model = build_cnf(cfg)
+    else:
+        model = PlanarNF(2, cfg.layers, direction="data_to_base", base_std=cfg.base_std)
+    model = model.to(dev)
+    model.load_state_dict(weights)
+    if ckpt["step"] != cfg.iters:
+        print(f"note: the checkpoint is at iteration {ckpt['step']} of {cfg.iters}", file=sys.stderr)
+    x_test = _test_set(cfg).to(dev)
+    if kind == "cnf":
+        with _eval_mode(model, cfg.eval_tol):
+            nll = _nll(lambda x: model.log_prob(x, divergence="exact"), x_test)
+    else:
+        nll = _nll(model.log_prob, x_test)
+    return {"test_nll": nll, "n_test": int(x_test.shape[0]), **_reference(cfg.dataset, x_test.cpu(), nll)}
 
 
 def train_cnf(
@@ -770,6 +807,17 @@ def _run_figure4(args, parser) -> int:
         f"figure4: results in {args.out}; KL(q||p) of {len(results['kl'])} fits, {results['wall_time_s']:.0f} s"
     )
     return 0
+
+
+def register_eval(evals) -> None:
+    """``neuralode eval cnf RUN_DIR`` and ``neuralode eval nf RUN_DIR``."""
+    for name in ("cnf", "nf"):
+        _register_eval(
+            evals, name, lambda run, _n=name, **kw: evaluate_run(run, experiment=_n, **kw), help=f"test NLL of a `train {name}` run folder",
+            description=f"Evaluate a `neuralode train {name}` run folder's final weights (checkpoint.pt) on "
+            "its full test set; print test_nll (nats), n_test and the reference NLL as JSON (the values in the "
+            "run's metrics.json, on the same device and thread count).",
+        )  # fmt: skip
 
 
 def register(commands, train) -> None:

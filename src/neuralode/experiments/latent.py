@@ -47,14 +47,18 @@ from neuralode.experiments._trainer import (
     StopSignal,
     Trainer,
     check_device,
+    eval_device,
     execute,
+    load_run_config,
+    read_weights,
     register_experiment,
     write_config,
 )
+from neuralode.experiments._trainer import register_eval as _register_eval
 from neuralode.models.latent_ode import ANCHORS, ENCODERS, LatentODE, pack_observations
 from neuralode.models.rnn_baseline import RNNBaseline
 
-__all__ = ["LATENT", "LatentConfig", "evaluate", "register", "run_table2", "train"]
+__all__ = ["LATENT", "LatentConfig", "evaluate", "evaluate_run", "register", "run_table2", "train"]
 
 MODELS = ("latent-ode", "rnn")
 PLOT_DPI = 150
@@ -134,6 +138,11 @@ class LatentConfig:
         if self.obs > 100:
             raise UsageError(
                 f"obs={self.obs} is invalid; at most 100 of the first 100 time steps can be observed"
+            )
+        if self.batch_size > self.n_train:
+            raise UsageError(
+                f"batch_size={self.batch_size} exceeds the n_train={self.n_train} training spirals "
+                "(0: full batch)"
             )
         if self.n_train >= self.n_spirals:
             raise UsageError(
@@ -395,6 +404,25 @@ def _train(cfg: LatentConfig, run: RunFolder, ckpt: dict | None, stop: StopSigna
         except ImportError as exc:  # matplotlib is an optional extra
             print(f"plots skipped: {exc}", file=sys.stderr)
     return metrics
+
+
+def evaluate_run(
+    run_dir: str | Path, *, device: str | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """Test RMSEs of a run folder: the weights in its ``checkpoint.pt`` (loaded with
+    ``weights_only=True``) on the test spirals its ``config.json`` generates. Returns the
+    ``rmse_*`` entries and ``nfe_forward``, equal to the run's ``metrics.json`` on the same device and
+    thread count."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, "latent", LatentConfig)
+    dev = eval_device(device, cfg)
+    torch.set_num_threads(threads or cfg.threads)
+    weights, ckpt = read_weights(run_dir / "checkpoint.pt", "latent")
+    if ckpt["step"] != cfg.iters:
+        print(f"note: the checkpoint is at iteration {ckpt['step']} of {cfg.iters}", file=sys.stderr)
+    model = build_model(cfg).to(dev)
+    model.load_state_dict(weights)
+    return evaluate(model, cfg, make_data(cfg))
 
 
 def train(
@@ -692,6 +720,16 @@ def _cmd_table2(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(str(exc))
     print(f"table2: results in {args.out} (table2.md, table2.json); runs in {args.runs_dir}")
     return 0
+
+
+def register_eval(evals) -> None:
+    """``neuralode eval latent RUN_DIR``."""
+    _register_eval(
+        evals, "latent", evaluate_run, help="test RMSEs of a `train latent` run folder",
+        description="Evaluate a `neuralode train latent` run folder's final weights (checkpoint.pt) on its "
+        "test spirals; print the extrapolation/interpolation RMSEs and nfe_forward as JSON (the values in the "
+        "run's metrics.json, on the same device and thread count).",
+    )  # fmt: skip
 
 
 def register(commands, train_parsers) -> None:

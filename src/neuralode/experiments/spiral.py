@@ -135,7 +135,7 @@ class SpiralConfig:
 
 
 #: Fields a resumed run may change: they do not alter the sequence of weights.
-RESUMABLE_FIELDS = ("iters", "eval_every", "device", "threads", "plots")
+RESUMABLE_FIELDS = ("iters", "eval_every", "device", "threads", "plots", "max_steps")
 
 
 # ----------------------------------------------------------------------------------------------- model
