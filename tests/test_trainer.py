@@ -256,3 +256,33 @@ def test_max_steps_may_be_raised_on_resume(tmp_path):
     assert _spiral(out, "--iters", "4", "--resume", "--max-steps", "5000") == 0
     assert read_checkpoint(out / "checkpoint.pt")["config"]["max_steps"] == 5000
     assert json.loads((out / "config.json").read_text())["max_steps"] == 5000
+
+
+_TORCHRUN = Path(sys.executable).parent / "torchrun"
+_DDP = {
+    "spiral": ["--iters", "6", "--data-size", "120", "--hidden", "8", "--eval-every", "3"],
+    "cnf": ["--iters", "4", "--eval-size", "200", "--batch-size", "64", "--field", "mlp", "--hidden", "8-8",
+            "--eval-every", "2"],
+    "latent": ["--iters", "4", "--n-spirals", "40", "--n-train", "32", "--eval-every", "2", "--obs", "10"],
+}  # fmt: skip
+
+
+@pytest.mark.slow  # three interpreters start per run: tens of seconds on a loaded machine
+@pytest.mark.skipif(not _TORCHRUN.exists(), reason="torchrun not installed")
+@pytest.mark.parametrize("name", ["spiral", "cnf", "latent"])
+def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, name):
+    # each process takes its part of the same global batch; the gradients are averaged by sample count.
+    # A fixed-step solver makes each part's solve the one of the whole batch: equal to float rounding
+    # (the latent ODE's reparameterisation noise is cut from the whole batch's noise)
+    argv = ["train", name, *_DDP[name], "--method", "rk4", "--no-plots"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "neuralode", *argv, "--out", str(one)], env=_cli_env(), check=True,
+                   capture_output=True)  # fmt: skip
+    subprocess.run([str(_TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "neuralode", *argv, "--out",
+                    str(two)], env=_cli_env(), check=True, capture_output=True)  # fmt: skip
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    a, b = _model(one), _model(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=2e-6)
+    assert read_checkpoint(two / "checkpoint.pt")["step"] == int(_DDP[name][1])
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())

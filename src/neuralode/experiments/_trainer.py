@@ -313,22 +313,96 @@ class Distributed:
         if self.enabled:
             torch.distributed.barrier()
 
+    def shard(self, n: int) -> slice:
+        """This process's contiguous part of ``n`` items of a global batch (sizes differ by at most one)."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def average_gradients(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
+        """Replace every process's gradients by their weighted mean ``sum_r w_r g_r / sum_r w_r``, in one
+        all-reduce. ``weight``: this process's number of samples, when its loss is a mean over them (the
+        result is then the gradient of the mean over the global batch)."""
+        if not self.enabled:
+            return
+        params = [q for q in params if q.requires_grad]
+        if not params:
+            return
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+        w = torch.tensor([float(weight)], dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([*(g.reshape(-1) * w for g in grads), w])
+        torch.distributed.all_reduce(flat)
+        flat = flat[:-1] / flat[-1]
+        offset = 0
+        for q, g in zip(params, grads):
+            q.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def mean(self, values: dict[str, Any], weight: float, device: torch.device) -> dict[str, Any]:
+        """Weighted mean over the processes of the numbers in ``values`` (other entries kept as they are)."""
+        if not self.enabled:
+            return values
+        keys = [k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        sums = self.sum([float(values[k]) * weight for k in keys] + [float(weight)], device)
+        return {**values, **{k: v / sums[-1] for k, v in zip(keys, sums)}}
+
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 class _Single:
+    """:class:`Distributed`'s interface for one process."""
+
     world, rank, enabled, main = 1, 0, False, True
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         return values
+
+    def shard(self, n: int) -> slice:
+        return slice(0, n)
+
+    def average_gradients(self, params: Any, weight: float) -> None:
+        pass
+
+    def mean(self, values: dict[str, Any], weight: float, device: torch.device) -> dict[str, Any]:
+        return values
+
+    def close(self) -> None:
+        pass
 
     def max_int(self, value: int) -> int:
         return value
 
     def barrier(self) -> None:
         pass
+
+
+def start_distributed(device: torch.device) -> tuple[torch.device, Any]:
+    """``(device, dist)`` for this process: under ``torchrun`` a :class:`Distributed` (each process on
+    its own GPU, ``LOCAL_RANK``, when the device is CUDA), else a single-process stand-in."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, _Single()
+    dist = Distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device, dist
+
+
+def on_device(train: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """``train(cfg, run, ckpt, stop, device, dist)`` as an :attr:`Experiment.train`: sets ``cfg.threads``,
+    resolves ``cfg.device`` and joins the ``torchrun`` group (closed at the end)."""
+
+    def run(cfg: Any, run: RunFolder, ckpt: dict | None, stop: StopSignal | None) -> dict[str, Any]:
+        if getattr(cfg, "threads", None):
+            torch.set_num_threads(cfg.threads)
+        device, dist = start_distributed(resolve_device(cfg.device))
+        try:
+            return train(cfg, run, ckpt, stop, device, dist)
+        finally:
+            dist.close()
+
+    run.__doc__ = train.__doc__
+    return run
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -712,7 +786,8 @@ class Experiment:
     ``train(cfg, run, ckpt, stop)`` trains (``ckpt``: the checkpoint to resume, or None) and returns the
     final metrics; ``check(cfg)`` finds user mistakes that need the environment (a missing GPU, missing
     data files) before any folder is made; ``resumable(saved_config)`` names the fields a resumed run
-    may change; ``headline(metrics)`` is the last stdout line.
+    may change; ``headline(metrics)`` is the last stdout line; ``distributed``: the experiment splits
+    its batches across the processes of ``torchrun`` (else it refuses to run there).
     """
 
     name: str
@@ -724,6 +799,7 @@ class Experiment:
     check: Callable[[Any], None] = lambda cfg: None
     command: str = ""
     hidden: tuple[str, ...] = ()
+    distributed: bool = False
 
 
 def register_experiment(
@@ -786,6 +862,11 @@ def _plan(args: argparse.Namespace, spec: Experiment) -> tuple[Any, Path, dict |
     else:
         cfg = resolve_config(spec.config_cls, typed, file_values=file_values)
     check_device(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not spec.distributed:
+        raise UsageError(
+            f"train {spec.name} does not split its batches across processes; run it without torchrun"
+        )
     spec.check(cfg)
     if getattr(args, "tensorboard", False):
         try:

@@ -46,12 +46,13 @@ from neuralode.experiments._runs import RunDir, check_device_name, progress, res
 from neuralode.experiments._trainer import (
     Experiment,
     RunFolder,
-    StopSignal,
     Trainer,
+    _Single,
     check_device,
     eval_device,
     execute,
     load_run_config,
+    on_device,
     read_weights,
     register_experiment,
     write_config,
@@ -256,10 +257,11 @@ class _FlowTask:
     The running window (last 100 iterations) gives the ``train_nll`` of each ``metrics.jsonl`` line.
     """
 
-    def __init__(self, cfg, model, optimizer, scheduler, device: torch.device, total: int):
+    def __init__(self, cfg, model, optimizer, scheduler, device: torch.device, total: int, dist=None):
         self.cfg, self.model, self.opt, self.sched, self.device, self.total = (
             cfg, model, optimizer, scheduler, device, total,
         )  # fmt: skip
+        self.dist = dist if dist is not None else _Single()
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.x_test = _test_set(cfg).to(device)
         self.window: list[dict[str, float]] = []
@@ -270,12 +272,17 @@ class _FlowTask:
 
     def step(self, it: int) -> dict[str, Any]:
         x = sample_toy(self.cfg.dataset, self.cfg.batch_size, generator=self.data_gen).to(self.device)
+        x = x[self.dist.shard(x.shape[0])]  # under torchrun: this process's part of the global batch
         loss, rec, after = self.forward(x)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.average_gradients(self.model.parameters(), x.shape[0])
         self.opt.step()
         self.sched.step()
-        rec = {"iter": it + 1, **rec, **(after() if after else {})}
+        rec = {
+            "iter": it + 1,
+            **self.dist.mean({**rec, **(after() if after else {})}, x.shape[0], self.device),
+        }
         self.window = [*self.window[-99:], rec]
         return {**rec, "loss": rec["train_nll"]}
 
@@ -337,23 +344,17 @@ class _NFTask(_FlowTask):
         return self.model.log_prob(x)
 
 
-def _setup(cfg) -> torch.device:
-    device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
-    return device
-
-
-def _train_cnf(cfg: CNFConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal | None) -> dict[str, Any]:
-    device = _setup(cfg)
-    write_config(run, "cnf", cfg, device=str(device), threads=torch.get_num_threads())
+@on_device
+def _train_cnf(cfg: CNFConfig, run: RunFolder, ckpt, stop, device: torch.device, dist) -> dict[str, Any]:
+    write_config(run, "cnf", cfg, device=str(device), threads=torch.get_num_threads(), world_size=dist.world)
     seed_everything(cfg.seed)
     model = build_cnf(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg.lr_schedule, cfg.iters)
-    task = _CNFTask(cfg, model, opt, sched, device, cfg.iters)
+    task = _CNFTask(cfg, model, opt, sched, device, cfg.iters, dist)
     trainer = Trainer(
         run, "cnf", cfg, model, opt, sched, total=cfg.iters, eval_every=cfg.eval_every,
-        desc=f"cnf {cfg.dataset}", stop=stop,
+        desc=f"cnf {cfg.dataset}", stop=stop, dist=dist,
     )  # fmt: skip
     if ckpt is not None:
         trainer.resume(ckpt, task)
@@ -373,24 +374,24 @@ def _train_cnf(cfg: CNFConfig, run: RunFolder, ckpt: dict | None, stop: StopSign
     final["eval_time_1000_s"] = tm["s"]
     final.update(_reference(cfg.dataset, x_test.cpu(), final["test_nll"]))
     run.write_json("metrics.json", final)
-    if cfg.plots:
+    if cfg.plots and run.main:
         model.cpu()
         with _eval_mode(model, cfg.eval_tol):
             _plot_cnf(model, cfg, run)
     return final
 
 
-def _train_nf(cfg: NFConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal | None) -> dict[str, Any]:
-    device = _setup(cfg)
-    write_config(run, "nf", cfg, device=str(device), threads=torch.get_num_threads())
+@on_device
+def _train_nf(cfg: NFConfig, run: RunFolder, ckpt, stop, device: torch.device, dist) -> dict[str, Any]:
+    write_config(run, "nf", cfg, device=str(device), threads=torch.get_num_threads(), world_size=dist.world)
     seed_everything(cfg.seed)
     model = PlanarNF(2, cfg.layers, direction="data_to_base", base_std=cfg.base_std).to(device)
     opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     sched = _schedule(opt, cfg.lr_schedule, cfg.iters)
-    task = _NFTask(cfg, model, opt, sched, device, cfg.iters)
+    task = _NFTask(cfg, model, opt, sched, device, cfg.iters, dist)
     trainer = Trainer(
         run, "nf", cfg, model, opt, sched, total=cfg.iters, eval_every=cfg.eval_every,
-        desc=f"nf {cfg.dataset}", stop=stop,
+        desc=f"nf {cfg.dataset}", stop=stop, dist=dist,
     )  # fmt: skip
     if ckpt is not None:
         trainer.resume(ckpt, task)
@@ -403,7 +404,7 @@ def _train_nf(cfg: NFConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal
     }  # fmt: skip
     final.update(_reference(cfg.dataset, task.x_test.cpu(), final["test_nll"]))
     run.write_json("metrics.json", final)
-    if cfg.plots:
+    if cfg.plots and run.main:
         _plot_nf(model.cpu(), cfg, run)
     return final
 
@@ -787,11 +788,11 @@ def _flow_headline(m: dict[str, Any]) -> str:
 
 CNF_EXPERIMENT = Experiment(
     name="cnf", config_cls=CNFConfig, train=_train_cnf, default_out=lambda cfg: "runs/cnf",
-    headline=_flow_headline, resumable=_flow_resumable,
+    headline=_flow_headline, resumable=_flow_resumable, distributed=True,
 )  # fmt: skip
 NF_EXPERIMENT = Experiment(
     name="nf", config_cls=NFConfig, train=_train_nf, default_out=lambda cfg: "runs/nf",
-    headline=_flow_headline, resumable=_flow_resumable,
+    headline=_flow_headline, resumable=_flow_resumable, distributed=True,
 )  # fmt: skip
 
 

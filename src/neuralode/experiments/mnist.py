@@ -60,7 +60,6 @@ from neuralode.experiments._runs import (
     seed_everything,
 )
 from neuralode.experiments._trainer import (
-    Distributed,
     Experiment,
     RunFolder,
     StopSignal,
@@ -71,6 +70,7 @@ from neuralode.experiments._trainer import (
     load_run_config,
     read_weights,
     register_experiment,
+    start_distributed,
     write_config,
 )
 from neuralode.experiments._trainer import (
@@ -415,14 +415,10 @@ class _MNISTTask:
                 "nfe_b": f"{rec['nfe_backward']:.0f}"}  # fmt: skip
 
 
-def _setup_device(cfg: MNISTConfig) -> tuple[torch.device, Distributed]:
+def _setup_device(cfg: MNISTConfig) -> tuple[torch.device, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    dist = Distributed(device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device, dist = start_distributed(resolve_device(cfg.device))
     if cfg.batch_size % dist.world:
         dist.close()
         raise UsageError(
@@ -441,7 +437,7 @@ def _train_run(
         dist.close()
 
 
-def _train(cfg, run: RunFolder, ckpt, stop, device: torch.device, dist: Distributed) -> dict[str, Any]:
+def _train(cfg, run: RunFolder, ckpt, stop, device: torch.device, dist: Any) -> dict[str, Any]:
     out = run.root
     splits = data.load_splits(
         _resolve_data_dir(cfg, dist), name=cfg.dataset, val_size=cfg.val_size, train_size=cfg.train_size,
@@ -1003,6 +999,7 @@ MNIST = Experiment(
     ),
     resumable=_resumable,
     check=_check,
+    distributed=True,
 )
 
 
