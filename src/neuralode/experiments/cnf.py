@@ -778,7 +778,8 @@ def _plot_figure4(results: dict, samples: dict, run: RunDir) -> None:
 def _flow_resumable(saved: dict[str, Any]) -> tuple[str, ...]:
     """The iteration budget may change unless a cosine schedule was laid out over it."""
     fields = ("eval_every", "eval_size", "device", "threads", "plots", "eval_tol", "max_steps")
-    return fields + (("iters",) if saved.get("lr_schedule", "constant") == "constant" else ())
+    fields += ("iters",) if saved.get("lr_schedule", "constant") == "constant" else ()
+    return tuple(f for f in fields if f in saved)  # (the NF has no solver options)
 
 
 def _flow_headline(m: dict[str, Any]) -> str:
