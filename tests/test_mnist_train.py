@@ -422,3 +422,12 @@ def test_table1_refuses_existing_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["table1", "--out", str(tmp_path / "t1"), "--models", "mlp"])
     assert exc.value.code == 2 and "already holds runs of mlp" in capsys.readouterr().err
+
+
+def test_a_batch_that_does_not_split_across_processes_is_refused_before_any_folder(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    never = tmp_path / "never"
+    err = _usage(capsys, "--batch-size", "128", "--out", str(never), "--data-dir", str(tmp_path))
+    assert "must be divisible by the number of processes (3)" in err and not never.exists()

@@ -970,7 +970,13 @@ def _table_memory(r: dict[str, Any]) -> float:
 
 def _check(cfg: MNISTConfig) -> None:
     """Data files that are missing or corrupt (md5), before any folder is made. The files read here are
-    cached in the process, so training does not read them again."""
+    cached in the process, so training does not read them again. Under ``torchrun`` the global batch
+    must split evenly."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise UsageError(
+            f"batch-size={cfg.batch_size} must be divisible by the number of processes ({world})"
+        )
     if not cfg.download:
         root = Path(cfg.data_dir).expanduser() if cfg.data_dir else data.default_data_dir(cfg.dataset)
         try:
