@@ -128,3 +128,14 @@ def test_cnf_divergence_is_reported(tmp_path, capsys):
                  "30", "--no-plots", "--out", str(out)])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1 and "training diverged at iteration" in err and "Traceback" not in err
+
+
+def test_help_lists_only_options_the_command_has_as_resumable(capsys):
+    for name, absent in (("nf", "--max-steps"), ("cnf", None)):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", name, "--help"])
+        assert exc.value.code == 0
+        resumable = capsys.readouterr().out.split("resumable (may change with --resume):")[1]
+        assert "--iters" in resumable and (absent is None or absent not in resumable)
+        if absent is None:
+            assert "--max-steps" in resumable and "--eval-tol" in resumable

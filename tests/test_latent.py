@@ -317,6 +317,7 @@ def test_cli_train_and_resume(tmp_path):
         (["--eval-every", "0"], "eval-every must be a positive integer"),
         (["--iters", "-5"], "iters must be a positive integer"),
         (["--n-train", "30", "--n-spirals", "30"], "leaves no test spirals"),
+        (["--batch-size", "900"], "batch_size=900 exceeds the n_train=800 training spirals"),
     ],
 )
 def test_cli_mistakes_are_usage_errors(tmp_path, capsys, argv, message):

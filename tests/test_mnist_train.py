@@ -385,6 +385,26 @@ def test_missing_files_and_bad_options_are_usage_errors(tmp_path, capsys):
 
 
 @needs_mnist
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_data_file_is_a_usage_error_before_any_folder(tmp_path, capsys, damage):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for f in MNIST_DIR.iterdir():
+        if f.suffix == ".gz":
+            (bad / f.name).write_bytes(f.read_bytes())
+    victim = bad / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    never = tmp_path / "never"
+    err = _usage(capsys, "--data-dir", str(bad), "--out", str(never), "--epochs", "1")
+    assert f"md5 check failed for {str(victim)!r}" in err and not never.exists()
+
+
+@needs_mnist
 def test_resume_refuses_a_new_schedule(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NEURALODE_QUIET", "1")
     out = tmp_path / "run"
@@ -402,3 +422,12 @@ def test_table1_refuses_existing_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["table1", "--out", str(tmp_path / "t1"), "--models", "mlp"])
     assert exc.value.code == 2 and "already holds runs of mlp" in capsys.readouterr().err
+
+
+def test_a_batch_that_does_not_split_across_processes_is_refused_before_any_folder(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    never = tmp_path / "never"
+    err = _usage(capsys, "--batch-size", "128", "--out", str(never), "--data-dir", str(tmp_path))
+    assert "must be divisible by the number of processes (3)" in err and not never.exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _cli import usage_error as _usage_error
 from neuralode.cli import main
 from neuralode.experiments._config import UsageError
 from neuralode.experiments._trainer import RunFolder, read_checkpoint
@@ -46,16 +47,6 @@ def _quiet(monkeypatch):
 
 def _spiral(out, *extra):
     return main(["train", "spiral", *TINY, "--out", str(out), *extra])
-
-
-def _usage_error(capsys, *argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "error:" in err
-    return err
 
 
 def _model(out):
@@ -236,3 +227,62 @@ def test_tensorboard_scalars_read_back_with_tensorboards_reader(tmp_path):
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     logged = {e.step: e.value for e in acc.Scalars("eval/eval_l1")}
     assert logged == pytest.approx({r["iter"]: r["eval_l1"] for r in rows})
+
+
+def test_a_signal_outside_the_loop_stops_at_once_naming_the_last_checkpoint():
+    from neuralode.experiments._trainer import Interrupted, StopSignal
+
+    with StopSignal() as stop:
+        stop.saved = 7  # e.g. during the final test, after the last checkpoint
+        with pytest.raises(Interrupted, match="stopped by SIGTERM at iteration 7") as exc:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert exc.value.step == 7
+        stop.signum, stop.saved = 0, None
+        with pytest.raises(Interrupted, match="before its first checkpoint"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        stop.signum, stop.defer = 0, True  # inside the loop: only noted, the trainer stops after the step
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(Interrupted):  # a second signal does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+
+def test_max_steps_may_be_raised_on_resume(tmp_path):
+    out = tmp_path / "run"
+    assert _spiral(out, "--iters", "2") == 0
+    assert _spiral(out, "--iters", "4", "--resume", "--max-steps", "5000") == 0
+    assert read_checkpoint(out / "checkpoint.pt")["config"]["max_steps"] == 5000
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 5000
+
+
+_TORCHRUN = Path(sys.executable).parent / "torchrun"
+_DDP = {
+    "spiral": ["--iters", "6", "--data-size", "120", "--hidden", "8", "--eval-every", "3"],
+    "cnf": ["--iters", "4", "--eval-size", "200", "--batch-size", "64", "--field", "mlp", "--hidden", "8-8",
+            "--eval-every", "2"],
+    "latent": ["--iters", "4", "--n-spirals", "40", "--n-train", "32", "--eval-every", "2", "--obs", "10"],
+}  # fmt: skip
+
+
+@pytest.mark.slow  # three interpreters start per run: tens of seconds on a loaded machine
+@pytest.mark.skipif(not _TORCHRUN.exists(), reason="torchrun not installed")
+@pytest.mark.parametrize("name", ["spiral", "cnf", "latent"])
+def test_torchrun_two_processes_train_what_one_process_trains(tmp_path, name):
+    # each process takes its part of the same global batch; the gradients are averaged by sample count.
+    # A fixed-step solver makes each part's solve the one of the whole batch: equal to float rounding
+    # (the latent ODE's reparameterisation noise is cut from the whole batch's noise)
+    argv = ["train", name, *_DDP[name], "--method", "rk4", "--no-plots"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "neuralode", *argv, "--out", str(one)], env=_cli_env(), check=True,
+                   capture_output=True)  # fmt: skip
+    subprocess.run([str(_TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "neuralode", *argv, "--out",
+                    str(two)], env=_cli_env(), check=True, capture_output=True)  # fmt: skip
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    a, b = _model(one), _model(two)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=2e-6)
+    assert read_checkpoint(two / "checkpoint.pt")["step"] == int(_DDP[name][1])
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())

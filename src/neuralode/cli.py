@@ -1,7 +1,8 @@
 """The ``neuralode`` command line: a thin layer over the experiment modules.
 
 Each module in :data:`COMMAND_MODULES` has ``register(commands, train)`` that adds its sub-commands
-(``commands``: top-level, ``train``: under ``neuralode train``) and sets ``func`` on each parser.
+(``commands``: top-level, ``train``: under ``neuralode train``) and sets ``func`` on each parser, and
+optionally ``register_eval(evals)`` for its ``neuralode eval`` commands.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train_parser = commands.add_parser("train", help="train a model (see `neuralode train -h`)")
     train = train_parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    eval_parser = commands.add_parser(
+        "eval", help="re-evaluate a run folder's selected weights on the test split (see `neuralode eval -h`)"
+    )
+    evals = eval_parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -38,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(commands, train)
+        if hasattr(module, "register_eval"):
+            module.register_eval(evals)
     return parser
 
 

@@ -75,7 +75,10 @@ __all__ = [
     "Task",
     "Trainer",
     "TrainingDiverged",
+    "load_run_config",
     "read_checkpoint",
+    "read_weights",
+    "register_eval",
     "register_experiment",
     "run_experiment",
 ]
@@ -101,10 +104,11 @@ class TrainingDiverged(RuntimeError):
 
 
 class Interrupted(Exception):
-    """A SIGTERM/SIGINT stopped training after a checkpoint was written at ``step``."""
+    """A SIGTERM/SIGINT stopped the run; the last checkpoint is at iteration ``step`` (``None``: none yet)."""
 
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {step}")
+    def __init__(self, signum: int, step: int | None):
+        where = "before its first checkpoint" if step is None else f"at iteration {step}"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
         self.signum, self.step = signum, step
 
 
@@ -238,19 +242,27 @@ class RunFolder(RunDir):
 
 
 class StopSignal:
-    """While active, SIGTERM and SIGINT only set :attr:`signum`; the trainer stops at the next step.
+    """SIGTERM and SIGINT handling for one run.
 
-    A second SIGINT restores Python's default behaviour (so a stuck run can still be stopped).
+    Outside the training loop (start-up, the final test, plots) a signal stops the run at once by
+    raising :class:`Interrupted` naming the last checkpoint written (:attr:`saved`, ``None`` before the
+    first). Inside the loop (:attr:`defer` set by :class:`Trainer`) it only sets :attr:`signum`: the
+    current step finishes, a checkpoint is written, then the trainer raises. A second signal while one
+    is pending stops at once (the last checkpoint on disk is complete: writes are atomic).
     """
 
     def __init__(self) -> None:
         self.signum = 0
+        self.defer = False
+        self.saved: int | None = None
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum and signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.defer and not self.signum:
+            self.signum = signum
+            return
         self.signum = signum
+        raise Interrupted(signum, self.saved)
 
     def __enter__(self) -> StopSignal:
         import threading
@@ -301,19 +313,96 @@ class Distributed:
         if self.enabled:
             torch.distributed.barrier()
 
+    def shard(self, n: int) -> slice:
+        """This process's contiguous part of ``n`` items of a global batch (sizes differ by at most one)."""
+        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+    def average_gradients(self, params: Iterable[torch.nn.Parameter], weight: float) -> None:
+        """Replace every process's gradients by their weighted mean ``sum_r w_r g_r / sum_r w_r``, in one
+        all-reduce. ``weight``: this process's number of samples, when its loss is a mean over them (the
+        result is then the gradient of the mean over the global batch)."""
+        if not self.enabled:
+            return
+        params = [q for q in params if q.requires_grad]
+        if not params:
+            return
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+        w = torch.tensor([float(weight)], dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([*(g.reshape(-1) * w for g in grads), w])
+        torch.distributed.all_reduce(flat)
+        flat = flat[:-1] / flat[-1]
+        offset = 0
+        for q, g in zip(params, grads):
+            q.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def mean(self, values: dict[str, Any], weight: float, device: torch.device) -> dict[str, Any]:
+        """Weighted mean over the processes of the numbers in ``values`` (other entries kept as they are)."""
+        if not self.enabled:
+            return values
+        keys = [k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        sums = self.sum([float(values[k]) * weight for k in keys] + [float(weight)], device)
+        return {**values, **{k: v / sums[-1] for k, v in zip(keys, sums)}}
+
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 class _Single:
+    """:class:`Distributed`'s interface for one process."""
+
     world, rank, enabled, main = 1, 0, False, True
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        return values
+
+    def shard(self, n: int) -> slice:
+        return slice(0, n)
+
+    def average_gradients(self, params: Any, weight: float) -> None:
+        pass
+
+    def mean(self, values: dict[str, Any], weight: float, device: torch.device) -> dict[str, Any]:
+        return values
+
+    def close(self) -> None:
+        pass
 
     def max_int(self, value: int) -> int:
         return value
 
     def barrier(self) -> None:
         pass
+
+
+def start_distributed(device: torch.device) -> tuple[torch.device, Any]:
+    """``(device, dist)`` for this process: under ``torchrun`` a :class:`Distributed` (each process on
+    its own GPU, ``LOCAL_RANK``, when the device is CUDA), else a single-process stand-in."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, _Single()
+    dist = Distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device, dist
+
+
+def on_device(train: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """``train(cfg, run, ckpt, stop, device, dist)`` as an :attr:`Experiment.train`: sets ``cfg.threads``,
+    resolves ``cfg.device`` and joins the ``torchrun`` group (closed at the end)."""
+
+    def run(cfg: Any, run: RunFolder, ckpt: dict | None, stop: StopSignal | None) -> dict[str, Any]:
+        if getattr(cfg, "threads", None):
+            torch.set_num_threads(cfg.threads)
+        device, dist = start_distributed(resolve_device(cfg.device))
+        try:
+            return train(cfg, run, ckpt, stop, device, dist)
+        finally:
+            dist.close()
+
+    run.__doc__ = train.__doc__
+    return run
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -433,6 +522,8 @@ class Trainer:
                 },
             )
         self.last_saved = step
+        if self.stop is not None:
+            self.stop.saved = step
 
     # -- the loop
     def _params_finite(self) -> bool:
@@ -452,6 +543,8 @@ class Trainer:
                 self._tb = None
 
     def _fit(self, task: Task) -> None:
+        if self.stop is not None:
+            self.stop.saved = self.last_saved
         if self.start == 0:  # a checkpoint from the start: --resume works, divergence keeps something
             if self.eval_at_start:
                 self.log("metrics.jsonl", {"iter": 0, **task.evaluate(0)})
@@ -461,11 +554,14 @@ class Trainer:
             if self.run.main
             else None
         )
+        if self.stop is not None:
+            self.stop.defer = True
         try:
             for it in range(self.start, self.total):
                 signum = self.dist.max_int(self.stop.signum if self.stop is not None else 0)
                 if signum:
-                    self.save(it, task)
+                    if self.last_saved != it:
+                        self.save(it, task)
                     raise Interrupted(signum, it)
                 try:
                     rec = task.step(it)
@@ -504,7 +600,13 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            if self.stop is not None:
+                self.stop.defer = False
         self._tick()
+        if (
+            self.stop is not None and self.stop.signum
+        ):  # arrived during the last step: its checkpoint is written
+            raise Interrupted(self.stop.signum, self.last_saved)
 
 
 def open_tensorboard(logdir: Path, purge_step: int | None = None) -> Any:
@@ -591,6 +693,89 @@ def write_config(run: RunFolder, experiment: str, cfg: Any, **resolved: Any) -> 
     run.write_json("config.json", {"experiment": experiment, **config_dict(cfg), **_jsonable(resolved)})
 
 
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def load_run_config(run_dir: str | os.PathLike, experiment: str, config_cls: type) -> Any:
+    """The config of the run folder ``run_dir`` (its ``config.json``); :class:`UsageError` when the
+    folder is not a run of ``experiment``."""
+    run_dir = Path(run_dir)
+    what = f"not a `neuralode train {experiment}` run folder"
+    if not run_dir.is_dir():
+        raise UsageError(f"{str(run_dir)!r} is {what} (no such folder)")
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{str(run_dir)!r} is {what} (no config.json)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{str(path)!r} cannot be read ({exc}); {str(run_dir)!r} is {what}") from None
+    if not isinstance(saved, dict) or saved.get("experiment") != experiment:
+        found = saved.get("experiment") if isinstance(saved, dict) else None
+        raise UsageError(f"{str(run_dir)!r} holds a {found!r} run, not a {experiment!r} run")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return resolve_config(config_cls, {}, file_values={k: v for k, v in saved.items() if k in known})
+
+
+def read_weights(path: str | os.PathLike, experiment: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state_dict, checkpoint)`` from a run's ``checkpoint.pt`` (schema checked) or a weights file such
+    as MNIST's ``best.pt`` (``{"model": ..., "epoch": ...}``), loaded with ``weights_only=True``."""
+    path = Path(path)
+    if path.name == "checkpoint.pt":
+        ckpt = read_checkpoint(path, experiment=experiment)
+    else:
+        if not path.is_file():
+            raise UsageError(f"no weights at {str(path)!r}: the run has not finished an evaluation yet")
+        try:
+            ckpt = load_checkpoint(path)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UsageError(f"{str(path)!r} holds no model weights")
+    return ckpt["model"], ckpt
+
+
+def eval_device(name: str | None, cfg: Any) -> torch.device:
+    """The device to evaluate on: ``name``, else the run's own device when it is there, else the CPU."""
+    try:
+        if name is not None:
+            return resolve_device(name)
+        return resolve_device(getattr(cfg, "device", "cpu"))
+    except ValueError as exc:
+        if name is not None:
+            raise UsageError(str(exc)) from None
+        print(f"note: the run used {cfg.device!r}, which is not here; evaluating on the CPU", file=sys.stderr)
+        return torch.device("cpu")
+
+
+def register_eval(
+    subparsers: Any, name: str, evaluate: Callable[..., dict[str, Any]], *, help: str, description: str,
+    data_dir: bool = False,
+) -> argparse.ArgumentParser:  # fmt: skip
+    """``neuralode eval NAME RUN_DIR``: ``evaluate(run_dir, device=, threads=[, data_dir=])`` returns the
+    test metrics, printed as JSON (the same keys and values as the run's ``metrics.json``)."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.add_argument("run", metavar="RUN_DIR", help=f"run folder of `neuralode train {name}`")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the run's device)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the run's)")
+    if data_dir:
+        p.add_argument("--data-dir", default=None, help="data folder (default: the run's --data-dir)")
+
+    def run(args: argparse.Namespace) -> int:
+        kw = {"data_dir": args.data_dir} if data_dir else {}
+        try:
+            if args.threads is not None and args.threads < 1:
+                raise UsageError(f"--threads must be a positive integer, got {args.threads}")
+            metrics = evaluate(args.run, device=args.device, threads=args.threads, **kw)
+        except UsageError as exc:
+            p.error(str(exc))
+        print(json.dumps(_jsonable(metrics), indent=2))
+        return 0
+
+    p.set_defaults(func=run)
+    return p
+
+
 # ----------------------------------------------------------------------------------------- command driver
 
 
@@ -601,7 +786,8 @@ class Experiment:
     ``train(cfg, run, ckpt, stop)`` trains (``ckpt``: the checkpoint to resume, or None) and returns the
     final metrics; ``check(cfg)`` finds user mistakes that need the environment (a missing GPU, missing
     data files) before any folder is made; ``resumable(saved_config)`` names the fields a resumed run
-    may change; ``headline(metrics)`` is the last stdout line.
+    may change; ``headline(metrics)`` is the last stdout line; ``distributed``: the experiment splits
+    its batches across the processes of ``torchrun`` (else it refuses to run there).
     """
 
     name: str
@@ -613,6 +799,7 @@ class Experiment:
     check: Callable[[Any], None] = lambda cfg: None
     command: str = ""
     hidden: tuple[str, ...] = ()
+    distributed: bool = False
 
 
 def register_experiment(
@@ -675,6 +862,11 @@ def _plan(args: argparse.Namespace, spec: Experiment) -> tuple[Any, Path, dict |
     else:
         cfg = resolve_config(spec.config_cls, typed, file_values=file_values)
     check_device(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not spec.distributed:
+        raise UsageError(
+            f"train {spec.name} does not split its batches across processes; run it without torchrun"
+        )
     spec.check(cfg)
     if getattr(args, "tensorboard", False):
         try:
@@ -716,15 +908,24 @@ def execute(
         check_device(cfg)
         spec.check(cfg)
     main = int(os.environ.get("RANK", "0")) == 0
-    run = RunFolder(out, main=main).open(fresh=ckpt is None, overwrite=overwrite)
+    with StopSignal() as stop:
+        stop.saved = ckpt["step"] if ckpt else None
+        run = RunFolder(out, main=main).open(fresh=ckpt is None, overwrite=overwrite)
+        try:
+            return _execute(spec, cfg, run, ckpt, stop, main=main, tensorboard=tensorboard)
+        finally:
+            run.close()
+
+
+def _execute(spec: Experiment, cfg: Any, run: RunFolder, ckpt: dict | None, stop: StopSignal, *,
+             main: bool, tensorboard: bool) -> dict[str, Any]:  # fmt: skip
     run.tensorboard = tensorboard
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resumed = ckpt["step"] if ckpt else None
     record = start_record(run, spec.name, resumed_from=resumed, world_size=world) if main else {}
     status, code = "failed", 1
     try:
-        with StopSignal() as stop:
-            metrics = spec.train(cfg, run, ckpt, stop)
+        metrics = spec.train(cfg, run, ckpt, stop)
         status, code = "completed", 0
         return metrics
     except Interrupted as exc:
@@ -738,8 +939,9 @@ def execute(
         raise
     finally:
         if main:
+            stop.defer = True  # the record of a stop is written whole
             end_record(run, record, status, code)
-        run.close()
+            stop.defer = False
 
 
 def run_experiment(
@@ -764,11 +966,11 @@ def run_experiment(
     except UsageError as exc:
         parser.error(str(exc))
     except Interrupted as exc:
-        print(
-            f"{spec.name}: {exc}; checkpoint saved in {str(out)!r}. Resume with: {command} --out {out} --resume",
-            file=sys.stderr,
-            flush=True,
-        )
+        if exc.step is None:
+            then = f"nothing to resume; start it again with: {command} --out {out} --overwrite"
+        else:
+            then = f"checkpoint saved in {str(out)!r}. Resume with: {command} --out {out} --resume"
+        print(f"{spec.name}: {exc}; {then}", file=sys.stderr, flush=True)
         return 128 + exc.signum
     except TrainingDiverged as exc:
         lr = getattr(cfg, "lr", None)

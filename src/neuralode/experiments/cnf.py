@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,18 @@ from neuralode.experiments._runs import RunDir, check_device_name, progress, res
 from neuralode.experiments._trainer import (
     Experiment,
     RunFolder,
-    StopSignal,
     Trainer,
+    _Single,
     check_device,
+    eval_device,
     execute,
+    load_run_config,
+    on_device,
+    read_weights,
     register_experiment,
     write_config,
 )
+from neuralode.experiments._trainer import register_eval as _register_eval
 from neuralode.models.cnf import CNF, ConcatSquashMLP, GatedPlanarField
 from neuralode.models.planar_flow import PlanarNF
 
@@ -62,6 +68,7 @@ __all__ = [
     "Figure4Config",
     "NFConfig",
     "build_cnf",
+    "evaluate_run",
     "register",
     "run_figure4",
     "train_cnf",
@@ -250,10 +257,11 @@ class _FlowTask:
     The running window (last 100 iterations) gives the ``train_nll`` of each ``metrics.jsonl`` line.
     """
 
-    def __init__(self, cfg, model, optimizer, scheduler, device: torch.device, total: int):
+    def __init__(self, cfg, model, optimizer, scheduler, device: torch.device, total: int, dist=None):
         self.cfg, self.model, self.opt, self.sched, self.device, self.total = (
             cfg, model, optimizer, scheduler, device, total,
         )  # fmt: skip
+        self.dist = dist if dist is not None else _Single()
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.x_test = _test_set(cfg).to(device)
         self.window: list[dict[str, float]] = []
@@ -264,12 +272,17 @@ class _FlowTask:
 
     def step(self, it: int) -> dict[str, Any]:
         x = sample_toy(self.cfg.dataset, self.cfg.batch_size, generator=self.data_gen).to(self.device)
+        x = x[self.dist.shard(x.shape[0])]  # under torchrun: this process's part of the global batch
         loss, rec, after = self.forward(x)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.average_gradients(self.model.parameters(), x.shape[0])
         self.opt.step()
         self.sched.step()
-        rec = {"iter": it + 1, **rec, **(after() if after else {})}
+        rec = {
+            "iter": it + 1,
+            **self.dist.mean({**rec, **(after() if after else {})}, x.shape[0], self.device),
+        }
         self.window = [*self.window[-99:], rec]
         return {**rec, "loss": rec["train_nll"]}
 
@@ -331,23 +344,17 @@ class _NFTask(_FlowTask):
         return self.model.log_prob(x)
 
 
-def _setup(cfg) -> torch.device:
-    device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
-    return device
-
-
-def _train_cnf(cfg: CNFConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal | None) -> dict[str, Any]:
-    device = _setup(cfg)
-    write_config(run, "cnf", cfg, device=str(device), threads=torch.get_num_threads())
+@on_device
+def _train_cnf(cfg: CNFConfig, run: RunFolder, ckpt, stop, device: torch.device, dist) -> dict[str, Any]:
+    write_config(run, "cnf", cfg, device=str(device), threads=torch.get_num_threads(), world_size=dist.world)
     seed_everything(cfg.seed)
     model = build_cnf(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg.lr_schedule, cfg.iters)
-    task = _CNFTask(cfg, model, opt, sched, device, cfg.iters)
+    task = _CNFTask(cfg, model, opt, sched, device, cfg.iters, dist)
     trainer = Trainer(
         run, "cnf", cfg, model, opt, sched, total=cfg.iters, eval_every=cfg.eval_every,
-        desc=f"cnf {cfg.dataset}", stop=stop,
+        desc=f"cnf {cfg.dataset}", stop=stop, dist=dist,
     )  # fmt: skip
     if ckpt is not None:
         trainer.resume(ckpt, task)
@@ -367,24 +374,24 @@ def _train_cnf(cfg: CNFConfig, run: RunFolder, ckpt: dict | None, stop: StopSign
     final["eval_time_1000_s"] = tm["s"]
     final.update(_reference(cfg.dataset, x_test.cpu(), final["test_nll"]))
     run.write_json("metrics.json", final)
-    if cfg.plots:
+    if cfg.plots and run.main:
         model.cpu()
         with _eval_mode(model, cfg.eval_tol):
             _plot_cnf(model, cfg, run)
     return final
 
 
-def _train_nf(cfg: NFConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal | None) -> dict[str, Any]:
-    device = _setup(cfg)
-    write_config(run, "nf", cfg, device=str(device), threads=torch.get_num_threads())
+@on_device
+def _train_nf(cfg: NFConfig, run: RunFolder, ckpt, stop, device: torch.device, dist) -> dict[str, Any]:
+    write_config(run, "nf", cfg, device=str(device), threads=torch.get_num_threads(), world_size=dist.world)
     seed_everything(cfg.seed)
     model = PlanarNF(2, cfg.layers, direction="data_to_base", base_std=cfg.base_std).to(device)
     opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     sched = _schedule(opt, cfg.lr_schedule, cfg.iters)
-    task = _NFTask(cfg, model, opt, sched, device, cfg.iters)
+    task = _NFTask(cfg, model, opt, sched, device, cfg.iters, dist)
     trainer = Trainer(
         run, "nf", cfg, model, opt, sched, total=cfg.iters, eval_every=cfg.eval_every,
-        desc=f"nf {cfg.dataset}", stop=stop,
+        desc=f"nf {cfg.dataset}", stop=stop, dist=dist,
     )  # fmt: skip
     if ckpt is not None:
         trainer.resume(ckpt, task)
@@ -397,9 +404,40 @@ def _train_nf(cfg: NFConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal
     }  # fmt: skip
     final.update(_reference(cfg.dataset, task.x_test.cpu(), final["test_nll"]))
     run.write_json("metrics.json", final)
-    if cfg.plots:
+    if cfg.plots and run.main:
         _plot_nf(model.cpu(), cfg, run)
     return final
+
+
+def evaluate_run(
+    run_dir: str | Path, *, experiment: str = "cnf", device: str | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """Test NLL of a ``train cnf`` (``experiment="cnf"``) or ``train nf`` run folder: the weights in its
+    ``checkpoint.pt`` (loaded with ``weights_only=True``) on the run's full test set, at the run's
+    evaluation tolerance. Returns ``test_nll``, ``n_test`` and the reference NLL where the data set has
+    one, equal to the run's ``metrics.json`` entries on the same device and thread count."""
+    if experiment not in ("cnf", "nf"):
+        raise ValueError(f"experiment={experiment!r} is unknown; expected 'cnf' or 'nf'")
+    run_dir, kind = Path(run_dir), experiment
+    cfg = load_run_config(run_dir, kind, CNFConfig if kind == "cnf" else NFConfig)
+    dev = eval_device(device, cfg)
+    torch.set_num_threads(threads or cfg.threads)
+    weights, ckpt = read_weights(run_dir / "checkpoint.pt", kind)
+    if kind == "cnf":
+        model = build_cnf(cfg)
+    else:
+        model = PlanarNF(2, cfg.layers, direction="data_to_base", base_std=cfg.base_std)
+    model = model.to(dev)
+    model.load_state_dict(weights)
+    if ckpt["step"] != cfg.iters:
+        print(f"note: the checkpoint is at iteration {ckpt['step']} of {cfg.iters}", file=sys.stderr)
+    x_test = _test_set(cfg).to(dev)
+    if kind == "cnf":
+        with _eval_mode(model, cfg.eval_tol):
+            nll = _nll(lambda x: model.log_prob(x, divergence="exact"), x_test)
+    else:
+        nll = _nll(model.log_prob, x_test)
+    return {"test_nll": nll, "n_test": int(x_test.shape[0]), **_reference(cfg.dataset, x_test.cpu(), nll)}
 
 
 def train_cnf(
@@ -740,7 +778,8 @@ def _plot_figure4(results: dict, samples: dict, run: RunDir) -> None:
 def _flow_resumable(saved: dict[str, Any]) -> tuple[str, ...]:
     """The iteration budget may change unless a cosine schedule was laid out over it."""
     fields = ("eval_every", "eval_size", "device", "threads", "plots", "eval_tol", "max_steps")
-    return fields + (("iters",) if saved.get("lr_schedule", "constant") == "constant" else ())
+    fields += ("iters",) if saved.get("lr_schedule", "constant") == "constant" else ()
+    return tuple(f for f in fields if f in saved)  # (the NF has no solver options)
 
 
 def _flow_headline(m: dict[str, Any]) -> str:
@@ -750,11 +789,11 @@ def _flow_headline(m: dict[str, Any]) -> str:
 
 CNF_EXPERIMENT = Experiment(
     name="cnf", config_cls=CNFConfig, train=_train_cnf, default_out=lambda cfg: "runs/cnf",
-    headline=_flow_headline, resumable=_flow_resumable,
+    headline=_flow_headline, resumable=_flow_resumable, distributed=True,
 )  # fmt: skip
 NF_EXPERIMENT = Experiment(
     name="nf", config_cls=NFConfig, train=_train_nf, default_out=lambda cfg: "runs/nf",
-    headline=_flow_headline, resumable=_flow_resumable,
+    headline=_flow_headline, resumable=_flow_resumable, distributed=True,
 )  # fmt: skip
 
 
@@ -770,6 +809,17 @@ def _run_figure4(args, parser) -> int:
         f"figure4: results in {args.out}; KL(q||p) of {len(results['kl'])} fits, {results['wall_time_s']:.0f} s"
     )
     return 0
+
+
+def register_eval(evals) -> None:
+    """``neuralode eval cnf RUN_DIR`` and ``neuralode eval nf RUN_DIR``."""
+    for name in ("cnf", "nf"):
+        _register_eval(
+            evals, name, lambda run, _n=name, **kw: evaluate_run(run, experiment=_n, **kw), help=f"test NLL of a `train {name}` run folder",
+            description=f"Evaluate a `neuralode train {name}` run folder's final weights (checkpoint.pt) on "
+            "its full test set; print test_nll (nats), n_test and the reference NLL as JSON (the values in the "
+            "run's metrics.json, on the same device and thread count).",
+        )  # fmt: skip
 
 
 def register(commands, train) -> None:

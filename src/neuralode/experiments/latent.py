@@ -16,6 +16,7 @@ posterior mean of ``z(t0)``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,21 +41,26 @@ from neuralode.experiments._config import (
     resolve_config,
     typed_options,
 )
-from neuralode.experiments._runs import check_device_name, plot_nfe, resolve_device, seed_everything
+from neuralode.experiments._runs import check_device_name, plot_nfe, seed_everything
 from neuralode.experiments._trainer import (
     Experiment,
     RunFolder,
-    StopSignal,
     Trainer,
+    _Single,
     check_device,
+    eval_device,
     execute,
+    load_run_config,
+    on_device,
+    read_weights,
     register_experiment,
     write_config,
 )
+from neuralode.experiments._trainer import register_eval as _register_eval
 from neuralode.models.latent_ode import ANCHORS, ENCODERS, LatentODE, pack_observations
 from neuralode.models.rnn_baseline import RNNBaseline
 
-__all__ = ["LATENT", "LatentConfig", "evaluate", "register", "run_table2", "train"]
+__all__ = ["LATENT", "LatentConfig", "evaluate", "evaluate_run", "register", "run_table2", "train"]
 
 MODELS = ("latent-ode", "rnn")
 PLOT_DPI = 150
@@ -134,6 +140,11 @@ class LatentConfig:
         if self.obs > 100:
             raise UsageError(
                 f"obs={self.obs} is invalid; at most 100 of the first 100 time steps can be observed"
+            )
+        if self.batch_size > self.n_train:
+            raise UsageError(
+                f"batch_size={self.batch_size} exceeds the n_train={self.n_train} training spirals "
+                "(0: full batch)"
             )
         if self.n_train >= self.n_spirals:
             raise UsageError(
@@ -297,10 +308,26 @@ def _on(values: torch.Tensor, data: SpiralData, batch) -> torch.Tensor:
     return values[:, j]
 
 
+@contextlib.contextmanager
+def _global_noise(model, dist, n: int, cfg: LatentConfig):
+    """Under ``torchrun``: the latent ODE's reparameterisation noise for this process's rows, cut from
+    the noise of the whole batch (every process draws it from the same generator state, as one
+    process does for the whole batch), so that N processes train what one process trains."""
+    if not dist.enabled or cfg.model != "latent-ode":
+        yield
+        return
+    eps = torch.randn(n, cfg.latent_dim, device=next(model.parameters()).device)[dist.shard(n)]
+    model.sample = lambda mean, logvar: mean + eps.to(mean.dtype) * (0.5 * logvar).exp()
+    try:
+        yield
+    finally:
+        del model.sample
+
+
 class _LatentTask:
     """Full-batch (or minibatch) ELBO / teacher-forced RNN loss; test RMSEs at each evaluation."""
 
-    def __init__(self, cfg: LatentConfig, model, opt, sched, data: SpiralData, device):
+    def __init__(self, cfg: LatentConfig, model, opt, sched, data: SpiralData, device, dist=None):
         self.cfg, self.model, self.opt, self.sched, self.data, self.device = (
             cfg,
             model,
@@ -309,6 +336,7 @@ class _LatentTask:
             data,
             device,
         )
+        self.dist = dist if dist is not None else _Single()
         self.train_all, self.enc_all = _training_data(cfg, data, device)
         self.n_train = data.train_idx.numel()
         self.last: dict[str, float] = {}
@@ -324,10 +352,18 @@ class _LatentTask:
             else:  # keep the full grid so that the two masks stay aligned
                 batch = type(batch)(batch.times, batch.values[pick], batch.mask[pick])
                 enc = enc[pick]
-        with record_stats() as stats:
+        n = batch.values.shape[0]
+        if self.dist.enabled:  # this process's part of the global batch
+            part = torch.arange(n, device=self.device)[self.dist.shard(n)]
+            if enc is None:
+                batch = batch[part]
+            else:
+                batch, enc = type(batch)(batch.times, batch.values[part], batch.mask[part]), enc[part]
+        with record_stats() as stats, _global_noise(self.model, self.dist, n, cfg):
             out = _loss(self.model, cfg, batch, self.data, enc)
             self.opt.zero_grad(set_to_none=True)
             out["loss"].backward()
+        self.dist.average_gradients(self.model.parameters(), batch.values.shape[0])
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
@@ -338,6 +374,7 @@ class _LatentTask:
             "nfe_forward": stats.nfe,
             "nfe_backward": stats.backward.nfe,
         }
+        self._rec = self.dist.mean(self._rec, batch.values.shape[0], self.device)
         return self._rec
 
     def evaluate(self, done: int) -> dict[str, Any]:
@@ -363,19 +400,20 @@ class _LatentTask:
         return post
 
 
-def _train(cfg: LatentConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal | None) -> dict[str, Any]:
-    torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    write_config(run, "latent", cfg, device=str(device), threads=torch.get_num_threads())
+@on_device
+def _train(cfg: LatentConfig, run: RunFolder, ckpt, stop, device: torch.device, dist) -> dict[str, Any]:
+    write_config(
+        run, "latent", cfg, device=str(device), threads=torch.get_num_threads(), world_size=dist.world
+    )
     seed_everything(cfg.seed)
     data = make_data(cfg)
     model = build_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(cfg.lr_decay**i, 0.1))
-    task = _LatentTask(cfg, model, opt, sched, data, device)
+    task = _LatentTask(cfg, model, opt, sched, data, device, dist)
     trainer = Trainer(
         run, "latent", cfg, model, opt, sched, total=cfg.iters, eval_every=cfg.eval_every,
-        desc=f"{cfg.model} obs={cfg.obs}", stop=stop,
+        desc=f"{cfg.model} obs={cfg.obs}", stop=stop, dist=dist,
     )  # fmt: skip
     if ckpt is not None:
         trainer.resume(ckpt, task)
@@ -384,9 +422,10 @@ def _train(cfg: LatentConfig, run: RunFolder, ckpt: dict | None, stop: StopSigna
     metrics = {**final, "iterations": cfg.iters, "wall_time_s": trainer.totals["wall_time_s"], "model": cfg.model,
                "obs": cfg.obs, "n_parameters": sum(p.numel() for p in model.parameters()),
                "nfe_forward_total": trainer.totals["nfe_forward"],
-               "nfe_backward_total": trainer.totals["nfe_backward"], "device": str(device)}  # fmt: skip
+               "nfe_backward_total": trainer.totals["nfe_backward"], "device": str(device),
+               "world_size": dist.world}  # fmt: skip
     run.write_json("metrics.json", metrics)
-    if cfg.plots:
+    if cfg.plots and run.main:
         try:
             make_plots(model, cfg, data, run.root)
             records = [json.loads(v) for v in run.path("metrics.jsonl").read_text().splitlines() if v]
@@ -395,6 +434,25 @@ def _train(cfg: LatentConfig, run: RunFolder, ckpt: dict | None, stop: StopSigna
         except ImportError as exc:  # matplotlib is an optional extra
             print(f"plots skipped: {exc}", file=sys.stderr)
     return metrics
+
+
+def evaluate_run(
+    run_dir: str | Path, *, device: str | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """Test RMSEs of a run folder: the weights in its ``checkpoint.pt`` (loaded with
+    ``weights_only=True``) on the test spirals its ``config.json`` generates. Returns the
+    ``rmse_*`` entries and ``nfe_forward``, equal to the run's ``metrics.json`` on the same device and
+    thread count."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, "latent", LatentConfig)
+    dev = eval_device(device, cfg)
+    torch.set_num_threads(threads or cfg.threads)
+    weights, ckpt = read_weights(run_dir / "checkpoint.pt", "latent")
+    if ckpt["step"] != cfg.iters:
+        print(f"note: the checkpoint is at iteration {ckpt['step']} of {cfg.iters}", file=sys.stderr)
+    model = build_model(cfg).to(dev)
+    model.load_state_dict(weights)
+    return evaluate(model, cfg, make_data(cfg))
 
 
 def train(
@@ -673,6 +731,7 @@ LATENT = Experiment(
         f"interpolation RMSE {m['rmse_interpolation']:.4f}; {m['wall_time_s']:.1f} s"
     ),
     resumable=lambda saved: ("iters", "eval_every", "threads", "device", "plots", "max_steps"),
+    distributed=True,
 )
 
 
@@ -692,6 +751,16 @@ def _cmd_table2(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(str(exc))
     print(f"table2: results in {args.out} (table2.md, table2.json); runs in {args.runs_dir}")
     return 0
+
+
+def register_eval(evals) -> None:
+    """``neuralode eval latent RUN_DIR``."""
+    _register_eval(
+        evals, "latent", evaluate_run, help="test RMSEs of a `train latent` run folder",
+        description="Evaluate a `neuralode train latent` run folder's final weights (checkpoint.pt) on its "
+        "test spirals; print the extrapolation/interpolation RMSEs and nfe_forward as JSON (the values in the "
+        "run's metrics.json, on the same device and thread count).",
+    )  # fmt: skip
 
 
 def register(commands, train_parsers) -> None:

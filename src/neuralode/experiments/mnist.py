@@ -60,18 +60,27 @@ from neuralode.experiments._runs import (
     seed_everything,
 )
 from neuralode.experiments._trainer import (
-    Distributed,
     Experiment,
     RunFolder,
     StopSignal,
     Trainer,
+    _Single,
+    eval_device,
     execute,
+    load_run_config,
+    read_weights,
     register_experiment,
+    start_distributed,
     write_config,
+)
+from neuralode.experiments._trainer import (
+    register_eval as _register_eval,
 )
 from neuralode.models.odenet import MODELS, ODENet, build_model, count_parameters
 
-__all__ = ["MNIST", "PAPER_TABLE1", "MNISTConfig", "figure3", "lr_at", "register", "table1", "train"]
+__all__ = [
+    "MNIST", "PAPER_TABLE1", "MNISTConfig", "evaluate_run", "figure3", "lr_at", "register", "table1", "train",
+]  # fmt: skip
 
 # Paper Table 1 (test error, parameters).
 PAPER_TABLE1 = {
@@ -406,14 +415,10 @@ class _MNISTTask:
                 "nfe_b": f"{rec['nfe_backward']:.0f}"}  # fmt: skip
 
 
-def _setup_device(cfg: MNISTConfig) -> tuple[torch.device, Distributed]:
+def _setup_device(cfg: MNISTConfig) -> tuple[torch.device, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    dist = Distributed(device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device, dist = start_distributed(resolve_device(cfg.device))
     if cfg.batch_size % dist.world:
         dist.close()
         raise UsageError(
@@ -432,7 +437,7 @@ def _train_run(
         dist.close()
 
 
-def _train(cfg, run: RunFolder, ckpt, stop, device: torch.device, dist: Distributed) -> dict[str, Any]:
+def _train(cfg, run: RunFolder, ckpt, stop, device: torch.device, dist: Any) -> dict[str, Any]:
     out = run.root
     splits = data.load_splits(
         _resolve_data_dir(cfg, dist), name=cfg.dataset, val_size=cfg.val_size, train_size=cfg.train_size,
@@ -512,6 +517,45 @@ def _train(cfg, run: RunFolder, ckpt, stop, device: torch.device, dist: Distribu
         if cfg.plots:
             _plot_training(out, history)
     return metrics
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """Test metrics of a finished run folder: its selected weights (``best.pt``, loaded with
+    ``weights_only=True``) on the test split its ``config.json`` names. Returns ``test_error``,
+    ``test_loss`` and ``test_nfe_forward``, equal to the run's ``metrics.json`` entries on the same
+    device and thread count. ``data_dir`` overrides the run's data folder."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, "mnist", MNISTConfig)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    cfg = dataclasses.replace(cfg, download=False)
+    _check(cfg)
+    dev = eval_device(device, cfg)
+    if threads or cfg.threads:
+        torch.set_num_threads(threads or cfg.threads)
+    weights, saved = read_weights(run_dir / "best.pt", "mnist")
+    model = make_model(cfg).to(dev)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UsageError(f"{str(run_dir / 'best.pt')!r} does not fit the run's model: {exc}") from None
+    splits = data.load_splits(
+        _resolve_data_dir(cfg), name=cfg.dataset, val_size=cfg.val_size, train_size=cfg.train_size,
+        test_size=cfg.test_size, seed=cfg.seed,
+    )  # fmt: skip
+    print(
+        f"mnist: {cfg.model} from {run_dir / 'best.pt'} (epoch {saved.get('epoch')}), "
+        f"{splits.test_x.shape[0]} test images, device {dev}, {torch.get_num_threads()} thread(s)",
+        file=sys.stderr,
+    )
+    test = evaluate(model, splits.test_x, splits.test_y, cfg, dev, _Single(), desc="test")
+    return {"test_error": test["error"], "test_loss": test["loss"], "test_nfe_forward": test["nfe"]}
 
 
 def train(
@@ -925,12 +969,21 @@ def _table_memory(r: dict[str, Any]) -> float:
 
 
 def _check(cfg: MNISTConfig) -> None:
-    """Data files that are not there, before any folder is made."""
+    """Data files that are missing or corrupt (md5), before any folder is made. The files read here are
+    cached in the process, so training does not read them again. Under ``torchrun`` the global batch
+    must split evenly."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise UsageError(
+            f"batch-size={cfg.batch_size} must be divisible by the number of processes ({world})"
+        )
     if not cfg.download:
         root = Path(cfg.data_dir).expanduser() if cfg.data_dir else data.default_data_dir(cfg.dataset)
         try:
             data.check_files(root, cfg.dataset)
-        except FileNotFoundError as exc:
+            for split in ("train", "test"):
+                data.load_split(root, split, name=cfg.dataset)
+        except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from None
 
 
@@ -952,6 +1005,7 @@ MNIST = Experiment(
     ),
     resumable=_resumable,
     check=_check,
+    distributed=True,
 )
 
 
@@ -1011,6 +1065,16 @@ def _run_table1(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         )
         return exc.returncode or 1
     return 0
+
+
+def register_eval(evals: argparse._SubParsersAction) -> None:
+    """``neuralode eval mnist RUN_DIR``."""
+    _register_eval(
+        evals, "mnist", evaluate_run, data_dir=True, help="test error of a run folder's selected weights",
+        description="Evaluate a `neuralode train mnist` run folder's selected weights (best.pt) on the test "
+        "split of its config.json; print test_error, test_loss and test_nfe_forward as JSON (the values in "
+        "the run's metrics.json, on the same device and thread count).",
+    )  # fmt: skip
 
 
 def register(commands: argparse._SubParsersAction, train_cmds: argparse._SubParsersAction) -> None:

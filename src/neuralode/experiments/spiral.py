@@ -38,15 +38,15 @@ from neuralode.experiments._runs import (
     check_device_name,
     peak_memory_mb,
     plot_nfe,
-    resolve_device,
     seed_everything,
 )
 from neuralode.experiments._trainer import (
     Experiment,
     RunFolder,
-    StopSignal,
     Trainer,
+    _Single,
     execute,
+    on_device,
     register_experiment,
     write_config,
 )
@@ -135,7 +135,7 @@ class SpiralConfig:
 
 
 #: Fields a resumed run may change: they do not alter the sequence of weights.
-RESUMABLE_FIELDS = ("iters", "eval_every", "device", "threads", "plots")
+RESUMABLE_FIELDS = ("iters", "eval_every", "device", "threads", "plots", "max_steps")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -215,7 +215,7 @@ def _evaluate(func: nn.Module, t: torch.Tensor, true_y: torch.Tensor, cfg: Spira
 class _SpiralTask:
     """One minibatch step and one full-trajectory evaluation (see :class:`neuralode.experiments._trainer.Task`)."""
 
-    def __init__(self, cfg: SpiralConfig, func, node, optimizer, t, true_y):
+    def __init__(self, cfg: SpiralConfig, func, node, optimizer, t, true_y, dist=None):
         self.cfg, self.func, self.node, self.optimizer, self.t, self.true_y = (
             cfg,
             func,
@@ -224,6 +224,7 @@ class _SpiralTask:
             t,
             true_y,
         )
+        self.dist = dist if dist is not None else _Single()
         self.batch_gen = torch.Generator().manual_seed(cfg.seed)
         self.window = self._new_window()
         self.summary: dict[str, Any] = {
@@ -241,18 +242,22 @@ class _SpiralTask:
 
     def step(self, it: int) -> dict[str, Any]:
         y0b, tb, yb = _get_batch(self.t, self.true_y, self.cfg, self.batch_gen)
+        part = self.dist.shard(y0b.shape[0])  # under torchrun: this process's windows of the global batch
+        y0b, yb = y0b[part], yb[:, part]
         pred_b = self.node(y0b, tb)
         loss = (pred_b - yb).abs().mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.average_gradients(self.func.parameters(), y0b.shape[0])
         self.optimizer.step()
         stats = self.node.last_stats  # its .backward filled in during loss.backward()
         rec = {"loss": loss.item(), "nfe_forward": stats.nfe, "nfe_backward": stats.nfe_backward}
+        rec = self.dist.mean(rec, y0b.shape[0], self.t.device)
         w = self.window
         w["n"] += 1
         w["loss"] += rec["loss"]
-        w["nfe_f"] += stats.nfe
-        w["nfe_b"] += stats.nfe_backward
+        w["nfe_f"] += rec["nfe_forward"]
+        w["nfe_b"] += rec["nfe_backward"]
         return rec
 
     def evaluate(self, done: int) -> dict[str, Any]:
@@ -289,10 +294,11 @@ class _SpiralTask:
         return {"loss": f"{self.eval_loss:.4f}", "batch": f"{rec['loss']:.4f}", "nfe": rec["nfe_forward"]}
 
 
-def _train(cfg: SpiralConfig, run: RunFolder, ckpt: dict | None, stop: StopSignal | None) -> dict[str, Any]:
-    device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
-    write_config(run, "spiral", cfg, device=str(device), threads=torch.get_num_threads())
+@on_device
+def _train(cfg: SpiralConfig, run: RunFolder, ckpt, stop, device: torch.device, dist) -> dict[str, Any]:
+    write_config(
+        run, "spiral", cfg, device=str(device), threads=torch.get_num_threads(), world_size=dist.world
+    )
     t, true_y = make_spiral_data(cfg.data_size, cfg.t_end, device)
     seed_everything(cfg.seed)
     func = SpiralFunc(cfg.hidden).to(device)
@@ -305,10 +311,10 @@ def _train(cfg: SpiralConfig, run: RunFolder, ckpt: dict | None, stop: StopSigna
         options=_options(cfg, training=True),
     )
     optimizer = torch.optim.RMSprop(func.parameters(), lr=cfg.lr)
-    task = _SpiralTask(cfg, func, node, optimizer, t, true_y)
+    task = _SpiralTask(cfg, func, node, optimizer, t, true_y, dist)
     trainer = Trainer(
         run, "spiral", cfg, func, optimizer, total=cfg.iters, eval_every=cfg.eval_every,
-        eval_at_start=True, desc="spiral", stop=stop,
+        eval_at_start=True, desc="spiral", stop=stop, dist=dist,
     )  # fmt: skip
     if ckpt is not None:
         trainer.resume(ckpt, task)
@@ -332,11 +338,12 @@ def _train(cfg: SpiralConfig, run: RunFolder, ckpt: dict | None, stop: StopSigna
         "cpu_time_s": totals["cpu_time_s"],
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
+        "world_size": dist.world,
         "torch": torch.__version__,
         "neuralode": neuralode.__version__,
     }
     run.write_json("metrics.json", metrics)
-    if cfg.plots:
+    if cfg.plots and run.main:
         write_plots(run.root, func, t, true_y, task.pred, _read_jsonl(run.path("metrics.jsonl")))
     return metrics
 
@@ -493,6 +500,7 @@ SPIRAL = Experiment(
     default_out=lambda cfg: "runs/spiral",
     headline=_headline,
     resumable=lambda saved: RESUMABLE_FIELDS,
+    distributed=True,
 )
 _DESCRIPTION = (
     "Learn the spiral dynamics dy/dt = y^3 A from one trajectory by backprop through the solver "
