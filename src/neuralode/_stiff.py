@@ -21,8 +21,8 @@ matrix ``M = I − hγ J``. ``options['jacobian']`` chooses how ``J`` is formed 
   finite-difference directional derivatives of ``f``; no Jacobian is stored. ``"auto"`` picks it for
   states of more than 256 elements.
 
-As in Hairer and Wanner's codes, the Jacobian is kept across steps while Newton converges fast
-(contraction below ``1e-3``) and refreshed otherwise; the LU factorisation is kept while the step size
+As in Hairer and Wanner's codes, the Jacobian is kept across steps while Newton converges fast (every
+stage within two iterations, or contracting below ``1e-3``) and refreshed otherwise; the LU factorisation is kept while the step size
 stays within a factor ``[1, 1.2]`` of the one it was built for (the step is then not enlarged). A stage
 whose Newton iteration diverges or has not converged after ``options['max_iters']`` (default 7)
 iterations rejects the step: ``h`` is halved and a stale Jacobian refreshed. ``options['newton_tol']``
@@ -261,7 +261,7 @@ class _Newton:
             raise ValueError(f"options['max_iters'] must be a positive int, got {self.max_iters!r}")
         eps = torch.finfo(y0.dtype).eps
         rtol = problem.rtol if isinstance(problem.rtol, float) else float(problem.rtol.min())
-        kappa = opts.get("newton_tol", max(10 * eps / rtol, _KAPPA))
+        kappa = opts.get("newton_tol", max(10 * eps / rtol, min(_KAPPA, math.sqrt(rtol))))
         if not isinstance(kappa, (int, float)) or isinstance(kappa, bool) or not kappa > 0:
             raise ValueError(f"options['newton_tol'] must be a positive float, got {kappa!r}")
         self.kappa = float(kappa)
@@ -315,6 +315,7 @@ class _Newton:
         not converged: the caller rejects the step)."""
         z = z0
         prev = None
+        theta = 0.0
         self.fail_factor = 0.5
         eta = max(self.eta, self.eps) ** 0.8
         for k in range(self.max_iters):
@@ -327,7 +328,6 @@ class _Newton:
                 return None
             if prev is not None:
                 theta = ndz / prev if prev > 0 else 0.0
-                self.theta = max(self.theta, theta)
                 if theta >= 0.99:
                     return None
                 eta = theta / (1.0 - theta)
@@ -339,6 +339,8 @@ class _Newton:
                     return None
             if eta * ndz <= self.kappa or ndz == 0.0:
                 self.eta = eta
+                if k >= 2:  # converged in two iterations: the Jacobian is good enough whatever θ was
+                    self.theta = max(self.theta, theta)
                 return z
             prev = ndz
         return None
