@@ -11,6 +11,7 @@ from neuralode._batched_adjoint import odeint_per_sample_adjoint
 from neuralode._checkpoint import odeint_checkpoint
 from neuralode._compat import use_as_torchdiffeq
 from neuralode._compiled import FixedGridSolver
+from neuralode._dense_solution import DenseSolution, odeint_dense
 from neuralode._errors import SolverError
 from neuralode._event import odeint_event
 from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
@@ -27,6 +28,7 @@ __all__ = [
     "SOLVERS",
     "TABLEAUS",
     "ButcherTableau",
+    "DenseSolution",
     "FixedGridSolver",
     "NeuralODE",
     "PerSampleInfo",
@@ -35,6 +37,7 @@ __all__ = [
     "odeint",
     "odeint_adjoint",
     "odeint_checkpoint",
+    "odeint_dense",
     "odeint_event",
     "odeint_per_sample",
     "odeint_per_sample_adjoint",

@@ -400,7 +400,8 @@ def _row_max_norm(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).pow(2).mean(dim=1).max().sqrt()
 
 
-def _dense_output(tab: EsdirkTableau, y: torch.Tensor, ks, f1, h: float, thetas) -> list[torch.Tensor]:
+def dense_output(tab: EsdirkTableau, y: torch.Tensor, ks, f1, h: float, thetas) -> list[torch.Tensor]:
+    """The step's cubic Hermite interpolant at ``t + θh`` for each θ (``ks`` its stages, ``f1`` the last)."""
     k = torch.stack([*ks, f1]).reshape(len(ks) + 1, -1)
     w = torch.tensor(
         [[h * sum(p * th ** (j + 1) for j, p in enumerate(poly)) for poly in tab.dense] for th in thetas],
@@ -425,7 +426,10 @@ def _mode(opts: dict, y0: torch.Tensor, shapes) -> str:
     return mode
 
 
-def _run(problem, stats, y0: torch.Tensor) -> list[torch.Tensor]:
+def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]:
+    """The adaptive ESDIRK loop (``MethodSpec.run``). ``on_accept(t, h, y, stages, f1)``, if given, sees
+    every accepted step (its start, signed size, start state, stages and ``f`` at its end): what
+    :func:`dense_output` needs to evaluate the step anywhere inside."""
     tab = ESDIRK_TABLEAUS[problem.method]
     opts, t_out = problem.options, problem.t
     f = problem.f
@@ -515,8 +519,10 @@ def _run(problem, stats, y0: torch.Tensor) -> list[torch.Tensor]:
             while j < n_out and direction * (t_out[j] - t1) < 0:
                 inner.append((t_out[j] - t) / h_signed)
                 j += 1
+            if on_accept is not None:
+                on_accept(t, h_signed, y, ks, f1)
             if inner:
-                outputs.extend(_dense_output(tab, y, ks, f1, h_signed, inner))
+                outputs.extend(dense_output(tab, y, ks, f1, h_signed, inner))
             i_out = j
             if i_out < n_out and t_out[i_out] == t1:
                 outputs.append(y1)
