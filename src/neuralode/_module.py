@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,12 @@ class NeuralODE(nn.Module):
     Shapes: ``forward(y0)`` returns ``(len(t), *y0.shape)``, or ``y0.shape`` when ``only_last``.
     After each forward, ``last_stats`` holds the solve's :class:`SolveStats`; its ``.backward`` fills in
     when the backward pass runs.
+
+    ``torch.compile(model, fullgraph=True)`` and ``torch.export.export(model, (y0,))`` work for a
+    fixed-grid explicit Runge-Kutta ``method`` (``euler``, ``midpoint``, ``rk4``, ...) with
+    ``gradient="direct"``, the times given at construction and ``options`` at most ``step_size``: the
+    traced forward runs the same steps and linear interpolation as ``odeint``, with the grid fixed at
+    trace time and without input validation, the final finiteness check or ``last_stats``.
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class NeuralODE(nn.Module):
             raise TypeError(f"func must be an nn.Module, got {type(func).__name__}")
         self.func = func
         self.register_buffer("t", torch.as_tensor(t, dtype=torch.float64), persistent=False)
+        self._t_values = [float(x) for x in self.t.tolist()]  # the output plan of a traced solve
         self.method, self.rtol, self.atol = method, rtol, atol
         self.adjoint_rtol, self.adjoint_atol = adjoint_rtol, adjoint_atol
         self.options, self.adjoint_options = options, adjoint_options
@@ -88,11 +96,15 @@ class NeuralODE(nn.Module):
         if checkpoints is not None and (not isinstance(checkpoints, int) or checkpoints < 1):
             raise ValueError(f"checkpoints must be a positive int, got {checkpoints!r}")
         self.checkpoints = checkpoints
+        self._grid_values = self._fixed_grid()
         self.last_stats: SolveStats = SolveStats(backward=SolveStats())
 
     def forward(self, y0: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         from neuralode import odeint, odeint_adjoint, odeint_checkpoint
 
+        if t is None and torch.compiler.is_compiling() and self._traceable():
+            ys = self._traced_fixed_grid(y0)
+            return ys[-1] if self.only_last else ys
         t = self.t if t is None else t
         common = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
         with record_stats() as stats:
@@ -113,6 +125,51 @@ class NeuralODE(nn.Module):
                 ys = odeint(self.func, y0, t, **common)
         self.last_stats = stats
         return ys[-1] if self.only_last else ys
+
+    def _fixed_grid(self) -> list[float] | None:
+        """The step grid of a traced forward (see the class docstring), or ``None`` when not traceable."""
+        from neuralode._methods import TABLEAUS
+        from neuralode._problem import check_step_options, fixed_grid
+
+        tab = TABLEAUS.get(self.method)
+        opts = dict(self.options or {})
+        if tab is None or tab.adaptive or set(opts) - {"step_size"} or len(self._t_values) < 2:
+            return None
+        check_step_options(opts)
+        # Fill the tableau's cached properties now: dynamo cannot trace their first (locked) computation.
+        tab.fsal, tab.a_nonzero, tab.b_nonzero  # noqa: B018
+        return fixed_grid(self._t_values, opts.get("step_size"))
+
+    def _traceable(self) -> bool:
+        return self._grid_values is not None and self.gradient == "direct"
+
+    def _traced_fixed_grid(self, y0: torch.Tensor) -> torch.Tensor:
+        """The fixed-grid solve as a trace: Python numbers decide everything (grid, outputs), so
+        ``torch.compile(fullgraph=True)`` and ``torch.export`` see one straight-line graph."""
+        from neuralode._dense import interpolate, step_outputs
+        from neuralode._methods import TABLEAUS
+        from neuralode._rk import rk_step
+
+        tab = TABLEAUS[self.method]
+        t_out, grid = self._t_values, self._grid_values
+        direction = 1.0 if t_out[-1] > t_out[0] else -1.0
+        dtype, device = y0.dtype, y0.device
+
+        def f(tt: float, y: torch.Tensor) -> torch.Tensor:
+            return self.func(torch.scalar_tensor(tt, dtype=dtype, device=device), y)
+
+        outputs, i_out, y, f0 = [y0], 1, y0, None
+        for g0, g1 in itertools.pairwise(grid):
+            h = g1 - g0
+            y1, k = rk_step(f, tab, g0, h, y, f0)
+            thetas, i_out, at_end = step_outputs(t_out, i_out, g0, h, g1, direction)
+            if thetas:
+                outputs.extend(interpolate("linear", y, y1, None, None, h, thetas))
+            if at_end:
+                outputs.append(y1)
+                i_out += 1
+            y, f0 = y1, (k[-1] if tab.fsal else None)
+        return torch.stack(outputs)
 
     def extra_repr(self) -> str:
         extra = f", sensitivity={self.sensitivity!r}" if self.gradient == "adjoint" else ""
