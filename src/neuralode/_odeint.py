@@ -14,6 +14,7 @@ import torch
 
 from neuralode._batched import odeint_per_sample
 from neuralode._event import odeint_to_event
+from neuralode._func import odeint_vmapped, vmap_level
 
 # Names that other modules still import from here; they live in the builder (_problem) and the engine.
 from neuralode._problem import (  # noqa: F401
@@ -96,6 +97,9 @@ def odeint(
         ValueError, TypeError: bad arguments (the message names the argument).
         SolverError: non-finite values, step-size underflow, or more than ``max_num_steps`` steps.
     """
+    level = vmap_level()
+    if level is not None:  # under torch.func.vmap: each vmapped problem gets its own solve (_func.py)
+        return odeint_vmapped(level, func, y0, t, rtol, atol, method, options, event_fn, stats)
     if event_fn is not None:
         return odeint_to_event(
             func, y0, t, event_fn, rtol=rtol, atol=atol, method=method, options=options, stats=stats
