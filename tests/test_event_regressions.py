@@ -2,6 +2,7 @@
 time (against torchdiffeq), fixed-grid event accuracy, an event that never fires, and per-sample events
 (each sample stops at its own event) against per-sample joint solves and finite differences."""
 
+import functools
 import math
 
 import pytest
@@ -68,17 +69,26 @@ class Ball(nn.Module):
         return torch.cat(trajectory), torch.cat(event_times)
 
 
-def _train(lib, interface, steps=2):
-    times = torch.linspace(0, 2.0, 11, dtype=F64)
+_TIMES = torch.linspace(0, 2.0, 11, dtype=F64)
+
+
+@functools.cache
+def _target() -> torch.Tensor:
     with torch.no_grad():
-        target, _ = Ball(9.8, 0.2, 0.8).simulate(lib, interface, times)
+        return Ball(9.8, 0.2, 0.8).simulate(neuralode, odeint, _TIMES)[0]
+
+
+def _train(lib, interface, steps=2):
+    times, target = _TIMES, _target()
     model = Ball()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     history = []
     for _ in range(steps):
         opt.zero_grad()
         trajectory, event_times = model.simulate(lib, interface, times)
-        loss = ((trajectory - target) ** 2).mean() + event_times.sum() * 1e-2
+        # The bounce times enter the loss; the terminal one does not: torchdiffeq's bisection may end a
+        # hair before the terminal time, where the event function is the ball's and its gradient is not 0.
+        loss = ((trajectory - target) ** 2).mean() + event_times[:-1].sum() * 1e-2
         loss.backward()
         grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         history.append((loss.detach(), event_times.detach(), grads.clone()))
