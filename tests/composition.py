@@ -7,7 +7,8 @@ A cell is ``(method, mode, execution, gradient, event, dtype)``:
 * gradient: ``direct`` (backprop through the solver), ``adjoint`` (``odeint_adjoint``) or ``checkpoint``
   (``odeint_checkpoint``);
 * event: ``none`` (solve to fixed output times) or ``event`` (``odeint_event``, a terminal event whose time
-  and state are differentiated);
+  and state are differentiated; in per-sample mode each row stops at its own event, with event times of
+  shape ``(B,)``);
 * dtype: ``float32`` or ``float64``.
 
 Every cell either matches the reference or raises, at the call, a ``ValueError``/``TypeError``/
@@ -250,6 +251,11 @@ def tolerance(cell: Cell) -> float:
     tol = max(10 * baseline_error(cell.method), 1e-6)
     if cell.gradient == "adjoint" and not is_adaptive(cell.method):
         tol = max(tol, 20.0 * order_bound(cell.method))  # the backward solve's own discretisation error
+    if cell.event == "event" and cell.gradient == "adjoint" and not is_adaptive(cell.method):
+        # odeint_adjoint solves to the located event time, which is off the grid: the last step is
+        # shortened, and the multistep (Adams) formulas, which assume equal spacing (as torchdiffeq's do),
+        # are only about second-order accurate over it (4e-5 at step 1/32, in both libraries).
+        tol = max(tol, 0.1 * FIXED_STEP**2)
     if cell.dtype == "float32":
         tol += 2e-3
     return tol
@@ -346,7 +352,10 @@ cells; `--all` runs every cell, compiled ones included, in about ten minutes).
 Columns: gradient method (`direct` = backprop through `odeint`, `adjoint` = `odeint_adjoint`,
 `checkpoint` = `odeint_checkpoint`) / `none` = fixed output times, `event` = `odeint_event` with a terminal
 event / dtype. Rows: `joint` = one step size for the whole batch, `per_sample` = `options={"per_sample":
-True}`; `compiled` = `options={"compile": True}`.
+True}`; `compiled` = `options={"compile": True}`. In the joint rows the event is the first zero of row 0's
+first component (one time for the batch); in the per-sample rows every row stops at the first zero of its
+own first component (event times of shape `(batch,)`, each differentiated by the implicit function
+theorem), and the reference locates each row's event on the analytic solution.
 
 """
 

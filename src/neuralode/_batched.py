@@ -135,12 +135,16 @@ def solve_rows(
 # -- the loop ----------------------------------------------------------------------------------------------
 
 
-def _integrate(problem: RowsProblem, stats: SolveStats, throw: bool) -> tuple[torch.Tensor, PerSampleInfo]:
+def _integrate(
+    problem: RowsProblem, stats: SolveStats, throw: bool, event=None
+) -> tuple[torch.Tensor, PerSampleInfo]:
     """The per-sample loop on the flat ``(B, n)`` state, eager or with the compiled step (cached per
-    ``func``); the adjoint's hooks run eagerly."""
+    ``func``); the adjoint's hooks run eagerly. ``event`` (see ``_event.RowEvent``) stops each row at
+    its own terminal event: ``event.check(t, h, t_new, y, y1, stages, accept) -> fired`` after every
+    step."""
     compile_kwargs = problem.settings.compile
     if compile_kwargs is None or problem.quad is not None or problem.jump is not None:
-        return _loop(problem, stats, throw, None)
+        return _loop(problem, stats, throw, None, event)
     from neuralode._compiled_step import compiled_step
 
     step, release = compiled_step(
@@ -154,13 +158,13 @@ def _integrate(problem: RowsProblem, stats: SolveStats, throw: bool) -> tuple[to
         rows=(tuple(problem.shape), problem.groups),
     )
     try:
-        return _loop(problem, stats, throw, step)
+        return _loop(problem, stats, throw, step, event)
     finally:
         release()
 
 
 def _loop(
-    problem: RowsProblem, stats: SolveStats, throw: bool, compiled
+    problem: RowsProblem, stats: SolveStats, throw: bool, compiled, event=None
 ) -> tuple[torch.Tensor, PerSampleInfo]:
     f, tab, y, f0, tt = problem.f, problem.tab, problem.y0, problem.f0, problem.t
     rtol, atol, s = problem.rtol, problem.atol, problem.settings
@@ -272,6 +276,8 @@ def _loop(
             running_next = running & ~(reached & ~hit)
         else:
             running_next = running & ~(accept & last)
+        if event is not None:  # rows whose accepted step crossed their event stop there
+            running_next = running_next & ~event.check(t, h_signed, t_new, y, y1, [*k, f1], accept)
         underflow = (t_try == t) & running
         flags = torch.stack([running_next.any(), torch.isfinite(ratio).all(), underflow.any()])
         if jump is not None:

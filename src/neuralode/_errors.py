@@ -6,10 +6,11 @@ __all__ = ["SolverError"]
 
 
 class SolverError(RuntimeError):
-    """A solve could not finish: non-finite values, step-size underflow, or too many steps.
+    """A solve could not finish: non-finite values, step-size underflow, too many steps, or no event.
 
     Attributes:
-        reason: ``"nonfinite"``, ``"underflow"`` or ``"max_num_steps"``.
+        reason: ``"nonfinite"``, ``"underflow"``, ``"max_num_steps"``, or ``"no_event"`` (an event search
+            that used up its step budget before the event function crossed zero).
         t: time reached (float), ``step_size``: the last attempted step, ``n_steps``: attempted steps.
     """
 
@@ -20,6 +21,9 @@ class SolverError(RuntimeError):
             "underflow": "the problem may be stiff or have a singularity here; loosen rtol/atol, set "
             "options['min_step'], or try an implicit method",
             "max_num_steps": "raise options['max_num_steps'], loosen rtol/atol, or shorten the interval",
+            "no_event": "check event_fn's sign at t0 and along the solution (the event is a change of sign), "
+            "return torch.zeros_like(t) past a terminal time to bound the search, or raise "
+            "options['max_num_steps'] to search further",
         }[reason]
         super().__init__(f"{message} at t={t:.6g} (step size {step_size:.3g}, after {n_steps} steps): {hint}")
         self.reason, self.t, self.step_size, self.n_steps = reason, t, step_size, n_steps

@@ -16,8 +16,9 @@ multiplied by its sign at ``t0`` and the minimum is taken, so the event fires wh
 Adaptive methods evaluate the event at the end of every attempted step and fetch its sign together with
 the error ratio (no extra synchronisation per step); on the first accepted step where it has crossed,
 the root is located on that step's dense output with the Illinois (regula falsi) method, to a bracket of
-``atol`` in time (as torchdiffeq's bisection) or an exact zero. Fixed-grid methods need
-``options['step_size']`` and search the linear (or cubic, ``interp='cubic'``) interpolant of the step.
+``atol`` in time (as torchdiffeq's bisection). Fixed-grid methods need ``options['step_size']`` and
+search the cubic Hermite interpolant of the step (through both ends' states and derivatives), whatever
+``options['interp']``: fourth-order in the step size where a linear search is second-order.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from neuralode._dense import dense_eval, interpolate
+from neuralode._dense import dense_eval, dense_rows, hermite
 from neuralode._errors import SolverError
 from neuralode._methods import TABLEAUS
 from neuralode._problem import _time, delta, make_problem, shifted_start
@@ -40,6 +41,9 @@ from neuralode._stats import SolveStats, _report_forward
 __all__ = ["odeint_event"]
 
 _MAX_FIXED_STEPS = 20_000  # torchdiffeq's cap on fixed-grid steps while searching for an event
+#: Default ``max_num_steps`` of an adaptive event search: an event that never fires ends in a
+#: ``SolverError`` (reason ``"no_event"``) after this many steps instead of a million.
+EVENT_STEP_BUDGET = 20_000
 _MAX_ROOT_ITERS = 200
 
 
@@ -98,8 +102,19 @@ def odeint_to_event(
         )
     if options is not None and "per_sample" in options:
         options = dict(options)
-        if options.pop("per_sample"):
-            raise ValueError("event_fn is not supported with options['per_sample']=True")
+        if options.pop("per_sample"):  # each sample stops at its own event (times detached, as below)
+            return per_sample_event(
+                func,
+                y0,
+                t,
+                event_fn,
+                rtol=rtol,
+                atol=atol,
+                method=method,
+                options=options,
+                differentiable=False,
+                stats=stats,
+            )
     problem = make_problem(func, y0, t, rtol, atol, method, options)
     solve_stats = SolveStats(n_solves=1, nfe=1)  # the evaluation of func(t0, y0) in make_problem
     y0_run, f0_run = shifted_start(problem, t, solve_stats)
@@ -132,16 +147,17 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
 
     tab = TABLEAUS.get(problem.method)
     if tab is not None and tab.adaptive:
-        endless = dataclasses.replace(problem, t=[t0, direction * math.inf])
+        budget = problem.options.get("max_num_steps", EVENT_STEP_BUDGET)
+        endless = dataclasses.replace(
+            problem,
+            t=[t0, direction * math.inf],
+            settings=dataclasses.replace(problem.settings, max_num_steps=budget),
+        )
         try:
             run(endless, stats, y0=y_start, f0=f0, event=event)
         except SolverError as err:
-            raise SolverError(
-                err.reason,
-                f"no event before the solve stopped ({err.reason})",
-                t=err.t,
-                step_size=err.step_size,
-                n_steps=err.n_steps,
+            raise _search_failed(
+                err.reason, budget, t=err.t, step_size=err.step_size, n_steps=err.n_steps
             ) from err
         if event.step is None:  # cannot happen: the loop only ends on the event or by raising
             raise RuntimeError("the solve ended without reaching the event")
@@ -167,11 +183,12 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
         )
     stepper = rk_stepper(tab) if spec is None else spec.make_stepper(problem)
     h = direction * step
-    interp_kind = problem.options.get("interp", "linear")
     perturb = bool(problem.options.get("perturb", False))
+    cubic = (tab.order if spec is None else spec.order) > 1
     t, y = t0, y_start
     f0 = problem.f0 if f0 is None else f0
-    for n in range(_MAX_FIXED_STEPS):
+    budget = problem.options.get("max_num_steps", _MAX_FIXED_STEPS)
+    for n in range(budget):
         if problem.callbacks is not None:
             problem.callbacks.step(t, y, h)
         t1 = t0 + (n + 1) * h
@@ -183,12 +200,16 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
         stats.n_steps += 1
         stats.n_accepted += 1
         if bool(event.crossed(t1, y1)):  # one synchronisation per step
-            if interp_kind == "cubic" and f1 is None:
+            # The event is located on the step's cubic Hermite interpolant whatever options['interp']
+            # says: fourth-order accurate in h where the linear one is second-order, for the one
+            # evaluation f(t1, y1) that the next step would have needed anyway. First-order methods
+            # keep the line: Euler's step is exactly linear in time.
+            if cubic and f1 is None:
                 f1 = problem.f(t1, y1)
                 stats.nfe += 1
 
             def interp(theta, y=y, y1=y1, fa=f0, fb=f1):
-                return interpolate(interp_kind, y, y1, fa, fb, h, [theta])[0]
+                return hermite(y, y1, fa, fb, h, theta) if cubic else torch.lerp(y, y1, theta)
 
             theta = _root(lambda th, t=t, interp=interp: event.value(t + th * h, interp(th)), abs(h), tol)
             return done(t + theta * h, interp(theta))
@@ -198,12 +219,26 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
             stats.nfe += 1
         f0 = f1
     raise SolverError(
-        "max_num_steps",
-        f"no event within {_MAX_FIXED_STEPS} fixed steps",
+        "no_event",
+        f"event_fn never crossed zero within {budget} fixed steps of size {step} (options['max_num_steps'])",
         t=t,
         step_size=h,
-        n_steps=_MAX_FIXED_STEPS,
+        n_steps=budget,
     )
+
+
+def _search_failed(reason: str, budget: int, prefix: str = "", **where) -> SolverError:
+    """The error of an event search that stopped before its event (``reason``: the loop's); ``where``:
+    the ``t``, ``step_size`` and ``n_steps`` at which it stopped."""
+    # A step size that grew to inf (the solution settled) is an endless search too, not bad dynamics.
+    if reason == "max_num_steps" or (reason == "nonfinite" and where["step_size"] in (math.inf, -math.inf)):
+        return SolverError(
+            "no_event",
+            f"{prefix}event_fn never crossed zero within the event search's step budget of {budget} steps "
+            "(options['max_num_steps'])",
+            **where,
+        )
+    return SolverError(reason, f"{prefix}no event before the solve stopped ({reason})", **where)
 
 
 def _time_tol(atol) -> float:
@@ -214,15 +249,17 @@ def _time_tol(atol) -> float:
 
 @torch.no_grad()
 def _root(c: Callable[[float], torch.Tensor], span: float, tol: float) -> float:
-    """A root θ ∈ (0, 1] of ``c`` (``c(0) > 0 ≥ c(1)``) by the Illinois method, to a bracket of
-    ``tol / span`` in θ (``tol`` in time units) or an exact zero. One synchronisation per iteration."""
+    """The first crossing θ ∈ (0, 1] of ``c`` (``c(0) > 0 ≥ c(1)``) by the Illinois method, to a bracket of
+    ``tol / span`` in θ (``tol`` in time units). One synchronisation per iteration.
+
+    A value of exactly zero counts as crossed (as a sign different from the start's), so an event
+    function that is held at zero over an interval (``torch.zeros_like(t)`` past a terminal time) still
+    has its first crossing located: the secant then falls on the bracket's end, and the step bisects.
+    """
     lo, hi = 0.0, 1.0
     c_lo, c_hi = float(c(lo)), float(c(hi))
-    if c_hi == 0.0:
-        return hi
     width = tol / span if span > 0 else 0.0
     side = 0
-    theta = hi
     for _ in range(_MAX_ROOT_ITERS):
         if hi - lo <= width:
             break
@@ -231,8 +268,6 @@ def _root(c: Callable[[float], torch.Tensor], span: float, tol: float) -> float:
         if not (lo < theta < hi):
             theta = 0.5 * (lo + hi)
         c_mid = float(c(theta))
-        if c_mid == 0.0:
-            return theta
         if c_mid > 0:
             lo, c_lo = theta, c_mid
             if side == 1:
@@ -243,8 +278,7 @@ def _root(c: Callable[[float], torch.Tensor], span: float, tol: float) -> float:
             if side == -1:
                 c_lo *= 0.5
             side = -1
-    # The end closer to the zero of the (modified) secant: report the side that has crossed, so that the
-    # event has fired at the returned time.
+    # Report the side that has crossed, so that the event has fired at the returned time.
     return hi
 
 
@@ -268,18 +302,29 @@ def odeint_event(
         odeint_interface: ``neuralode.odeint`` (default) or ``neuralode.odeint_adjoint`` (or any function
             with their signature): how the state at the event is computed and differentiated.
         **kwargs: ``rtol``, ``atol``, ``method``, ``options`` (and, for ``odeint_adjoint``, its adjoint
-            arguments).
+            arguments). ``options["max_num_steps"]`` bounds the search (default 20,000 steps, or
+            20,000 fixed-grid steps): an event that never fires raises a :class:`SolverError` with reason
+            ``"no_event"``. ``options={"per_sample": True}`` (adaptive methods): ``y0`` is a batch
+            ``(B, *shape)``, every sample gets its own step sizes (as
+            :func:`neuralode.odeint_per_sample`: ``func`` and ``event_fn`` receive ``t`` of shape ``(B,)``)
+            and stops at its own event; ``event_fn`` returns ``(B,)`` or ``(B, k)``; ``t0`` may be
+            ``(B,)``.
 
     Returns:
         ``(event_t, solution)``: the event time (0-d, ``t0``'s dtype) and the states at ``t0`` and at the
         event, ``(2, *y0.shape)`` (a tuple of those for a tuple state). Both carry gradients with respect
         to ``y0``, ``t0`` and the parameters of ``func`` and ``event_fn`` (implicit function theorem).
+        With ``per_sample``: event times ``(B,)`` and states ``(2, B, *shape)`` (row ``b`` at its own
+        event), differentiable with respect to ``y0`` and the parameters (not ``t0``).
 
     Raises:
         TypeError, ValueError: bad arguments; SolverError: the solve failed before the event.
     """
     if not isinstance(t0, torch.Tensor):
         raise TypeError(f"t0 must be a floating 0-d tensor, got {type(t0).__name__}")
+    options = kwargs.get("options")
+    if isinstance(options, dict) and options.get("per_sample"):
+        return _odeint_event_per_sample(func, y0, t0, event_fn, reverse_time, odeint_interface, **kwargs)
     if t0.numel() != 1 or not t0.is_floating_point():
         raise ValueError(
             f"t0 must be a single floating-point time, got shape {tuple(t0.shape)} dtype {t0.dtype}"
@@ -295,6 +340,29 @@ def odeint_event(
     else:
         event_t, solution = solve_to_event_with(odeint_interface, func, y0, t, event_fn, **kwargs)
     return _reroute(func, event_fn, t0.detach().reshape(()), event_t, solution)
+
+
+def _odeint_event_per_sample(func, y0, t0, event_fn, reverse_time, interface, **kwargs):
+    if interface is not None and not getattr(interface, "solves_to_event", False):
+        raise ValueError(
+            "options['per_sample']=True with events differentiates by backpropagation through the "
+            "per-sample steps: odeint_interface must be neuralode.odeint (per-sample events are not "
+            "supported with odeint_adjoint or odeint_checkpoint)"
+        )
+    unknown = sorted(set(kwargs) - {"rtol", "atol", "method", "options"})
+    if unknown:
+        raise TypeError(f"odeint_event got unexpected keyword argument(s) {unknown} with per_sample=True")
+    if not t0.is_floating_point() or t0.dim() > 1:
+        raise ValueError(
+            f"with options['per_sample']=True, t0 must be a floating 0-d tensor or one start time per "
+            f"sample (batch,), got shape {tuple(t0.shape)} dtype {t0.dtype}"
+        )
+    if t0.requires_grad:
+        raise ValueError("gradients with respect to t0 are not supported with options['per_sample']=True")
+    options = dict(kwargs.pop("options"))
+    del options["per_sample"]
+    t = torch.stack([t0, t0 + (-1.0 if reverse_time else 1.0)], dim=-1)
+    return per_sample_event(func, y0, t, event_fn, options=options, **kwargs)
 
 
 def solve_to_event_with(interface: Callable, func, y0, t: torch.Tensor, event_fn: Callable, **kwargs):
@@ -348,7 +416,12 @@ def _reroute(func, event_fn, t0: torch.Tensor, event_t: torch.Tensor, solution):
         t_var = t_e.clone().requires_grad_(True)
         y_var = y_e.detach().requires_grad_(True)
         c_val = c(t_var, y_var)
-        dc_dt, dc_dy = torch.autograd.grad(c_val, (t_var, y_var), allow_unused=True)
+        # An event function that is constant here (e.g. ``torch.zeros_like(t)`` past a terminal time)
+        # does not depend on (t, y): both partial derivatives are zero.
+        if c_val.requires_grad:
+            dc_dt, dc_dy = torch.autograd.grad(c_val, (t_var, y_var), allow_unused=True)
+        else:
+            dc_dt = dc_dy = None
     with torch.no_grad():
         f_e = f_flat(t_e, y_e.detach())
         dc_dt = torch.zeros((), dtype=dtype, device=device) if dc_dt is None else dc_dt
@@ -357,6 +430,10 @@ def _reroute(func, event_fn, t0: torch.Tensor, event_t: torch.Tensor, solution):
         total = total + 1e-12 * torch.where(total >= 0, 1.0, -1.0)  # a tangential crossing has no derivative
 
     c_live = c(t_e, y_e)  # depends on y0, t0 and parameters through y_e, and on event_fn's parameters
+    if not c_live.requires_grad and y_e.requires_grad:
+        # A constant event: the event time does not move with the inputs (zero gradient), but it stays
+        # in the graph like the state, so a loss built from event times can still be differentiated.
+        c_live = c_live + 0.0 * y_e.sum()
     shift = -(c_live - c_live.detach()) / total  # zero in value; the gradient of the event time
     event_out = (event_t.detach() + shift.to(event_t.dtype)).reshape(event_t.shape)
     y_out = y_e + f_e * shift
@@ -365,3 +442,184 @@ def _reroute(func, event_fn, t0: torch.Tensor, event_t: torch.Tensor, solution):
     sizes = [math.prod(s) for s in shapes]
     parts = [p.view(s) for p, s in zip(y_out.split(sizes), shapes)]
     return event_out, tuple(torch.cat([s[:-1], p[None]], dim=0) for s, p in zip(solution, parts))
+
+
+# -- per-sample events -------------------------------------------------------------------------------------
+
+
+class RowEvent:
+    """Each row's terminal event for the per-sample loop (``_batched._loop``'s ``event`` hook).
+
+    ``g(t, y)`` takes the row times ``(B,)`` and the flat states ``(B, n)`` and returns ``(B, k)``; a row's
+    event is the first sign change of any of its ``k`` entries (combined as the joint event: times the
+    sign at ``t0``, then the minimum). ``check`` is called after every step: a row whose accepted step
+    ended past its event has fired, and that step (start, size, state, stages) is kept for the root
+    search, by masks on the device (no extra synchronisation).
+    """
+
+    def __init__(self, g: Callable, t0: torch.Tensor, y0: torch.Tensor):
+        self.g = g
+        with torch.no_grad():
+            self.sign0 = torch.sign(g(t0, y0))
+        self.at_start = self.value(t0, y0) == 0  # rows already on their event (torchdiffeq: event at t0)
+        self.step: list[torch.Tensor] | None = None
+
+    def value(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``min_i sign_i(t0) · g_i(t, y)`` per row, ``(B,)``: positive until the row's event."""
+        return torch.amin(self.g(t, y) * self.sign0, dim=1)
+
+    def check(self, t, h, t_new, y, y1, k_ext: list[torch.Tensor], accept: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            fired = accept & ((self.value(t_new, y1) <= 0) | self.at_start)
+        new = [t, h, y, *k_ext]
+        if self.step is None:
+            self.step = new
+        else:
+            col = fired.unsqueeze(1)
+            self.step = [torch.where(fired if a.dim() == 1 else col, a, b) for a, b in zip(new, self.step)]
+        return fired
+
+
+def _row_event_fn(event_fn: Callable, shape, dtype) -> Callable:
+    B = shape[0]
+
+    def g(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = event_fn(t.to(dtype), y.view(shape))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"event_fn(t, y) must return a tensor, got {type(out).__name__}")
+        if out.dim() == 0 or out.shape[0] != B:
+            raise ValueError(
+                f"with options['per_sample']=True, event_fn(t, y) must return one value (or a row of "
+                f"values) per sample, shape ({B},) or ({B}, k); got {tuple(out.shape)}"
+            )
+        return out.reshape(B, -1)
+
+    return g
+
+
+@torch.no_grad()
+def _root_rows(c: Callable[[torch.Tensor], torch.Tensor], c_lo, c_hi, width: torch.Tensor) -> torch.Tensor:
+    """:func:`_root` for every row at once: the first crossing θ ∈ (0, 1] of each row's ``c`` (``(B,)``
+    in, ``(B,)`` out), to a bracket of ``width`` per row. One synchronisation per iteration."""
+    lo = torch.zeros_like(c_lo)
+    hi = torch.ones_like(c_lo)
+    side = torch.zeros_like(c_lo)
+    for _ in range(_MAX_ROOT_ITERS):
+        active = (hi - lo) > width
+        if not bool(active.any()):
+            break
+        denom = c_lo - c_hi
+        theta = (lo * -c_hi + hi * c_lo) / torch.where(denom != 0, denom, torch.ones_like(denom))
+        theta = torch.where((denom != 0) & (lo < theta) & (theta < hi), theta, 0.5 * (lo + hi))
+        c_mid = c(theta)
+        up = active & (c_mid > 0)  # the root lies above theta
+        down = active & ~(c_mid > 0)
+        c_hi = torch.where(up & (side == 1), 0.5 * c_hi, c_hi)  # Illinois, as in _root
+        c_lo = torch.where(down & (side == -1), 0.5 * c_lo, c_lo)
+        lo, c_lo = torch.where(up, theta, lo), torch.where(up, c_mid, c_lo)
+        hi, c_hi = torch.where(down, theta, hi), torch.where(down, c_mid, c_hi)
+        side = torch.where(up, 1.0, torch.where(down, -1.0, side))
+    return hi
+
+
+def per_sample_event(
+    func: Callable,
+    y0: torch.Tensor,
+    t: torch.Tensor,
+    event_fn: Callable,
+    *,
+    rtol=1e-7,
+    atol=1e-9,
+    method: str | None = None,
+    options: dict | None = None,
+    differentiable: bool = True,
+    stats=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample terminal events: every row of ``y0`` (``(B, *shape)``) is solved with its own step
+    sizes (as :func:`neuralode.odeint_per_sample`) until its own event; ``t`` is ``(2,)`` or ``(B, 2)``
+    (start, and a time giving the direction). Returns ``(event_t, solution)``: ``(B,)`` times (``t``'s
+    dtype) and ``(2, B, *shape)`` states at the start and at each row's event. With ``differentiable``
+    the times carry implicit-function-theorem gradients and the states move with them, as
+    :func:`odeint_event`; otherwise the times are detached (``odeint``'s ``event_fn``)."""
+    from neuralode._batched import STATUS, _integrate
+    from neuralode._problem import make_rows_problem
+
+    if not callable(event_fn):
+        raise TypeError(f"event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
+    if not isinstance(t, torch.Tensor) or t.shape[-1:] != (2,) or t.dim() > 2:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(
+            f"event_fn needs t with exactly 2 entries per sample ((2,) or (batch, 2): start, and a time "
+            f"giving the direction), got {got}"
+        )
+    options = dict(options or {})
+    options.setdefault("max_num_steps", EVENT_STEP_BUDGET)
+    problem = make_rows_problem(func, y0, t, rtol, atol, method, options)
+    t2, tab, f, shape = problem.t, problem.tab, problem.f, problem.shape
+    y_flat = problem.y0
+    B = y_flat.shape[0]
+    direction = torch.sign(t2[:, 1] - t2[:, 0])
+    endless = dataclasses.replace(problem, t=torch.stack([t2[:, 0], direction * math.inf], dim=1))
+    solve_stats = SolveStats(n_solves=1, nfe=1)  # func(t0, y0) in make_rows_problem
+    event = RowEvent(_row_event_fn(event_fn, shape, problem.y0.dtype), t2[:, 0], problem.y0.detach())
+    _, info = _integrate(endless, solve_stats, True, event)
+    failed = (info.status != 0).nonzero().flatten().tolist()
+    if failed:
+        b = failed[0]
+        raise _search_failed(
+            STATUS[int(info.status[b])],
+            problem.settings.max_num_steps,
+            f"{len(failed)} of {B} samples failed (first: sample {b}): ",
+            t=float(info.t[b]),
+            step_size=float("nan"),
+            n_steps=int(info.n_steps[b]),
+        )
+    t_s, h_s, y_s, *k_ext = event.step
+    # The dense output's extra stages (if the tableau has any) are evaluated once, with gradients on.
+    dense_rows(f, tab, t_s, h_s, y_s, k_ext, t_s.unsqueeze(1), solve_stats)
+
+    def state_at(theta: torch.Tensor) -> torch.Tensor:
+        return dense_rows(f, tab, t_s, h_s, y_s, k_ext, (t_s + theta * h_s).unsqueeze(1), solve_stats)[:, 0]
+
+    with torch.no_grad():
+        c_lo = event.value(t_s, y_s.detach())
+        c_hi = event.value(t_s + h_s, state_at(torch.ones_like(t_s)))
+        width = _time_tol(atol) / h_s.abs().clamp(min=torch.finfo(h_s.dtype).tiny)
+        width = torch.where(event.at_start, torch.ones_like(width), width)
+        theta = _root_rows(lambda th: event.value(t_s + th * h_s, state_at(th)), c_lo, c_hi, width)
+    theta = torch.where(event.at_start, torch.zeros_like(theta), theta)
+    t_e = t_s + theta * h_s
+    y_e = torch.where(event.at_start.unsqueeze(1), y_flat, state_at(theta))
+    _report_forward(solve_stats)
+    if stats is not None:
+        stats.add(solve_stats)
+    if differentiable:
+        t_out, y_out = _reroute_rows(f, event, t_e, y_e)
+    else:
+        t_out, y_out = t_e, y_e
+    return t_out.to(t.dtype), torch.stack([y0, y_out.view(shape)])
+
+
+def _reroute_rows(f: Callable, event: RowEvent, t_e: torch.Tensor, y_e: torch.Tensor):
+    """:func:`_reroute` per row: each row's event time gets its implicit-function-theorem gradient,
+    ``dT_b = −dc_b / (∂c_b/∂t + ∂c_b/∂y · f_b)``, and its state moves by ``f_b · dT_b``."""
+    t_e = t_e.detach()
+    with torch.enable_grad():
+        t_var = t_e.clone().requires_grad_(True)
+        y_var = y_e.detach().requires_grad_(True)
+        c_val = event.value(t_var, y_var)
+        if c_val.requires_grad:
+            dc_dt, dc_dy = torch.autograd.grad(c_val.sum(), (t_var, y_var), allow_unused=True)
+        else:
+            dc_dt = dc_dy = None
+    with torch.no_grad():
+        f_e = f(t_e, y_e.detach())
+        dc_dt = torch.zeros_like(t_e) if dc_dt is None else dc_dt
+        dc_dy = torch.zeros_like(y_e) if dc_dy is None else dc_dy
+        total = dc_dt.to(y_e.dtype) + (dc_dy * f_e).sum(dim=1)
+        total = total + 1e-12 * torch.where(total >= 0, 1.0, -1.0)
+    c_live = event.value(t_e, y_e)
+    if not c_live.requires_grad and y_e.requires_grad:
+        c_live = c_live + 0.0 * y_e.sum(dim=1)
+    shift = -(c_live - c_live.detach()) / total
+    return t_e + shift.to(t_e.dtype), y_e + f_e * shift.unsqueeze(1)

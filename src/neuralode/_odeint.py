@@ -72,7 +72,8 @@ def odeint(
             limits inside each step, never at a grid point), ``max_num_steps`` (the most grid intervals,
             default 1,000,000: a larger grid is refused before it is built). ``per_sample=True`` (adaptive
             methods): every sample of the first dimension gets its own step size; see
-            :func:`neuralode.odeint_per_sample` (``func`` then receives ``t`` of shape ``(batch,)``).
+            :func:`neuralode.odeint_per_sample` (``func`` then receives ``t`` of shape ``(batch,)``);
+            with ``event_fn`` each sample stops at its own event (event times ``(batch,)``).
             Adaptive also: ``step_t``/``jump_t`` (times to step exactly onto; at a ``jump_t`` ``func`` is
             re-evaluated past the discontinuity). Explicit Runge-Kutta methods, adaptive and fixed-grid
             (``interp="linear"``, no ``perturb``): ``compile`` (``True`` or a dict of ``torch.compile``
