@@ -150,7 +150,7 @@ def _rk38(f, t, h, y, k1, stats) -> torch.Tensor:
     return rk_step(f, RK4, t, h, y, k1)[0]
 
 
-_FIXED = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "max_num_steps"}
+_FIXED = {"step_size", "grid_constructor", "interp", "perturb", "dtype", "max_num_steps", "throw"}
 SPECS = [
     MethodSpec(
         name="explicit_adams",

@@ -30,8 +30,8 @@ from neuralode._stats import SolveStats, _report_forward
 
 __all__ = ["PerSampleInfo", "odeint_per_sample"]
 
-#: Status codes of :class:`PerSampleInfo` (``status`` tensor).
-STATUS = {0: "success", 1: "max_num_steps", 2: "underflow", 3: "nonfinite"}
+#: Status codes of :class:`PerSampleInfo` (``status`` tensor), as ``SolveStats.status`` in per-sample mode.
+STATUS = SolveStats.STATUS
 _RUNNING_OR_OK, _MAX_STEPS, _UNDERFLOW, _NONFINITE = 0, 1, 2, 3
 
 
@@ -41,7 +41,8 @@ class PerSampleInfo:
 
     Attributes:
         status: 0 success, 1 ``max_num_steps`` exceeded, 2 step-size underflow, 3 non-finite state
-            (see ``STATUS``). Only returned with ``throw=False``; otherwise a failure raises.
+            (see ``SolveStats.STATUS``). Only returned with ``throw=False``; otherwise a failure raises.
+            The same tensors are the solve's ``SolveStats.status`` and ``SolveStats.t_reached``.
         n_steps, n_accepted, n_rejected: attempted / accepted / rejected steps of each sample.
         t: time each sample reached.
         nfe: calls of ``func`` on the whole batch (int); each call evaluates every sample.
@@ -64,7 +65,7 @@ def odeint_per_sample(
     atol: float | torch.Tensor = 1e-9,
     method: str | None = None,
     options: dict[str, Any] | None = None,
-    throw: bool = True,
+    throw: bool | None = None,
     return_info: bool = False,
     stats: SolveStats | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, PerSampleInfo]:
@@ -85,9 +86,12 @@ def odeint_per_sample(
             1,000,000); the step-size controller, as ``odeint``: ``controller`` (``"i"`` or ``"pi"``),
             ``pcoeff``, ``icoeff``, ``safety``, ``ifactor``, ``dfactor``; ``compile`` (``True`` or a dict
             of ``torch.compile`` keyword arguments: each step as one compiled graph, as ``odeint``'s
-            ``options["compile"]``).
-        throw: raise :class:`SolverError` if any sample failed (default); with ``False`` failed
-            samples keep their last state and ``info.status`` says why.
+            ``options["compile"]``); ``throw`` (the same as the keyword).
+        throw: raise :class:`SolverError` if any sample failed (default: ``options["throw"]``, else
+            ``True``); with ``False`` the outputs a failed sample never reached are NaN and the
+            per-sample status and time reached are in ``info`` and in the solve's ``SolveStats``
+            (``status``, ``t_reached``). A keyword that contradicts ``options["throw"]`` is a
+            ``ValueError``.
         return_info: also return a :class:`PerSampleInfo`.
         stats: a :class:`SolveStats` to add this solve's counters to.
 
@@ -101,17 +105,26 @@ def odeint_per_sample(
     Gradients flow by backpropagation through the steps (step-size control is not differentiated, as in
     ``odeint``).
     """
+    if throw is not None:
+        if not isinstance(throw, bool):
+            raise TypeError(f"throw must be True or False, got {type(throw).__name__} {throw!r:.40}")
+        if options is not None and options.get("throw", throw) != throw:
+            raise ValueError(f"throw={throw} contradicts options['throw']={options['throw']!r}; give one")
+        options = {**(options or {}), "throw": throw}
     problem = make_rows_problem(func, y0, t, rtol, atol, method, options)
-    return solve_rows(problem, throw=throw, return_info=return_info, stats=stats)
+    return solve_rows(problem, return_info=return_info, stats=stats)
 
 
 def solve_rows(
-    problem: RowsProblem, *, throw: bool = True, return_info: bool = False, stats: SolveStats | None = None
+    problem: RowsProblem, *, return_info: bool = False, stats: SolveStats | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, PerSampleInfo]:
-    """Solve a validated per-sample problem (see :func:`odeint_per_sample` for what it returns)."""
+    """Solve a validated per-sample problem (see :func:`odeint_per_sample` for what it returns;
+    ``problem.settings.throw`` says whether a failed sample raises)."""
+    throw = problem.settings.throw
     solve_stats = stats
     stats = SolveStats(n_solves=1, nfe=1)  # func(t0, y0) in make_rows_problem
     ys, info = _integrate(problem, stats, throw)
+    stats.status, stats.t_reached = info.status, info.t
     _report_forward(stats)
     if solve_stats is not None:
         solve_stats.add(stats)

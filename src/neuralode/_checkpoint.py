@@ -96,41 +96,52 @@ class _Checkpoint(torch.autograd.Function):
         keeper = CheckpointKeeper(checkpoints)
         with torch.no_grad():
             ys = torch.stack(run(problem, stats, trace=trace, y0=y0.detach(), callbacks=keeper))
+        states, t_last = keeper.states, problem.t[-1]
+        if stats.status != "success":  # options["throw"] = False: replay only up to the time reached
+            t_last, d = stats.t_reached, problem.direction
+            trace = [(t, h) for t, h in trace if d * (t - t_last) < 0]
+            states = {i: y for i, y in states.items() if i < len(trace)}
         ctx.sinks = _report_forward(stats)
-        ctx.problem, ctx.trace, ctx.states, ctx.params = problem, trace, keeper.states, params
+        ctx.problem, ctx.trace, ctx.states, ctx.params = problem, trace, states, params
+        ctx.t_last = t_last
         return ys
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys):
         stats = SolveStats()
-        grad_y0, grad_params = _backward(ctx.problem, ctx.trace, ctx.states, ctx.params, grad_ys, stats)
+        grad_y0, grad_params = _backward(
+            ctx.problem, ctx.trace, ctx.states, ctx.params, grad_ys, stats, ctx.t_last
+        )
         _report_backward(ctx.sinks, stats)
         return (None, None, None, grad_y0, *grad_params)
 
 
-def _step_outputs(problem: Problem, trace) -> list[tuple[float, list[tuple[int, float]], int | None]]:
+def _step_outputs(
+    problem: Problem, trace, t_last: float
+) -> list[tuple[float, list[tuple[int, float]], int | None]]:
     """For every accepted step: its exact end time, the outputs strictly inside it as (index, θ), and
-    the output at its end (or None): the loops' output plan, replayed from the trace."""
+    the output at its end (or None): the loops' output plan, replayed from the trace. ``t_last``: where
+    the last step ends (``t[-1]``, or the time a failed solve reached)."""
     t_out, direction = problem.t, problem.direction
     out = []
     i_out = 1
     for j, (t, h) in enumerate(trace):
-        t1 = trace[j + 1][0] if j + 1 < len(trace) else t_out[-1]
+        t1 = trace[j + 1][0] if j + 1 < len(trace) else t_last
         thetas, j_end, at_end = step_outputs(t_out, i_out, t, h, t1, direction)
         out.append((t1, list(zip(range(i_out, j_end), thetas)), j_end if at_end else None))
         i_out = j_end + at_end
     return out
 
 
-def _backward(problem: Problem, trace, states, params, grad_ys, stats: SolveStats):
+def _backward(problem: Problem, trace, states, params, grad_ys, stats: SolveStats, t_last: float):
     settings = problem.settings
     tab = settings.tab
     adaptive = tab.adaptive
     interp = settings.interp
     perturb = settings.perturb and not adaptive
     direction = problem.direction
-    plan = _step_outputs(problem, trace)
+    plan = _step_outputs(problem, trace, t_last)
 
     def f(tt, y, perturb: int = 0):
         stats.nfe += 1

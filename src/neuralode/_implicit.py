@@ -167,6 +167,7 @@ OPTIONS = frozenset(
         "interp",
         "perturb",
         "max_num_steps",
+        "throw",
         "dtype",
         "max_iters",
         "nonlinear_solver",

@@ -49,11 +49,20 @@ TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
 #: Default cap on the steps of one solve (adaptive steps, or fixed-grid intervals).
 MAX_NUM_STEPS = 1_000_000
 
-ADAPTIVE_OPTIONS = STEP_SIZE_OPTIONS | {"norm", "dtype", "step_t", "jump_t", "grid_points", "eps", "compile"}
+ADAPTIVE_OPTIONS = STEP_SIZE_OPTIONS | {
+    "norm",
+    "dtype",
+    "step_t",
+    "jump_t",
+    "grid_points",
+    "eps",
+    "compile",
+    "throw",
+}
 FIXED_OPTIONS = frozenset(
-    {"step_size", "grid_constructor", "interp", "perturb", "dtype", "compile", "max_num_steps"}
+    {"step_size", "grid_constructor", "interp", "perturb", "dtype", "compile", "max_num_steps", "throw"}
 )
-PER_SAMPLE_OPTIONS = STEP_SIZE_OPTIONS | {"compile"}
+PER_SAMPLE_OPTIONS = STEP_SIZE_OPTIONS | {"compile", "throw"}
 
 #: Every method name ``odeint`` accepts.
 SOLVERS: tuple[str, ...] = ADAPTIVE_METHODS + FIXED_METHODS + tuple(EXTRA_METHODS)
@@ -87,7 +96,8 @@ class Settings:
     ``tab`` is the explicit Runge-Kutta tableau (``None`` for the other methods, described by ``spec``);
     ``controller`` is set for adaptive tableaus; ``step_size``/``grid_constructor``/``interp``/
     ``perturb`` are the fixed-grid options; ``compile`` the ``torch.compile`` keyword arguments (or
-    ``None``: eager steps).
+    ``None``: eager steps); ``throw``: a failed solve raises ``SolverError`` (``True``) or returns what
+    it reached, NaN after, with its status in the solve's ``SolveStats`` (``False``).
     """
 
     tab: ButcherTableau | None
@@ -105,6 +115,7 @@ class Settings:
     interp: str = "linear"
     perturb: bool = False
     compile: dict | None = None
+    throw: bool = True
     method_options: Any = None  # what spec.parse made of the method's own options
 
     @property
@@ -136,6 +147,7 @@ def parse_settings(method: str, options: dict[str, Any]) -> Settings:
         interp=options.get("interp", "linear"),
         perturb=bool(options.get("perturb", False)),
         compile=options.get("compile"),
+        throw=options.get("throw", True),
         method_options=spec.parse(options) if spec is not None and spec.parse is not None else None,
     )
 
@@ -473,6 +485,9 @@ def check_step_options(options: dict, what: str = "options") -> None:
     lo, hi = options.get("min_step"), options.get("max_step")
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"{what}['min_step']={lo} is larger than {what}['max_step']={hi}")
+    if "throw" in options and not isinstance(options["throw"], bool):
+        v = options["throw"]
+        raise TypeError(f"{what}['throw'] must be True or False, got {type(v).__name__} {v!r:.40}")
     if "max_num_steps" in options:
         v = options["max_num_steps"]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

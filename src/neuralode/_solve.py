@@ -67,6 +67,7 @@ def run(
     y0 = problem.y0 if y0 is None else y0
     f0 = problem.f0 if f0 is None else f0
     if len(problem.t) == 1:
+        stats.status, stats.t_reached = "success", problem.t[0]
         return [y0]
     if (jump is not None and (tab is None or not tab.adaptive)) or (on_accept is not None and tab is None):
         raise ValueError(f"method={problem.method!r} has no jump/on_accept hooks")
@@ -77,8 +78,10 @@ def run(
             raise ValueError(
                 f"method={problem.method!r} cannot be replayed from a step trace; use gradient='direct' or 'adjoint'"
             )
-        if s.spec.run is not None:
-            return s.spec.run(problem, stats, y0)
+        if s.spec.run is not None:  # (these drivers raise on failure; their options have no "throw")
+            ys = s.spec.run(problem, stats, y0)
+            stats.status, stats.t_reached = "success", problem.t[-1]
+            return ys
         return _run_fixed(
             problem, stats, None, y0, f0, f0_side, callbacks, s.spec.make_stepper(problem), None
         )
@@ -136,6 +139,7 @@ def _run_tableau(
             compiled=compiled,
             jump=jump,
             on_accept=on_accept,
+            throw=s.throw,
         )
     stepper = None if compiled is None else compiled_stepper(tab, compiled)
     return _run_fixed(problem, stats, trace, y0, f0, f0_side, callbacks, stepper, on_accept)
@@ -159,6 +163,7 @@ def _run_fixed(problem, stats, trace, y0, f0, f0_side, callbacks, stepper, on_ac
         callbacks=callbacks,
         stepper=stepper,
         on_accept=on_accept,
+        throw=s.throw,
     )
 
 
@@ -228,6 +233,7 @@ def integrate_adaptive(
     compiled=None,
     jump=None,
     on_accept=None,
+    throw: bool = True,
 ) -> list[torch.Tensor]:
     """Adaptive solve through the times ``t_out`` (monotonic; ``t_out[0]`` is the start).
 
@@ -269,22 +275,27 @@ def integrate_adaptive(
         c_tol = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device)
         y_abs = torch.abs(y0.detach()).add_(c_tol)
         rms_host = rms_factor(tab, rtol, y0.numel())
+    error = None  # the SolverError that ended the solve (throw=False)
     while i_out < n_out:
         h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
-        if t + h_signed == t:
+        if t + h_signed == t or n_steps >= max_num_steps:
             if failed is not None:  # the step shrank because func returned NaN/inf, not for accuracy
-                raise _nonfinite_stage(tab, *failed, n_steps)
-            raise SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
-        if n_steps >= max_num_steps:
-            if failed is not None:
-                raise _nonfinite_stage(tab, *failed, n_steps)
-            raise SolverError(
-                "max_num_steps",
-                f"max_num_steps={max_num_steps} exceeded",
-                t=t,
-                step_size=h_signed,
-                n_steps=n_steps,
-            )
+                error = _nonfinite_stage(tab, *failed, n_steps)
+            elif t + h_signed == t:
+                error = SolverError(
+                    "underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps
+                )
+            else:
+                error = SolverError(
+                    "max_num_steps",
+                    f"max_num_steps={max_num_steps} exceeded",
+                    t=t,
+                    step_size=h_signed,
+                    n_steps=n_steps,
+                )
+            if throw:
+                raise error
+            break
         if callbacks is not None:
             callbacks.step(t, y, h_signed)
         # A step onto a jump evaluates its end-time stages as the one-sided limit before the jump.
@@ -311,12 +322,17 @@ def integrate_adaptive(
         if not math.isfinite(ratio):
             accepted = False
             if not bool(torch.isfinite(y).all()):
-                raise SolverError("nonfinite", "non-finite state", t=t, step_size=h_signed, n_steps=n_steps)
+                error = SolverError("nonfinite", "non-finite state", t=t, step_size=h_signed, n_steps=n_steps)
             # f(t, y) itself non-finite: no smaller step can help (and the initial step size is NaN then).
-            if not bool(torch.isfinite(f0).all()) or math.isnan(h_signed):
-                raise SolverError(
+            elif not bool(torch.isfinite(f0).all()) or math.isnan(h_signed):
+                error = SolverError(
                     "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
                 )
+            if error is not None:
+                if throw:
+                    raise error
+                stats.n_rejected += 1
+                break
             failed = (t, h_signed, k)
         else:
             failed = None
@@ -371,7 +387,20 @@ def integrate_adaptive(
         if accepted:  # the PI controller's memory: the last accepted ratio before this step's
             prev_ratio = ratio
     stats.n_steps += n_steps
+    _finish(stats, error, t, outputs, n_out, y0)
+    if error is not None and event is not None:
+        event.stopped(t, y)
     return outputs
+
+
+def _finish(stats: SolveStats, error: SolverError | None, t_reached: float, outputs: list, n_out: int, like):
+    """Record how a joint solve ended in ``stats``; with a failure (``throw=False``) the outputs it never
+    reached are NaN (constants, outside the autograd graph)."""
+    stats.status = "success" if error is None else error.reason
+    stats.t_reached = t_reached
+    if len(outputs) < n_out:
+        nan = torch.full_like(like, math.nan)
+        outputs.extend([nan] * (n_out - len(outputs)))
 
 
 def integrate_fixed(
@@ -390,6 +419,7 @@ def integrate_fixed(
     callbacks=None,
     stepper=None,
     on_accept=None,
+    throw: bool = True,
 ) -> list[torch.Tensor]:
     """Fixed-grid solve: one step per grid interval; outputs between grid points by linear (default) or
     cubic Hermite interpolation. ``grid`` runs from ``t_out[0]`` to ``t_out[-1]``.
@@ -399,8 +429,15 @@ def integrate_fixed(
     ``on_accept(t, h, y, k_ext)`` as for ``integrate_adaptive`` (explicit RK steps of ``tab`` only).
     With ``perturb``, ``f`` is evaluated at the one-sided limits inside each step, never at a grid point;
     ``f0`` is then reused for the first step only if it was evaluated that way (``f0_side`` equal to the
-    direction of integration)."""
+    direction of integration).
+
+    A non-finite state raises :class:`SolverError` after the loop (one sync per solve: NaN/inf stay
+    non-finite through every later step). With ``throw=False`` the outputs after the last finite grid
+    state are NaN and ``stats.status``/``stats.t_reached`` say so; finding that grid state costs two
+    small kernels per step (no sync) in that mode only."""
     direction = 1.0 if t_out[-1] > t_out[0] else -1.0
+    finite = None if throw else []  # per step: is the new state finite (0-d bool tensors)
+    error = None
     outputs = [y0]
     i_out = 1
     y = y0
@@ -419,7 +456,15 @@ def integrate_fixed(
             stats.nfe += 1
         if callbacks is not None:
             callbacks.step(g0, y, h)
-        y1, f1 = stepper(f, g0, h, y, f_next, stats)
+        try:
+            y1, f1 = stepper(f, g0, h, y, f_next, stats)
+        except SolverError as err:  # the implicit steppers stop on a NaN stage residual
+            if throw:
+                raise
+            error = err
+            break
+        if finite is not None:
+            finite.append(torch.isfinite(y1).all())
         k = [f_next]
         if on_accept is not None:
             if f1 is None:
@@ -445,8 +490,16 @@ def integrate_fixed(
         stats.last_step = abs(h)
     # A NaN/inf state stays non-finite through every later step (y1 = y + h Σ b_j k_j), so the end
     # state tells for the whole grid: one sync per solve.
-    if not bool(torch.isfinite(y).all()):
-        raise nonfinite_outputs(t_out, outputs, stats.n_steps)
+    if error is None and not bool(torch.isfinite(y).all()):
+        if throw:
+            raise nonfinite_outputs(t_out, outputs, stats.n_steps)
+        error = SolverError("nonfinite", "non-finite state", t=math.nan, step_size=math.nan, n_steps=0)
+    t_reached = t_out[-1]
+    if error is not None:  # the last finite grid state: after the leading run of finite steps
+        n_ok = int(torch.stack(finite).logical_not().cumsum(0).eq(0).sum()) if finite else 0
+        t_reached = grid[n_ok]
+        outputs = [o for o, tj in zip(outputs, t_out) if direction * (tj - t_reached) <= 0]
+    _finish(stats, error, t_reached, outputs, len(t_out), y0)
     return outputs
 
 

@@ -11,6 +11,9 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
 
 __all__ = ["SolveStats", "record_stats"]
 
@@ -28,8 +31,19 @@ class SolveStats:
         last_step: size of the last accepted step (time units), ``None`` before any step.
         n_jac: Jacobian evaluations (the implicit adaptive methods, ``kvaerno*``).
         n_lu: LU factorisations of the Newton matrix (the same methods).
+        status: how the last solve ended: ``"success"``, ``"max_num_steps"``, ``"underflow"`` (step-size
+            underflow) or ``"nonfinite"`` (NaN/inf in the state or in ``func``'s values). Per-sample
+            solves: a ``(B,)`` int8 tensor of codes (0 success, 1 max_num_steps, 2 underflow,
+            3 nonfinite; names in ``SolveStats.STATUS``). ``None`` before any solve. Only a solve with
+            ``options["throw"] = False`` can end in a failure here (otherwise it raises
+            :class:`~neuralode.SolverError`).
+        t_reached: the time the last solve reached (float; per-sample: a ``(B,)`` tensor): ``t[-1]`` on
+            success, where it stopped otherwise (its outputs after that time are NaN).
         backward: statistics of the backward solves (adjoint or checkpoint recomputation) of these solves.
     """
+
+    #: Names of the per-sample status codes.
+    STATUS: ClassVar[dict[int, str]] = {0: "success", 1: "max_num_steps", 2: "underflow", 3: "nonfinite"}
 
     nfe: int = 0
     n_steps: int = 0
@@ -39,10 +53,12 @@ class SolveStats:
     last_step: float | None = None
     n_jac: int = 0
     n_lu: int = 0
+    status: str | torch.Tensor | None = None
+    t_reached: float | torch.Tensor | None = None
     backward: SolveStats | None = None
 
     def add(self, other: SolveStats) -> None:
-        """Add ``other``'s counters to these (``last_step`` takes ``other``'s)."""
+        """Add ``other``'s counters to these (``last_step``, ``status`` and ``t_reached`` take ``other``'s)."""
         self.nfe += other.nfe
         self.n_steps += other.n_steps
         self.n_accepted += other.n_accepted
@@ -52,6 +68,18 @@ class SolveStats:
         self.n_lu += other.n_lu
         if other.last_step is not None:
             self.last_step = other.last_step
+        if other.status is not None:
+            self.status, self.t_reached = other.status, other.t_reached
+
+    @property
+    def success(self) -> bool | torch.Tensor:
+        """Whether the last solve reached its end (per-sample: a ``(B,)`` bool tensor); ``True`` before
+        any solve."""
+        if self.status is None:
+            return True
+        if isinstance(self.status, str):
+            return self.status == "success"
+        return self.status == 0
 
     @property
     def nfe_forward(self) -> int:
@@ -66,6 +94,10 @@ class SolveStats:
             k: getattr(self, k)
             for k in ("nfe", "n_steps", "n_accepted", "n_rejected", "n_solves", "last_step", "n_jac", "n_lu")
         }
+        if self.status is not None:
+            tensor = isinstance(self.status, torch.Tensor)
+            d["status"] = self.status.tolist() if tensor else self.status
+            d["t_reached"] = self.t_reached.tolist() if tensor else self.t_reached
         if self.backward is not None:
             d["backward"] = self.backward.as_dict()
         return d
