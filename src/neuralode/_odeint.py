@@ -82,6 +82,11 @@ def odeint(
             be traceable by ``torch.compile``, and the first solve pays the compilation. Other methods
             (``explicit_adams``, ``implicit_adams``, ``scipy_solver``, the implicit Runge-Kutta methods)
             list theirs in ``docs/compatibility.md``.
+            ``throw`` (every method but ``scipy_solver`` and ``kvaerno*``; default ``True``): ``False``
+            returns what a failed solve reached instead of raising ``SolverError``: its outputs after
+            the time reached are NaN (constants, without gradient), and ``stats.status`` (``"success"``,
+            ``"max_num_steps"``, ``"underflow"``, ``"nonfinite"``) and ``stats.t_reached`` say how it
+            ended (per sample, as ``(batch,)`` tensors, with ``per_sample``); see ``SolveStats``.
             Callbacks ``callback_step``/``callback_accept_step``/``callback_reject_step`` are found as
             attributes of ``func`` (see ``neuralode._callbacks``).
         event_fn: terminal event ``event_fn(t, y) -> Tensor``: integrate from ``t[0]`` (``t`` must have
@@ -96,7 +101,8 @@ def odeint(
 
     Raises:
         ValueError, TypeError: bad arguments (the message names the argument).
-        SolverError: non-finite values, step-size underflow, or more than ``max_num_steps`` steps.
+        SolverError: non-finite values, step-size underflow, or more than ``max_num_steps`` steps
+            (unless ``options["throw"]`` is ``False``).
     """
     level = vmap_level()
     if level is not None:  # under torch.func.vmap: each vmapped problem gets its own solve (_func.py)
