@@ -106,6 +106,34 @@ def test_success_reports_status_and_end_time():
     assert rec.as_dict()["status"] == "success"
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("dopri5", {}), ("rk4", {"step_size": 0.05}), ("dopri5", {"per_sample": True})],
+)
+def test_success_path_makes_no_extra_sync(monkeypatch, method, options):
+    """Host reads of tensor values (``bool``/``float``/``int``/``item``/``tolist``: the syncs on a GPU)
+    during a successful solve: no more with ``throw=False`` than with the default (per-sample mode: one
+    fewer, the default's check for failed samples at the end)."""
+    counts = []
+
+    def counting(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args):
+            counts[-1] += 1
+            return orig(self, *args)
+
+        return wrapper
+
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    y0 = torch.tensor([[0.5], [0.25]], dtype=F64)
+    for throw in (True, False):
+        counts.append(0)
+        odeint(square, y0, T[:3], **TOL, method=method, options={**options, "throw": throw})
+    assert 0 < counts[1] <= counts[0] <= counts[1] + 1
+
+
 def test_tuple_state_outputs_after_failure_are_nan():
     def f(t, y):
         return y[0] ** 2, -y[1]
