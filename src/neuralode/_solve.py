@@ -433,10 +433,10 @@ def integrate_fixed(
 
     A non-finite state raises :class:`SolverError` after the loop (one sync per solve: NaN/inf stay
     non-finite through every later step). With ``throw=False`` the outputs after the last finite grid
-    state are NaN and ``stats.status``/``stats.t_reached`` say so; finding that grid state costs two
-    small kernels per step (no sync) in that mode only."""
+    state are NaN and ``stats.status``/``stats.t_reached`` say so; finding that grid state costs one
+    small reduction per step (no sync) in that mode only."""
     direction = 1.0 if t_out[-1] > t_out[0] else -1.0
-    finite = None if throw else []  # per step: is the new state finite (0-d bool tensors)
+    finite = None if throw else []  # per step: the sum of the new state (finite while the state is)
     error = None
     outputs = [y0]
     i_out = 1
@@ -463,8 +463,8 @@ def integrate_fixed(
                 raise
             error = err
             break
-        if finite is not None:
-            finite.append(torch.isfinite(y1).all())
+        if finite is not None:  # one reduction; its NaN/inf (or a sum that overflows) marks the step
+            finite.append(y1.detach().sum())
         k = [f_next]
         if on_accept is not None:
             if f1 is None:
@@ -496,7 +496,7 @@ def integrate_fixed(
         error = SolverError("nonfinite", "non-finite state", t=math.nan, step_size=math.nan, n_steps=0)
     t_reached = t_out[-1]
     if error is not None:  # the last finite grid state: after the leading run of finite steps
-        n_ok = int(torch.stack(finite).logical_not().cumsum(0).eq(0).sum()) if finite else 0
+        n_ok = int(torch.isfinite(torch.stack(finite)).logical_not().cumsum(0).eq(0).sum()) if finite else 0
         t_reached = grid[n_ok]
         outputs = [o for o, tj in zip(outputs, t_out) if direction * (tj - t_reached) <= 0]
     _finish(stats, error, t_reached, outputs, len(t_out), y0)
