@@ -32,7 +32,8 @@ class SolveStats:
         n_jac: Jacobian evaluations (the implicit adaptive methods, ``kvaerno*``).
         n_lu: LU factorisations of the Newton matrix (the same methods).
         status: how the last solve ended: ``"success"``, ``"max_num_steps"``, ``"underflow"`` (step-size
-            underflow) or ``"nonfinite"`` (NaN/inf in the state or in ``func``'s values). Per-sample
+            underflow), ``"nonfinite"`` (NaN/inf in the state or in ``func``'s values) or, for an event
+            search, ``"no_event"`` (its step budget ran out): the ``SolverError.reason`` it would raise. Per-sample
             solves: a ``(B,)`` int8 tensor of codes (0 success, 1 max_num_steps, 2 underflow,
             3 nonfinite; names in ``SolveStats.STATUS``). ``None`` before any solve. Only a solve with
             ``options["throw"] = False`` can end in a failure here (otherwise it raises
@@ -53,8 +54,9 @@ class SolveStats:
     last_step: float | None = None
     n_jac: int = 0
     n_lu: int = 0
-    status: str | torch.Tensor | None = None
-    t_reached: float | torch.Tensor | None = None
+    # (not compared by ==: per-sample values are tensors, whose == is elementwise)
+    status: str | torch.Tensor | None = dataclasses.field(default=None, compare=False)
+    t_reached: float | torch.Tensor | None = dataclasses.field(default=None, compare=False)
     backward: SolveStats | None = None
 
     def add(self, other: SolveStats) -> None:
