@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import sys
 import warnings
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 import neuralode
-from neuralode import SolverError, odeint, odeint_adjoint, odeint_checkpoint, odeint_event
+from neuralode import SolverError, SolveStats, odeint, odeint_adjoint, odeint_checkpoint, odeint_event
 
 MODES = ("joint", "per_sample")
 EXECUTIONS = ("eager", "compiled")
@@ -336,6 +337,138 @@ def main(argv: list[str]) -> None:
     for c, (kind, why) in results.items():
         if kind == "WRONG":
             print(f"WRONG {c.id}: {why[:200]}")
+
+
+# -- failure without raising (options["throw"] = False) ----------------------------------------------------
+#
+# A separate block: cells (method, mode, execution, gradient) on a problem that blows up, solved with
+# options["throw"] = False. "ok": the status says it failed, the outputs up to the time reached (and
+# their gradients) equal those of a normal solve to those outputs, the rest are NaN; "raises": a clear
+# error at the call (e.g. a method without throw=False), or, for odeint_adjoint, the documented
+# SolverError of its backward pass; anything else is "WRONG".
+
+FAIL_Y0 = ((1.0,), (0.25,))  # dy/dt = a·y²: row 0 blows up at t = 1, row 1 at t = 4
+FAIL_T = (0.0, 2.0, 9)
+FAIL_METHODS = (
+    "dopri5",
+    "tsit5",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
+    "gl4",
+    "kvaerno3",
+    "scipy_solver",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FailureCell:
+    method: str
+    mode: str
+    execution: str
+    gradient: str
+
+    @property
+    def id(self) -> str:
+        return "throw-" + "-".join(dataclasses.astuple(self))
+
+
+class Square(nn.Module):
+    """``f(t, y) = a·y²`` (``a = 1``), NaN where ``|y| > 1000`` (so that the implicit methods, which step
+    across the pole onto the other branch, fail too); ``t`` may be 0-d or ``(B,)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(y.abs() > 1000, math.nan, self.a * y**2)
+
+
+def failure_cells(*, everything: bool = True) -> list[FailureCell]:
+    """All failure cells, or (``everything=False``) the eager ones of dopri5 and rk4 plus every method's
+    baseline (joint, eager, direct)."""
+    out = []
+    for m, mode, ex, gr in itertools.product(FAIL_METHODS, MODES, EXECUTIONS, GRADIENTS):
+        baseline = mode == "joint" and ex == "eager" and gr == "direct"
+        if everything or baseline or (ex == "eager" and m in ("dopri5", "rk4")):
+            out.append(FailureCell(m, mode, ex, gr))
+    return out
+
+
+def _failure_solve(cell: FailureCell, y0: torch.Tensor, t: torch.Tensor, throw: bool):
+    """``(outputs, stats, gradient of Σ w·(finite outputs) w.r.t. (a, y0))``."""
+    func = Square()
+    y0 = y0.clone().requires_grad_(True)
+    options: dict = {} if is_adaptive(cell.method) else {"step_size": FIXED_STEP}
+    if cell.mode == "per_sample":
+        options["per_sample"] = True
+    if cell.execution == "compiled":
+        options["compile"] = {"backend": "aot_eager"}
+    if not throw:
+        options["throw"] = False
+    interface = {"direct": odeint, "adjoint": odeint_adjoint, "checkpoint": odeint_checkpoint}[cell.gradient]
+    with neuralode.record_stats() as stats:
+        out = interface(func, y0, t, rtol=1e-6, atol=1e-9, method=cell.method, options=options)
+    loss = torch.nan_to_num(out, nan=0.0).sum()  # the unreached outputs are NaN constants: masked out
+    grads = torch.autograd.grad(loss, [func.a, y0], allow_unused=True)
+    return out.detach(), stats, [g if g is not None else torch.zeros(()) for g in grads]
+
+
+def says_what_to_do(message: str) -> bool:
+    """A clear error names what is supported, what was expected or what to use instead."""
+    return any(w in message.lower() for w in ("expected", "supported", "valid", "use ", "needs", "cannot"))
+
+
+def failure_outcome(cell: FailureCell) -> tuple[str, str]:
+    """``("ok", detail)``, ``("raises", message)`` or ``("WRONG", why)`` (see the block's comment)."""
+    t = torch.linspace(*FAIL_T[:2], FAIL_T[2], dtype=torch.float64)
+    y0 = torch.tensor(FAIL_Y0, dtype=torch.float64)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out, stats, grads = _failure_solve(cell, y0, t, throw=False)
+    except CLEAR_ERRORS as e:
+        return "raises", f"{type(e).__name__}: {e}"
+    except SolverError as e:
+        if cell.gradient == "adjoint" and "cannot differentiate a solve" in str(e):
+            return "raises", f"SolverError (backward): {str(e).split(' (options')[0]}"
+        return "WRONG", f"SolverError: {e}"
+    except Exception as e:
+        return "WRONG", f"{type(e).__name__}: {e}"
+    per_sample = cell.mode == "per_sample"
+    status = stats.status[0] if per_sample else stats.status
+    if (status == 0) if per_sample else (status == "success"):
+        return "WRONG", "the solve reports success past the blow-up"
+    t_reached = stats.t_reached if per_sample else torch.full((2,), stats.t_reached, dtype=torch.float64)
+    rows = (0, 1) if per_sample else ((0, 1),)
+    err, ref_a, ref_y0 = 0.0, 0.0, []
+    for r in rows:
+        r = list(r) if isinstance(r, tuple) else [r]
+        n_ok = int((t <= t_reached[r[0]]).sum())
+        if not (torch.isfinite(out[:n_ok, r]).all() and torch.isnan(out[n_ok:, r]).all()):
+            return "WRONG", f"rows {r}: outputs up to t_reached not finite, or after it not NaN"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = _failure_solve(cell, y0[r], t[:n_ok], throw=True)
+        err = max(err, float(((out[:n_ok, r] - ref[0]).abs() / ref[0].abs().clamp(min=1)).max()))
+        ref_a, ref_y0 = ref_a + ref[2][0], [*ref_y0, ref[2][1]]
+    # (adaptive: the normal solve clips its last step onto the last output, so agreement is to tolerance)
+    tol = 1e-4 if is_adaptive(cell.method) else 1e-9
+    if err > tol:
+        return "WRONG", f"outputs before the failure differ from a normal solve by {err:.1e}"
+    # The gradient of the reached outputs: that of the normal solves (per sample: summed over the rows).
+    ref_y0 = torch.cat(ref_y0)
+    err_g = max(
+        _err(grads[0], ref_a) / max(1.0, abs(float(ref_a))),
+        _err(grads[1], ref_y0) / max(1.0, _err(ref_y0, 0 * ref_y0)),
+    )
+    if not err_g <= 10 * tol:
+        return "WRONG", f"gradient of the reached outputs differs from a normal solve's by {err_g:.1e}"
+    return (
+        "ok",
+        f"status {status if isinstance(status, str) else SolveStats.STATUS[int(status)]}, t_reached {float(t_reached[0]):.4g}",
+    )
 
 
 HEADER = """# Composition matrix

@@ -8,17 +8,20 @@ there, the rest must be NaN, and ``throw=True`` (the default) must still raise t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import neuralode
-from neuralode import SolverError, SolveStats, odeint, odeint_checkpoint, odeint_per_sample
+from composition import FailureCell, failure_cells, failure_outcome, says_what_to_do
+from neuralode import SolverError, SolveStats, odeint, odeint_adjoint, odeint_checkpoint, odeint_per_sample
 
 F64 = torch.float64
 EAGER = {"backend": "eager"}  # torch.compile without code generation: the compiled path, quickly
-T = torch.linspace(0.0, 2.0, 9, dtype=F64)  # 0, 0.25, ..., 2: the blow-up at 1 is between outputs
+T = torch.linspace(0.0, 2.0, 9, dtype=F64)
+TOL = {"rtol": 1e-5, "atol": 1e-8}  # 0, 0.25, ..., 2: the blow-up at 1 is between outputs
 
 
 class Square(torch.nn.Module):
@@ -46,22 +49,23 @@ def _y0(*shape):
 
 
 def _check(ys, stats, reference, status):
-    """Outputs up to ``stats.t_reached`` equal ``reference(t_ok)``, NaN after; the status is ``status``."""
+    """Outputs up to ``stats.t_reached`` equal ``reference(t_ok)`` (adaptive: to tolerance, the reference
+    clips its last step onto t_ok[-1]), NaN after; the status is ``status``."""
     assert stats.status == status and not stats.success
     n_ok = int((T <= stats.t_reached).sum())
     assert 1 <= n_ok < len(T)
     assert torch.isfinite(ys[:n_ok]).all()
     assert torch.isnan(ys[n_ok:]).all()
     ref = reference(T[:n_ok])
-    torch.testing.assert_close(ys[:n_ok], ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ys[:n_ok], ref, rtol=1e-5, atol=1e-9)
 
 
 # -- joint mode: each loop ---------------------------------------------------------------------------
 
 JOINT = {
     # name: (func, method, options, expected status, reached time in this interval)
-    "adaptive": (square, "dopri5", {}, "underflow", (1.0 - 1e-6, 1.0 + 1e-6)),
-    "adaptive-compiled": (square, "dopri5", {"compile": EAGER}, "underflow", (1.0 - 1e-6, 1.0 + 1e-6)),
+    "adaptive": (square, "dopri5", {}, "underflow", (1.0 - 1e-4, 1.0 + 1e-4)),
+    "adaptive-compiled": (square, "dopri5", {"compile": EAGER}, "underflow", (1.0 - 1e-4, 1.0 + 1e-4)),
     "max_num_steps": (square, "dopri5", {"max_num_steps": 12}, "max_num_steps", (0.25, 1.0)),
     "fixed": (square, "rk4", {"step_size": 0.01}, "nonfinite", (1.0, 1.1)),
     "fixed-compiled": (square, "rk4", {"step_size": 0.01, "compile": EAGER}, "nonfinite", (1.0, 1.1)),
@@ -76,17 +80,19 @@ JOINT = {
 
 
 @pytest.mark.filterwarnings("ignore:Functional iteration did not converge")
-@pytest.mark.parametrize("name", list(JOINT))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "adaptive-compiled" else n for n in JOINT]
+)
 def test_joint_mode_returns_what_it_reached(name):
     func, method, options, status, (lo, hi) = JOINT[name]
     stats = SolveStats()
-    ys = odeint(func, _y0(), T, method=method, options={**options, "throw": False}, stats=stats)
+    ys = odeint(func, _y0(), T, **TOL, method=method, options={**options, "throw": False}, stats=stats)
     assert lo <= stats.t_reached <= hi + 1e-12
     # A normal solve to the reached output times (fixed grids: the same grid; max_num_steps: raised).
     ref_opts = {k: v for k, v in options.items() if k != "max_num_steps"}
-    _check(ys, stats, lambda t: odeint(func, _y0(), t, method=method, options=ref_opts), status)
+    _check(ys, stats, lambda t: odeint(func, _y0(), t, **TOL, method=method, options=ref_opts), status)
     with pytest.raises(SolverError) as err:
-        odeint(func, _y0(), T, method=method, options=options)
+        odeint(func, _y0(), T, **TOL, method=method, options=options)
     assert err.value.reason == status
 
 
@@ -190,32 +196,51 @@ def test_checkpoint_fixed_grid_gradient_stops_at_the_last_finite_state():
     assert all(torch.isfinite(x).all() for x in g)
 
 
+def test_adjoint_forward_returns_what_it_reached_and_its_backward_raises():
+    func = Square()
+    y0 = _y0().requires_grad_(True)
+    with neuralode.record_stats() as stats:
+        ys = odeint_adjoint(func, y0, T, options={"throw": False})
+    _check(ys.detach(), stats, lambda t: odeint(square, _y0(), t), "underflow")
+    with pytest.raises(SolverError, match="odeint_adjoint cannot differentiate a solve that stopped"):
+        ys[3].sum().backward()
+
+
 # -- per-sample mode -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("how", "compiled"), [("keyword", False), ("options", False), ("odeint", False), ("odeint", True)]
+    ("how", "compiled"),
+    [
+        ("keyword", False),
+        ("options", False),
+        ("odeint", False),
+        pytest.param("odeint", True, marks=pytest.mark.slow),
+    ],
 )
 def test_per_sample_status_and_time_in_stats(how, compiled):
     y0 = torch.tensor([[1.0], [0.25]], dtype=F64)  # sample 0 blows up at t = 1, sample 1 at t = 4
     options = {"compile": EAGER} if compiled else {}
     stats = SolveStats()
     if how == "keyword":
-        ys = odeint_per_sample(square, y0, T, options=options, throw=False, stats=stats)
+        ys = odeint_per_sample(square, y0, T, **TOL, options=options, throw=False, stats=stats)
     elif how == "options":
-        ys = odeint_per_sample(square, y0, T, options={**options, "throw": False}, stats=stats)
+        ys = odeint_per_sample(square, y0, T, **TOL, options={**options, "throw": False}, stats=stats)
     else:
-        ys = odeint(square, y0, T, options={**options, "throw": False, "per_sample": True}, stats=stats)
+        ys = odeint(
+            square, y0, T, **TOL, options={**options, "throw": False, "per_sample": True}, stats=stats
+        )
     assert stats.status.tolist() == [2, 0] and stats.success.tolist() == [False, True]
     assert SolveStats.STATUS[int(stats.status[0])] == "underflow"
     assert 0.999 < float(stats.t_reached[0]) < 1.001 and float(stats.t_reached[1]) == 2.0
     n_ok = int((T <= stats.t_reached[0]).sum())
     assert torch.isnan(ys[n_ok:, 0]).all() and torch.isfinite(ys[:, 1]).all()
-    ref = odeint_per_sample(square, y0[:1], T[:n_ok], options=options)
+    assert stats == dataclasses.replace(stats)  # == ignores the (tensor) status
+    ref = odeint_per_sample(square, y0[:1], T[:n_ok], **TOL, options=options)
     torch.testing.assert_close(ys[:n_ok, :1], ref, rtol=1e-6, atol=0)
-    torch.testing.assert_close(ys[:, 1, 0], 0.25 / (1 - 0.25 * T), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ys[:, 1, 0], 0.25 / (1 - 0.25 * T), rtol=1e-4, atol=0)
     with pytest.raises(SolverError, match="1 of 2 samples failed"):
-        odeint_per_sample(square, y0, T, options=options)
+        odeint_per_sample(square, y0, T, **TOL, options=options)
 
 
 def test_per_sample_keyword_contradicting_options_is_refused():
@@ -223,3 +248,73 @@ def test_per_sample_keyword_contradicting_options_is_refused():
         odeint_per_sample(square, _y0(2, 1), T, options={"throw": False}, throw=True)
     with pytest.raises(TypeError, match="throw must be True or False"):
         odeint_per_sample(square, _y0(2, 1), T, throw="no")
+
+
+# -- events -------------------------------------------------------------------------------------------
+
+
+def test_event_solve_that_fails_returns_what_it_reached():
+    """No event before the blow-up: the event time is the time reached and the state there."""
+    stats = SolveStats()
+    t2 = torch.tensor([0.0, 5.0], dtype=F64)
+    event_t, sol = odeint(
+        square, _y0(), t2, event_fn=lambda t, y: y[0] + 1.0, options={"throw": False}, stats=stats
+    )
+    assert stats.status == "underflow" and float(event_t) == stats.t_reached
+    assert 0.999 < stats.t_reached < 1.001 and torch.isfinite(sol).all()
+    assert (sol[-1] > 1e6).all()  # y = 1/(1 − t) just before the blow-up
+    with pytest.raises(SolverError, match="no event before the solve stopped"):
+        odeint(square, _y0(), t2, event_fn=lambda t, y: y[0] + 1.0)
+    # An event before the failure is found as usual.
+    event_t, sol = odeint(
+        square, _y0(), t2, event_fn=lambda t, y: y[0] - 2.0, options={"throw": False}, stats=stats
+    )
+    assert stats.status == "success"
+    torch.testing.assert_close(event_t, torch.tensor(0.5, dtype=F64), rtol=1e-6, atol=0)
+
+
+# -- the composition block: every method, mode, execution and gradient on a problem that fails -----------
+
+_FAIL_FAST = set(failure_cells(everything=False))
+_FAIL_CELLS = [
+    pytest.param(c, id=c.id, marks=() if c in _FAIL_FAST else pytest.mark.slow)
+    for c in failure_cells(everything=True)
+]
+
+
+@pytest.mark.parametrize("cell", _FAIL_CELLS)
+def test_failure_cell(cell: FailureCell) -> None:
+    """Every method, mode, execution and gradient method (the slow marker runs the compiled ones and
+    the rest of the per-sample/gradient cells of the other methods)."""
+    kind, detail = failure_outcome(cell)
+    assert kind != "WRONG", f"{cell.id}: {detail}"
+    assert kind == "ok" or says_what_to_do(detail), detail
+
+
+def test_event_search_out_of_steps_and_per_sample_events():
+    stats = SolveStats()
+    t2 = torch.tensor([0.0, 5.0], dtype=F64)
+    never = lambda t, y: y[0] + 1.0  # noqa: E731 (y stays positive)
+    event_t, sol = odeint(
+        square, _y0(), t2, **TOL, event_fn=never, options={"throw": False, "max_num_steps": 20}, stats=stats
+    )
+    assert stats.status == "no_event" and float(event_t) == stats.t_reached < 1.0
+    with pytest.raises(SolverError) as err:
+        odeint(square, _y0(), t2, **TOL, event_fn=never, options={"max_num_steps": 20})
+    assert err.value.reason == "no_event"
+    event_t, sol = odeint(
+        lambda t, y: -y, _y0(), t2, method="rk4", event_fn=never,
+        options={"throw": False, "step_size": 0.5, "max_num_steps": 10}, stats=stats,
+    )  # fmt: skip
+    assert stats.status == "no_event" and stats.t_reached == float(event_t) == 5.0
+    torch.testing.assert_close(
+        sol[-1], odeint(lambda t, y: -y, _y0(), t2, method="rk4", options={"step_size": 0.5})[-1]
+    )
+    with pytest.raises(ValueError, match=r"options\['throw'\]=False is not supported with per-sample events"):
+        odeint(
+            square,
+            _y0(2, 1),
+            t2,
+            event_fn=lambda t, y: y[:, 0] - 2,
+            options={"per_sample": True, "throw": False},
+        )

@@ -41,6 +41,7 @@ from torch import nn
 from neuralode._batched_adjoint import odeint_per_sample_adjoint
 from neuralode._callbacks import CheckpointKeeper, collect_callbacks
 from neuralode._control import make_norm
+from neuralode._errors import SolverError
 from neuralode._methods import TABLEAUS
 from neuralode._odeint import (
     SOLVERS,
@@ -260,10 +261,11 @@ def _check_params(
 
 def inherited_options(fwd_options: dict[str, Any] | None, method: str) -> dict[str, Any]:
     """The backward solve's default options: the forward ones that ``method`` takes, without ``norm``
-    (the backward state is another) and ``compile`` (the backward dynamics run the autograd engine,
-    which torch.compile cannot trace)."""
+    (the backward state is another), ``compile`` (the backward dynamics run the autograd engine,
+    which torch.compile cannot trace) and ``throw`` (a failed backward solve has no partial gradient)."""
     valid = method_options(method)[0]
-    return {k: v for k, v in (fwd_options or {}).items() if k not in ("norm", "compile") and k in valid}
+    drop = ("norm", "compile", "throw")
+    return {k: v for k, v in (fwd_options or {}).items() if k not in drop and k in valid}
 
 
 def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, fwd_options) -> _AdjointSetup:
@@ -349,6 +351,7 @@ class _Adjoint(torch.autograd.Function):
                 ys = torch.stack(run(problem, stats, trace=trace, callbacks=keeper))
                 ctx.record = ("checkpoints", trace, keeper.states)
         ctx.sinks = _report_forward(stats)
+        ctx.stopped = None if stats.status == "success" else (stats.status, stats.t_reached)
         ctx.problem, ctx.adjoint = problem, adjoint
         ctx.t_grad = t.requires_grad
         ctx.save_for_backward(t, ys)
@@ -358,6 +361,17 @@ class _Adjoint(torch.autograd.Function):
     def backward(ctx, grad_ys):
         t, ys = ctx.saved_tensors
         problem, adjoint = ctx.problem, ctx.adjoint
+        if ctx.stopped is not None:  # options["throw"] = False and the forward solve failed
+            reason, t_reached = ctx.stopped
+            raise SolverError(
+                reason,
+                "odeint_adjoint cannot differentiate a solve that stopped early (options['throw']=False): "
+                "its backward pass starts from the state at t[-1], which was never reached; use odeint or "
+                "odeint_checkpoint for gradients of the part reached. The forward solve stopped",
+                t=t_reached,
+                step_size=math.nan,
+                n_steps=0,
+            )
         if torch.is_grad_enabled():  # create_graph=True: the backward pass must itself be differentiable
             _check_differentiable(adjoint, ctx.t_grad)
             grad_y0, grad_params = _backward_differentiable(problem, adjoint, ys, grad_ys)

@@ -17,14 +17,17 @@ The backward solve is reported to ``record_stats`` as a forward solve.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from neuralode._batched import odeint_per_sample, solve_rows
+from neuralode._errors import SolverError
 from neuralode._methods import TABLEAUS
 from neuralode._problem import make_rows_problem
+from neuralode._stats import SolveStats
 
 __all__ = ["odeint_per_sample_adjoint"]
 
@@ -78,6 +81,7 @@ def odeint_per_sample_adjoint(
 class _PerSampleAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, settings: dict, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        stats = SolveStats()
         with torch.no_grad():
             ys = odeint_per_sample(
                 settings["func"],
@@ -87,7 +91,10 @@ class _PerSampleAdjoint(torch.autograd.Function):
                 atol=settings["atol"],
                 method=settings["method"],
                 options=settings["options"],
+                stats=stats,
             )
+        # failed rows are possible with options["throw"] = False only
+        ctx.status, ctx.t_reached = stats.status, stats.t_reached
         ctx.settings = settings
         ctx.save_for_backward(ys, *params)
         return ys
@@ -98,6 +105,18 @@ class _PerSampleAdjoint(torch.autograd.Function):
             raise NotImplementedError(
                 "higher-order gradients (create_graph=True) are not supported by the per-sample adjoint; "
                 "use odeint_per_sample (backpropagation through the solver) or the joint odeint_adjoint"
+            )
+        if (ctx.settings["options"] or {}).get("throw") is False and bool((ctx.status != 0).any()):
+            b = int((ctx.status != 0).nonzero()[0])
+            raise SolverError(
+                SolveStats.STATUS[int(ctx.status[b])],
+                "the per-sample adjoint cannot differentiate a solve whose samples stopped early "
+                "(options['throw']=False): its backward pass starts from their states at t[-1], which were "
+                "never reached; use odeint_per_sample for gradients of the part reached. Sample "
+                f"{b} stopped",
+                t=float(ctx.t_reached[b]),
+                step_size=math.nan,
+                n_steps=0,
             )
         ys, *params = ctx.saved_tensors
         s = ctx.settings

@@ -55,6 +55,7 @@ class _Event:
         with torch.no_grad():
             self.sign0 = torch.sign(g(t0, y0))
         self.step: tuple | None = None
+        self.reached: tuple | None = None  # (t, y) where a failed solve stopped (options["throw"] = False)
 
     def value(self, t: float, y: torch.Tensor) -> torch.Tensor:
         """``min_i sign_i(t0) · g_i(t, y)``: positive until the event."""
@@ -66,6 +67,9 @@ class _Event:
 
     def found(self, t, h, y, k_ext, t1, y1) -> None:
         self.step = (t, h, y, k_ext, t1, y1)
+
+    def stopped(self, t: float, y: torch.Tensor) -> None:
+        self.reached = (t, y)
 
 
 def _flat_event_fn(event_fn: Callable, shapes, dtype, device) -> Callable:
@@ -139,7 +143,8 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
     event = _Event(g, t0, y_start.detach())
     tol = _time_tol(problem.atol)
 
-    def done(t_e: float, y_e: torch.Tensor):
+    def done(t_e: float, y_e: torch.Tensor, status: str = "success"):
+        stats.status, stats.t_reached = status, t_e
         return torch.tensor(t_e, dtype=t_like.dtype, device=t_like.device), torch.stack([y_start, y_e])
 
     if bool(event.value(t0, y_start.detach()) == 0):  # already on the event (as torchdiffeq)
@@ -159,7 +164,10 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
             raise _search_failed(
                 err.reason, budget, t=err.t, step_size=err.step_size, n_steps=err.n_steps
             ) from err
-        if event.step is None:  # cannot happen: the loop only ends on the event or by raising
+        if event.step is None and event.reached is not None:  # failed, options["throw"] = False
+            status = "no_event" if stats.status == "max_num_steps" else stats.status  # as _search_failed
+            return done(event.reached[0], event.reached[1], status)
+        if event.step is None:  # cannot happen: the loop only ends on the event, by failing or raising
             raise RuntimeError("the solve ended without reaching the event")
         t, h, y, k_ext, _, y1 = event.step
 
@@ -218,6 +226,8 @@ def solve_to_event(problem, event_fn: Callable, stats, *, y0=None, f0=None, t_li
             f1 = problem.f(t, y)
             stats.nfe += 1
         f0 = f1
+    if not problem.settings.throw:
+        return done(t, y, "no_event")
     raise SolverError(
         "no_event",
         f"event_fn never crossed zero within {budget} fixed steps of size {step} (options['max_num_steps'])",
@@ -555,6 +565,11 @@ def per_sample_event(
     options = dict(options or {})
     options.setdefault("max_num_steps", EVENT_STEP_BUDGET)
     problem = make_rows_problem(func, y0, t, rtol, atol, method, options)
+    if not problem.settings.throw:
+        raise ValueError(
+            "options['throw']=False is not supported with per-sample events (a failed sample raises); "
+            "use the joint mode's event_fn, or odeint_per_sample without event_fn"
+        )
     t2, tab, f, shape = problem.t, problem.tab, problem.f, problem.shape
     y_flat = problem.y0
     B = y_flat.shape[0]
