@@ -289,3 +289,12 @@ def test_method_options_are_checked_before_func_is_called(method, options, match
     with pytest.raises(ValueError, match=match):
         odeint(func, Y0, T01, method=method, options=options)
     assert func.times == []
+
+
+@pytest.mark.parametrize("method", ["dopri5", "bosh3"])
+def test_nonfinite_first_derivative_is_a_solver_error_not_a_division_by_zero(method):
+    # A diverged model can return inf at t0; the starting-step heuristic divided by a zero first step.
+    y0 = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(neuralode.SolverError) as info:
+        neuralode.odeint(lambda t, y: y * math.inf, y0, torch.tensor([0.0, 1.0]), method=method)
+    assert info.value.reason == "nonfinite"
