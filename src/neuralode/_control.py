@@ -188,7 +188,11 @@ def initial_step(
     d0, d1 = _norm_values(norm, (y0, f0), scale, like)
     if like is None and not (math.isfinite(d0) and math.isfinite(d1)):
         raise SolverError(
-            "nonfinite", "the initial state or func(t0, y0) is not finite", t=float(t0), step_size=0.0, n_steps=0
+            "nonfinite",
+            "the initial state or func(t0, y0) is not finite",
+            t=float(t0),
+            step_size=0.0,
+            n_steps=0,
         )
     small = d0 < 1e-5 or d1 < 1e-5 if like is None else (d0 < 1e-5) | (d1 < 1e-5)
     h0 = _where(small, 1e-6, 0.01 * d0 / _where(small, 1.0, d1))
