@@ -1,5 +1,5 @@
 """A/B of the adjoint's per-evaluation vector-Jacobian product: ``torch.autograd.grad`` against
-``neuralode._adjoint._vjp`` (the autograd engine called directly), on the spiral model of
+``neuralode._gradients.adjoint._vjp`` (the autograd engine called directly), on the spiral model of
 ``bench_solvers.py`` (batch 20). Interleaved repeats, process CPU time, one thread; prints the median µs
 of one evaluation (forward of the field + VJP) for each, after checking that both give identical results.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from neuralode._adjoint import _vjp
+from neuralode._gradients.adjoint import _vjp
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_solvers import SpiralFunc

@@ -240,7 +240,7 @@ def order_bound(method: str) -> float:
         return 1e-4
     order = getattr(neuralode.TABLEAUS.get(method), "order", None)
     if order is None:
-        from neuralode._registry import EXTRA_METHODS
+        from neuralode._solvers.registry import EXTRA_METHODS
 
         order = EXTRA_METHODS[method].order
     return 20.0 * FIXED_STEP ** min(order, 6) + 1e-6

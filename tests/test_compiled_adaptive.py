@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from neuralode import SolveStats, odeint, odeint_adjoint
-from neuralode._compiled_step import _CACHE
+from neuralode._integrate.compiled_step import _CACHE
 
 AOT = {"backend": "aot_eager"}
 

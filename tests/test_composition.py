@@ -11,7 +11,7 @@ import pytest
 
 from composition import Cell, cells, outcome
 from neuralode import TABLEAUS
-from neuralode._implicit import IMPLICIT_TABLEAUS
+from neuralode._solvers.implicit import IMPLICIT_TABLEAUS
 
 # Cells known to be wrong: each shows as an expected failure, and the test fails once it is fixed.
 KNOWN_WRONG: dict[str, str] = {}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from neuralode import DenseSolution, odeint, odeint_dense, record_stats
-from neuralode._methods import ADAPTIVE_METHODS
-from neuralode._stiff import ESDIRK_TABLEAUS
+from neuralode._solvers.explicit import ADAPTIVE_METHODS
+from neuralode._solvers.stiff import ESDIRK_TABLEAUS
 
 F64 = torch.float64
 A = torch.tensor([[-0.5, 2.0], [-2.0, -0.3]], dtype=F64)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from neuralode import FixedGridSolver, SolverError, odeint
-from neuralode._methods import TABLEAUS
-from neuralode._rk import ROWS, SCALAR, error_ratio, rk_step
+from neuralode._solvers.explicit import TABLEAUS
+from neuralode._solvers.rk import ROWS, SCALAR, error_ratio, rk_step
 
 F64 = torch.float64
 T = torch.tensor([0.0, 1.0], dtype=F64)
@@ -91,7 +91,7 @@ def test_row_step_equals_scalar_step(name):
 
 
 def test_output_plan():
-    from neuralode._dense import step_outputs
+    from neuralode._interpolation import step_outputs
 
     t_out = [0.0, 0.1, 0.25, 0.5, 1.0]
     assert step_outputs(t_out, 1, 0.0, 0.5, 0.5, 1.0) == ([0.2, 0.5], 3, True)  # 0.5 is the step's end

@@ -195,7 +195,7 @@ def test_event_that_never_fires_ends_with_a_clear_error():
 
 
 def test_event_search_has_a_default_step_budget(monkeypatch):
-    import neuralode._event as ev
+    import neuralode._events as ev
 
     assert ev.EVENT_STEP_BUDGET == 20_000
     monkeypatch.setattr(ev, "EVENT_STEP_BUDGET", 100)

@@ -11,9 +11,9 @@ import torch
 import torchdiffeq
 
 from neuralode import SOLVERS, odeint
-from neuralode._adams import bashforth, moulton
-from neuralode._implicit import IMPLICIT_TABLEAUS
-from neuralode._registry import EXTRA_METHODS
+from neuralode._solvers.adams import bashforth, moulton
+from neuralode._solvers.implicit import IMPLICIT_TABLEAUS
+from neuralode._solvers.registry import EXTRA_METHODS
 
 F64 = torch.float64
 A = torch.tensor([[-0.5, 2.0], [-2.0, -0.3]], dtype=F64)

@@ -230,8 +230,8 @@ def test_max_step_is_respected():
 
 
 def test_engine_callbacks_chain_after_the_users():
+    from neuralode._integrate.joint import run
     from neuralode._problem import make_problem
-    from neuralode._solve import run
     from neuralode._stats import SolveStats
 
     rec = Recorder(smooth)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from neuralode import SOLVERS, SolverError, SolveStats, odeint
-from neuralode._stiff import ESDIRK_TABLEAUS
-from neuralode._tableau import _check_order
+from neuralode._solvers.stiff import ESDIRK_TABLEAUS
+from neuralode._solvers.tableau import _check_order
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
@@ -340,7 +340,7 @@ def test_newton_tolerance_default_follows_hairer():
     than 0.03 of the tolerance at small rtol (a looser one left kvaerno5 at rtol 1e-8 on Van der Pol
     μ = 1000 with errors ~100 times the tolerance)."""
     from neuralode._odeint import make_problem
-    from neuralode._stiff import _Newton
+    from neuralode._solvers.stiff import _Newton
 
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
     t = torch.tensor([0.0, 1.0], dtype=F64)

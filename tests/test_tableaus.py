@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import neuralode
-from neuralode._methods import TABLEAUS
-from neuralode._solve import integrate_fixed
+from neuralode._integrate.joint import integrate_fixed
+from neuralode._solvers.explicit import TABLEAUS
+from neuralode._solvers.tableau import ButcherTableau, rooted_trees
 from neuralode._stats import SolveStats
-from neuralode._tableau import ButcherTableau, rooted_trees
 
 ALL = sorted(TABLEAUS)
 
@@ -84,7 +84,7 @@ def test_empirical_convergence_order(name):
 @pytest.mark.parametrize("name", [n for n in ALL if TABLEAUS[n].adaptive])
 def test_embedded_error_estimate_has_its_order(name):
     """The local error estimate shrinks like h^(error_order + 1)."""
-    from neuralode._solve import rk_step
+    from neuralode._integrate.joint import rk_step
 
     tab = TABLEAUS[name]
     f = lambda t, y: A @ y  # noqa: E731
@@ -100,7 +100,7 @@ def test_embedded_error_estimate_has_its_order(name):
 @pytest.mark.parametrize("name", ALL)
 def test_dense_output_order(name):
     """Interpolation error inside one step shrinks like h^(dense_order + 1)."""
-    from neuralode._solve import dense_eval, rk_step
+    from neuralode._integrate.joint import dense_eval, rk_step
 
     tab = TABLEAUS[name]
     f = lambda t, y: A @ y  # noqa: E731

@@ -5,20 +5,20 @@ Drop-in for torchdiffeq: ``from neuralode import odeint, odeint_adjoint, odeint_
 
 from importlib import metadata as _metadata
 
-from neuralode._adjoint import SENSITIVITIES, odeint_adjoint
-from neuralode._batched import PerSampleInfo, odeint_per_sample
-from neuralode._batched_adjoint import odeint_per_sample_adjoint
-from neuralode._checkpoint import odeint_checkpoint
 from neuralode._compat import use_as_torchdiffeq
-from neuralode._compiled import FixedGridSolver
 from neuralode._dense_solution import DenseSolution, odeint_dense
 from neuralode._errors import SolverError
-from neuralode._event import odeint_event
-from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
+from neuralode._events import odeint_event
+from neuralode._gradients.adjoint import SENSITIVITIES, odeint_adjoint
+from neuralode._gradients.checkpoint import odeint_checkpoint
+from neuralode._gradients.per_sample_adjoint import odeint_per_sample_adjoint
+from neuralode._integrate.fixed_grid import FixedGridSolver
+from neuralode._integrate.per_sample import PerSampleInfo, odeint_per_sample
 from neuralode._module import GRADIENT_METHODS, NeuralODE
 from neuralode._odeint import SOLVERS, odeint
+from neuralode._solvers.explicit import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
+from neuralode._solvers.tableau import ButcherTableau
 from neuralode._stats import SolveStats, record_stats
-from neuralode._tableau import ButcherTableau
 
 __all__ = [
     "ADAPTIVE_METHODS",

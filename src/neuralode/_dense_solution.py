@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from neuralode._dense import dense_eval
-from neuralode._methods import ADAPTIVE_METHODS, TABLEAUS
+from neuralode._integrate.joint import run
+from neuralode._interpolation import dense_eval
 from neuralode._problem import make_problem
-from neuralode._solve import run
+from neuralode._solvers.explicit import ADAPTIVE_METHODS, TABLEAUS
+from neuralode._solvers.stiff import ESDIRK_TABLEAUS, dense_output
+from neuralode._solvers.stiff import _run as run_esdirk
 from neuralode._stats import SolveStats, _report_forward
-from neuralode._stiff import ESDIRK_TABLEAUS, dense_output
-from neuralode._stiff import _run as run_esdirk
 
 __all__ = ["DenseSolution", "odeint_dense"]
 

@@ -32,11 +32,11 @@ import torch
 from torch._C import _functorch as _ft
 from torch._functorch import pyfunctorch
 
-from neuralode._batched import odeint_per_sample
-from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS
+from neuralode._integrate.joint import run
+from neuralode._integrate.per_sample import odeint_per_sample
 from neuralode._problem import SOLVERS, make_problem
-from neuralode._registry import EXTRA_METHODS
-from neuralode._solve import run
+from neuralode._solvers.explicit import ADAPTIVE_METHODS, FIXED_METHODS
+from neuralode._solvers.registry import EXTRA_METHODS
 from neuralode._stats import SolveStats, _report_forward
 
 __all__ = ["odeint_vmapped", "vmap_level"]

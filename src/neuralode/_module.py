@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuralode._adjoint import SENSITIVITIES, inherited_options
+from neuralode._gradients.adjoint import SENSITIVITIES, inherited_options
 from neuralode._odeint import SOLVERS, method_options
 from neuralode._stats import SolveStats, record_stats
 
@@ -128,8 +128,8 @@ class NeuralODE(nn.Module):
 
     def _fixed_grid(self) -> list[float] | None:
         """The step grid of a traced forward (see the class docstring), or ``None`` when not traceable."""
-        from neuralode._methods import TABLEAUS
         from neuralode._problem import check_step_options, fixed_grid
+        from neuralode._solvers.explicit import TABLEAUS
 
         tab = TABLEAUS.get(self.method)
         opts = dict(self.options or {})
@@ -146,9 +146,9 @@ class NeuralODE(nn.Module):
     def _traced_fixed_grid(self, y0: torch.Tensor) -> torch.Tensor:
         """The fixed-grid solve as a trace: Python numbers decide everything (grid, outputs), so
         ``torch.compile(fullgraph=True)`` and ``torch.export`` see one straight-line graph."""
-        from neuralode._dense import interpolate, step_outputs
-        from neuralode._methods import TABLEAUS
-        from neuralode._rk import rk_step
+        from neuralode._interpolation import interpolate, step_outputs
+        from neuralode._solvers.explicit import TABLEAUS
+        from neuralode._solvers.rk import rk_step
 
         tab = TABLEAUS[self.method]
         t_out, grid = self._t_values, self._grid_values

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from neuralode._batched import odeint_per_sample
-from neuralode._event import odeint_to_event
+from neuralode._events import odeint_to_event
 from neuralode._func import odeint_vmapped, vmap_level
+from neuralode._integrate.joint import run
+from neuralode._integrate.per_sample import odeint_per_sample
 
 # Names that other modules still import from here; they live in the builder (_problem) and the engine.
 from neuralode._problem import (  # noqa: F401
@@ -31,7 +32,6 @@ from neuralode._problem import (  # noqa: F401
 from neuralode._problem import check_step_options as _check_step_options  # noqa: F401
 from neuralode._problem import check_tol as _check_tol  # noqa: F401
 from neuralode._problem import delta as _delta
-from neuralode._solve import run
 from neuralode._stats import SolveStats, _report_forward
 
 __all__ = ["SOLVERS", "odeint"]

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS, FIXED_CALLBACKS, collect_callbacks
-from neuralode._compiled_step import check_compile_option
-from neuralode._control import STEP_SIZE_OPTIONS, Controller, Norm, make_controller, make_norm
-from neuralode._methods import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
-from neuralode._registry import EXTRA_METHODS
-from neuralode._tableau import ButcherTableau, MethodSpec
+from neuralode._integrate.compiled_step import check_compile_option
+from neuralode._solvers.explicit import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
+from neuralode._solvers.registry import EXTRA_METHODS
+from neuralode._solvers.tableau import ButcherTableau, MethodSpec
+from neuralode._step_size import STEP_SIZE_OPTIONS, Controller, Norm, make_controller, make_norm
 
 __all__ = [
     "ADAPTIVE_OPTIONS",

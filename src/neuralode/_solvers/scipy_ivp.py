@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from neuralode._errors import SolverError
-from neuralode._tableau import MethodSpec
+from neuralode._solvers.tableau import MethodSpec
 
 OPTIONS = frozenset({"solver", "min_step", "max_step", "first_step", "norm", "dtype"})
 SOLVERS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")

@@ -50,10 +50,10 @@ from collections.abc import Callable
 import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
-from neuralode._control import STEP_SIZE_OPTIONS, initial_step, make_norm, propose_step
 from neuralode._errors import SolverError
-from neuralode._implicit import ImplicitTableau, _combine, gmres
-from neuralode._tableau import MethodSpec, hermite_dense
+from neuralode._solvers.implicit import ImplicitTableau, _combine, gmres
+from neuralode._solvers.tableau import MethodSpec, hermite_dense
+from neuralode._step_size import STEP_SIZE_OPTIONS, initial_step, make_norm, propose_step
 
 __all__ = ["ESDIRK_TABLEAUS", "EsdirkTableau"]
 

@@ -29,9 +29,9 @@ from fractions import Fraction
 import torch
 
 from neuralode._callbacks import FIXED_CALLBACKS
-from neuralode._methods import RK4
-from neuralode._rk import rk_step
-from neuralode._tableau import MethodSpec
+from neuralode._solvers.explicit import RK4
+from neuralode._solvers.rk import rk_step
+from neuralode._solvers.tableau import MethodSpec
 
 __all__ = ["MAX_ORDER", "bashforth", "moulton"]
 

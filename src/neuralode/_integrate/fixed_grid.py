@@ -25,14 +25,14 @@ from collections.abc import Callable
 
 import torch
 
-from neuralode._dense import step_outputs
-from neuralode._methods import FIXED_METHODS, TABLEAUS
+from neuralode._integrate.joint import nonfinite_outputs
+from neuralode._interpolation import step_outputs
 from neuralode._odeint import odeint
 from neuralode._problem import check_func, check_step_options, check_t, fixed_grid
-from neuralode._rk import ROWS, coefficients, rk_step
-from neuralode._solve import nonfinite_outputs
+from neuralode._solvers.explicit import FIXED_METHODS, TABLEAUS
+from neuralode._solvers.rk import ROWS, coefficients, rk_step
+from neuralode._solvers.tableau import ButcherTableau
 from neuralode._stats import SolveStats, _report_forward
-from neuralode._tableau import ButcherTableau
 
 __all__ = ["FixedGridSolver"]
 

@@ -12,8 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from neuralode._errors import SolverError
-from neuralode._rk import SCALAR, combine_dop853
+from neuralode._solvers.rk import SCALAR, combine_dop853
 
 __all__ = [
     "STEP_SIZE_OPTIONS",
@@ -179,21 +178,15 @@ def initial_step(
 ):
     """Hairer, Nørsett & Wanner (1993, II.4) starting step; one evaluation of ``f``. Returns ``|h|``.
 
-    :data:`~neuralode._rk.SCALAR`: ``t0``, ``direction`` floats, ``norm`` over the whole state, a float
-    result (two syncs). :data:`~neuralode._rk.ROWS`: ``t0``, ``direction`` ``(B,)`` in the time dtype,
+    :data:`~neuralode._solvers.rk.SCALAR`: ``t0``, ``direction`` floats, ``norm`` over the whole state, a float
+    result (two syncs). :data:`~neuralode._solvers.rk.ROWS`: ``t0``, ``direction`` ``(B,)`` in the time dtype,
     ``norm`` per row of the ``(B, n)`` state, a ``(B,)`` result (no sync).
     """
     like = None if ops is SCALAR else t0
     scale = y0.abs().mul_(rtol).add_(atol)
     d0, d1 = _norm_values(norm, (y0, f0), scale, like)
     if like is None and not (math.isfinite(d0) and math.isfinite(d1)):
-        raise SolverError(
-            "nonfinite",
-            "the initial state or func(t0, y0) is not finite",
-            t=float(t0),
-            step_size=0.0,
-            n_steps=0,
-        )
+        return math.nan  # as a NaN f0 does: the loop's first step reports the non-finite value
     small = d0 < 1e-5 or d1 < 1e-5 if like is None else (d0 < 1e-5) | (d1 < 1e-5)
     h0 = _where(small, 1e-6, 0.01 * d0 / _where(small, 1.0, d1))
     hs = direction * h0

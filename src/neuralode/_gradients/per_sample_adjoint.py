@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from neuralode._batched import odeint_per_sample, solve_rows
 from neuralode._errors import SolverError
-from neuralode._methods import TABLEAUS
+from neuralode._integrate.per_sample import odeint_per_sample, solve_rows
 from neuralode._problem import make_rows_problem
+from neuralode._solvers.explicit import TABLEAUS
 from neuralode._stats import SolveStats
 
 __all__ = ["odeint_per_sample_adjoint"]

@@ -38,11 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuralode._batched_adjoint import odeint_per_sample_adjoint
 from neuralode._callbacks import CheckpointKeeper, collect_callbacks
-from neuralode._control import make_norm
 from neuralode._errors import SolverError
-from neuralode._methods import TABLEAUS
+from neuralode._gradients.per_sample_adjoint import odeint_per_sample_adjoint
+from neuralode._integrate.joint import dense_eval, rk_step
 from neuralode._odeint import (
     SOLVERS,
     Problem,
@@ -54,8 +53,9 @@ from neuralode._odeint import (
     method_options,
     run,
 )
-from neuralode._solve import dense_eval, rk_step
+from neuralode._solvers.explicit import TABLEAUS
 from neuralode._stats import SolveStats, _report_backward, _report_forward
+from neuralode._step_size import make_norm
 
 __all__ = ["SENSITIVITIES", "odeint_adjoint"]
 
@@ -141,7 +141,7 @@ def odeint_adjoint(
         NotImplementedError: ``create_graph=True`` with a sensitivity other than ``"backsolve"``.
     """
     if event_fn is not None:  # torchdiffeq's event mode: (event_t, solution), event_t without gradient
-        from neuralode._event import solve_to_event_with
+        from neuralode._events import solve_to_event_with
 
         kwargs = dict(rtol=rtol, atol=atol, method=method, options=options, adjoint_rtol=adjoint_rtol)
         kwargs.update(

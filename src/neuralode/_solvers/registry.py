@@ -1,6 +1,6 @@
 """Methods that are not explicit Runge-Kutta tableaus: Adams, implicit Runge-Kutta, the SciPy wrapper.
 
-Each is described by a :class:`~neuralode._tableau.MethodSpec`; ``odeint`` looks names up in
+Each is described by a :class:`~neuralode._solvers.tableau.MethodSpec`; ``odeint`` looks names up in
 :data:`EXTRA_METHODS` after ``TABLEAUS``. A fixed-grid method supplies a stepper for the shared
 fixed-grid loop (so ``step_size``, ``grid_constructor``, ``interp``, ``perturb``, callbacks and events
 work the same for every method); a method with its own driver (``scipy_solver``) supplies ``run``.
@@ -8,12 +8,12 @@ work the same for every method); a method with its own driver (``scipy_solver``)
 
 from __future__ import annotations
 
-from neuralode import _adams, _implicit, _scipy_solver, _stiff
-from neuralode._tableau import MethodSpec
+from neuralode._solvers import adams, implicit, scipy_ivp, stiff
+from neuralode._solvers.tableau import MethodSpec
 
 __all__ = ["EXTRA_METHODS"]
 
 #: Every non-tableau method by name.
 EXTRA_METHODS: dict[str, MethodSpec] = {
-    s.name: s for s in (*_adams.SPECS, *_implicit.SPECS, *_scipy_solver.SPECS, *_stiff.SPECS)
+    s.name: s for s in (*adams.SPECS, *implicit.SPECS, *scipy_ivp.SPECS, *stiff.SPECS)
 }

@@ -5,7 +5,7 @@ kernel launch of its own (about 7 per function evaluation for dopri5), each cost
 Python and dispatcher time: on small networks that is as much as the network itself. Compiled, the
 whole step (every ``func`` call, the stage combinations and the error ratio) is one graph; Inductor fuses
 the combinations into the network's kernels. The loop around it (accept/reject, step-size control, dense
-output, events, ``step_t``/``jump_t``, callbacks) is the ordinary one in ``_solve.py``, so everything
+output, events, ``step_t``/``jump_t``, callbacks) is the ordinary one in ``_integrate/joint.py``, so everything
 ``odeint`` does still works; steps that must evaluate ``func`` as a one-sided limit at a ``jump_t`` run
 eagerly. On a fixed grid the step of a non-FSAL method also evaluates its first stage inside the graph
 (so only ``interp="linear"`` without ``perturb`` is offered: neither needs that stage afterwards).
@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from neuralode._control import make_norm, rms_rows
-from neuralode._rk import ROWS, coefficients, error_ratio, rk_step
-from neuralode._tableau import ButcherTableau
+from neuralode._solvers.rk import ROWS, coefficients, error_ratio, rk_step
+from neuralode._solvers.tableau import ButcherTableau
+from neuralode._step_size import make_norm, rms_rows
 
 __all__ = ["check_compile_option", "compiled_step"]
 

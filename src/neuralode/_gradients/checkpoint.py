@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from neuralode._adjoint import _check_params
 from neuralode._callbacks import CheckpointKeeper
-from neuralode._dense import dense_eval, interpolate, step_outputs
+from neuralode._gradients.adjoint import _check_params
+from neuralode._integrate.joint import _one_sided, run
+from neuralode._interpolation import dense_eval, interpolate, step_outputs
 from neuralode._odeint import _time_shift
 from neuralode._problem import Problem, delta, make_problem
-from neuralode._rk import rk_step
-from neuralode._solve import _one_sided, run
+from neuralode._solvers.rk import rk_step
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 
 __all__ = ["odeint_checkpoint"]

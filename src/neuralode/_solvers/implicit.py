@@ -35,7 +35,7 @@ import torch
 
 from neuralode._callbacks import FIXED_CALLBACKS
 from neuralode._errors import SolverError
-from neuralode._tableau import MethodSpec, _check_order
+from neuralode._solvers.tableau import MethodSpec, _check_order
 
 __all__ = ["IMPLICIT_TABLEAUS", "ImplicitTableau"]
 

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from neuralode._dense import dense_eval, dense_rows, hermite
 from neuralode._errors import SolverError
-from neuralode._methods import TABLEAUS
+from neuralode._integrate.joint import _one_sided, rk_stepper, run
+from neuralode._interpolation import dense_eval, dense_rows, hermite
 from neuralode._problem import _time, delta, make_problem, shifted_start
-from neuralode._registry import EXTRA_METHODS
-from neuralode._solve import _one_sided, rk_stepper, run
+from neuralode._solvers.explicit import TABLEAUS
+from neuralode._solvers.registry import EXTRA_METHODS
 from neuralode._stats import SolveStats, _report_forward
 
 __all__ = ["odeint_event"]
@@ -551,7 +551,7 @@ def per_sample_event(
     dtype) and ``(2, B, *shape)`` states at the start and at each row's event. With ``differentiable``
     the times carry implicit-function-theorem gradients and the states move with them, as
     :func:`odeint_event`; otherwise the times are detached (``odeint``'s ``event_fn``)."""
-    from neuralode._batched import STATUS, _integrate
+    from neuralode._integrate.per_sample import STATUS, _integrate
     from neuralode._problem import make_rows_problem
 
     if not callable(event_fn):

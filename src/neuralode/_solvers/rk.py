@@ -14,7 +14,7 @@ arithmetic, a small strategy:
   the time's shape and dtype. ``y + h Σ a_j k_j`` is ``addcmul(y, h_y, k_0 + Σ (a_j/a_0) k_j,
   value=a_0)``. The same code is traced by ``torch.compile``, which fuses it into the network's kernels.
 
-``tab`` is a :class:`~neuralode._tableau.ButcherTableau`, or its :func:`coefficients` (a named tuple
+``tab`` is a :class:`~neuralode._solvers.tableau.ButcherTableau`, or its :func:`coefficients` (a named tuple
 with the same attribute names: what a traced step reads, so that no cached property is evaluated
 while tracing).
 """

@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from neuralode._rk import ROWS, SCALAR
+from neuralode._solvers.rk import ROWS, SCALAR
+from neuralode._solvers.tableau import ButcherTableau
 from neuralode._stats import SolveStats
-from neuralode._tableau import ButcherTableau
 
 __all__ = ["dense_eval", "dense_rows", "hermite", "interpolate", "row_outputs", "step_outputs"]
 

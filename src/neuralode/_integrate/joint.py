@@ -1,7 +1,7 @@
 """The joint integration loops (one step size for the whole state): adaptive and fixed-grid.
 
-Both step with the Runge-Kutta core of ``_rk.py`` (its ``SCALAR`` strategy), take their step sizes
-from a :class:`~neuralode._control.Controller` and their outputs from ``_dense.py``.
+Both step with the Runge-Kutta core of ``_solvers/rk.py`` (its ``SCALAR`` strategy), take their step sizes
+from a :class:`~neuralode._step_size.Controller` and their outputs from ``_interpolation.py``.
 
 Conventions: times are Python floats (float64) on the host; the state ``y`` is one tensor of any shape
 (tuple states are flattened by the front door). ``f(t, y)`` is the vector field with ``t`` a float.
@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from neuralode._callbacks import chain_callbacks
-from neuralode._control import Controller, Norm, initial_step, propose_step, rms_norm
-from neuralode._dense import dense_eval, interpolate, step_outputs
 from neuralode._errors import SolverError
-from neuralode._rk import error_ratio, rk_step, rms_error_ratio, rms_factor, without_grad
+from neuralode._interpolation import dense_eval, interpolate, step_outputs
+from neuralode._solvers.rk import error_ratio, rk_step, rms_error_ratio, rms_factor, without_grad
+from neuralode._solvers.tableau import ButcherTableau
 from neuralode._stats import SolveStats
-from neuralode._tableau import ButcherTableau
+from neuralode._step_size import Controller, Norm, initial_step, propose_step, rms_norm
 
 __all__ = [
     "compiled_stepper",
@@ -170,7 +170,7 @@ def _run_fixed(problem, stats, trace, y0, f0, f0_side, callbacks, stepper, on_ac
 def _compiled(problem, y0: torch.Tensor):
     """``(step, release)``: ``step(t, h, y, f0) -> (y1, stages, error ratio)`` through the compiled step
     (options['compile']), and what to call once the solve is over."""
-    from neuralode._compiled_step import compiled_step
+    from neuralode._integrate.compiled_step import compiled_step
 
     s, rtol, atol = problem.settings, problem.rtol, problem.atol
     step, release = compiled_step(problem.func, s.tab, problem.shapes, s.user_norm, rtol, atol, s.compile)
@@ -244,7 +244,7 @@ def integrate_adaptive(
     ``stops``: ``(time, is_jump)`` pairs in the direction of integration (options ``step_t``/``jump_t``):
     a step that would cross one is shortened to end on it; after a jump, ``f`` is re-evaluated as the
     one-sided limit past it (FSAL does not hold across a discontinuity).
-    ``event`` (terminal events, see ``_event.py``): ``event.crossed(t1, y1)`` returns a 0-d tensor fetched
+    ``event`` (terminal events, see ``_events.py``): ``event.crossed(t1, y1)`` returns a 0-d tensor fetched
     in the same synchronisation as the error ratio; on an accepted step where it is non-zero the loop
     calls ``event.found(t, h, y, k_ext, t1, y1)`` (the step's start, size, state, extended stages for
     ``dense_eval`` and end) and stops. ``t_out[-1]`` may then be ±inf.
@@ -541,7 +541,7 @@ def _before(f, t_jump: float, direction: float):
 
 
 def compiled_stepper(tab: ButcherTableau, compiled):
-    """``compiled(t, h, y, f0 or None) -> (y1, stages, _)`` (``_compiled_step.py``) in the fixed-grid stepper
+    """``compiled(t, h, y, f0 or None) -> (y1, stages, _)`` (``_integrate/compiled_step.py``) in the fixed-grid stepper
     protocol; it evaluates the first stage inside the graph when ``f0`` is None (non-FSAL tableaus)."""
 
     def step(f, t, h, y, f0, stats):

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from neuralode._control import Controller, initial_step, rms_rows
-from neuralode._dense import dense_rows, row_outputs
 from neuralode._errors import SolverError
+from neuralode._interpolation import dense_rows, row_outputs
 from neuralode._problem import RowsProblem, make_rows_problem
-from neuralode._rk import ROWS, error_ratio, rk_step, rms_error_ratio, rms_factor
+from neuralode._solvers.rk import ROWS, error_ratio, rk_step, rms_error_ratio, rms_factor
 from neuralode._stats import SolveStats, _report_forward
+from neuralode._step_size import Controller, initial_step, rms_rows
 
 __all__ = ["PerSampleInfo", "odeint_per_sample"]
 
@@ -158,7 +158,7 @@ def _integrate(
     compile_kwargs = problem.settings.compile
     if compile_kwargs is None or problem.quad is not None or problem.jump is not None:
         return _loop(problem, stats, throw, None, event)
-    from neuralode._compiled_step import compiled_step
+    from neuralode._integrate.compiled_step import compiled_step
 
     step, release = compiled_step(
         problem.func,

@@ -7,7 +7,7 @@ Tsitouras (2011); Bogacki & Shampine (1989); Fehlberg (1969); Hairer, Nørsett &
 
 from __future__ import annotations
 
-from neuralode._tableau import ButcherTableau
+from neuralode._solvers.tableau import ButcherTableau
 
 __all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "TABLEAUS"]
 
