@@ -93,6 +93,7 @@ def test_backprop_solution_and_gradients_match_eager(method, options):
         torch.testing.assert_close(x, x_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_tuple_state_tensor_tolerances_and_dopri8():
     def osc(t, s):
         x, v = s
@@ -209,6 +210,7 @@ def test_a_new_lambda_per_solve_reuses_the_compiled_step():
     assert ref_f() is None  # the cache's stand-in function let go of the closure after each solve
 
 
+@pytest.mark.slow
 def test_an_evaluation_counter_on_the_module_does_not_recompile():
     graphs = []
 
@@ -246,7 +248,12 @@ class RowField(Field):
 
 @pytest.mark.parametrize(
     ("method", "rtol", "atol"),
-    [("dopri5", 1e-6, 1e-8), ("bosh3", 1e-5, 1e-7), ("dopri8", 1e-7, 1e-9), ("dopri5", "tensor", 1e-8)],
+    [
+        ("dopri5", 1e-6, 1e-8),
+        pytest.param("bosh3", 1e-5, 1e-7, marks=pytest.mark.slow),
+        pytest.param("dopri8", 1e-7, 1e-9, marks=pytest.mark.slow),
+        pytest.param("dopri5", "tensor", 1e-8, marks=pytest.mark.slow),
+    ],
 )
 def test_per_sample_compiled_matches_eager_per_sample(method, rtol, atol):
     # Per-sample stepping with the compiled step: same steps per sample, same values, same gradients.
