@@ -339,7 +339,7 @@ def test_newton_tolerance_default_follows_hairer():
     """The default Newton threshold is Hairer's ``max(10 eps / rtol, min(0.03, sqrt(rtol)))``: tighter
     than 0.03 of the tolerance at small rtol (a looser one left kvaerno5 at rtol 1e-8 on Van der Pol
     μ = 1000 with errors ~100 times the tolerance)."""
-    from neuralode._odeint import make_problem
+    from neuralode._problem import make_problem
     from neuralode._solvers.stiff import _Newton
 
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from neuralode._gradients.adjoint import SENSITIVITIES, inherited_options
-from neuralode._odeint import SOLVERS, method_options
+from neuralode._problem import SOLVERS, method_options
 from neuralode._stats import SolveStats, record_stats
 
 __all__ = ["GRADIENT_METHODS", "NeuralODE"]

@@ -16,21 +16,7 @@ from neuralode._events import odeint_to_event
 from neuralode._func import odeint_vmapped, vmap_level
 from neuralode._integrate.joint import run
 from neuralode._integrate.per_sample import odeint_per_sample
-
-# Names that other modules still import from here; they live in the builder (_problem) and the engine.
-from neuralode._problem import (  # noqa: F401
-    ADAPTIVE_OPTIONS,
-    FIXED_OPTIONS,
-    SOLVERS,
-    Problem,
-    _time,
-    make_problem,
-    method_callbacks,
-    method_options,
-    shifted_start,
-)
-from neuralode._problem import check_step_options as _check_step_options  # noqa: F401
-from neuralode._problem import check_tol as _check_tol  # noqa: F401
+from neuralode._problem import SOLVERS, Problem, make_problem, shifted_start
 from neuralode._problem import delta as _delta
 from neuralode._stats import SolveStats, _report_forward
 

@@ -41,18 +41,17 @@ from torch import nn
 from neuralode._callbacks import CheckpointKeeper, collect_callbacks
 from neuralode._errors import SolverError
 from neuralode._gradients.per_sample_adjoint import odeint_per_sample_adjoint
-from neuralode._integrate.joint import dense_eval, rk_step
-from neuralode._odeint import (
+from neuralode._integrate.joint import dense_eval, rk_step, run
+from neuralode._problem import (
     SOLVERS,
     Problem,
-    _check_step_options,
-    _check_tol,
     _time,
     make_problem,
     method_callbacks,
     method_options,
-    run,
 )
+from neuralode._problem import check_step_options as _check_step_options
+from neuralode._problem import check_tol as _check_tol
 from neuralode._solvers.explicit import TABLEAUS
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 from neuralode._step_size import make_norm
