@@ -123,8 +123,21 @@ class Settings:
         return self.tab is not None and self.tab.adaptive
 
 
+#: The Settings of each explicit Runge-Kutta method without options (frozen, so shared by every solve).
+_DEFAULT_SETTINGS: dict[str, Settings] = {}
+
+
 def parse_settings(method: str, options: dict[str, Any]) -> Settings:
     """The :class:`Settings` of ``options`` (already checked by :func:`check_step_options`)."""
+    if not options and method in TABLEAUS:  # the common call: parsed once per method
+        settings = _DEFAULT_SETTINGS.get(method)
+        if settings is None:
+            settings = _DEFAULT_SETTINGS[method] = _parse_settings(method, options)
+        return settings
+    return _parse_settings(method, options)
+
+
+def _parse_settings(method: str, options: dict[str, Any]) -> Settings:
     tab, spec = TABLEAUS.get(method), EXTRA_METHODS.get(method)
     controller = None
     if tab is not None and tab.adaptive:
@@ -205,6 +218,8 @@ class Problem:
     def stops(self) -> list[tuple[float, bool]]:
         """``step_t``/``jump_t`` after ``t[0]`` in the direction of integration, as ``(time, is_jump)``."""
         s, t0, d = self.settings, self.t[0], self.direction
+        if not s.step_t and not s.jump_t:
+            return []
         pts = [(v, False) for v in s.step_t] + [(v, True) for v in s.jump_t]
         return sorted({p for p in pts if d * (p[0] - t0) > 0}, key=lambda p: d * p[0])
 
@@ -283,7 +298,8 @@ def make_problem(func, y0, t, rtol, atol, method, options) -> Problem:
     t_list = check_t(t, y0.device)
     rtol = check_tol("rtol", rtol, y0, shapes)
     atol = check_tol("atol", atol, y0, shapes)
-    check_step_options(options)
+    if options:
+        check_step_options(options)
     settings = parse_settings(method, options)
     if settings.step_size is not None and len(t_list) > 1:  # refuse a huge grid before building it
         _grid_intervals(t_list, settings.step_size, settings.max_num_steps)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from neuralode._solvers.rk import SCALAR, combine_dop853
+from neuralode._solvers.rk import SCALAR, combine_dop853, without_grad
 
 __all__ = [
     "STEP_SIZE_OPTIONS",
@@ -163,7 +163,6 @@ def make_controller(order: int, options) -> Controller:
     )
 
 
-@torch.no_grad()
 def initial_step(
     f: Callable,
     t0,
@@ -180,8 +179,12 @@ def initial_step(
 
     :data:`~neuralode._solvers.rk.SCALAR`: ``t0``, ``direction`` floats, ``norm`` over the whole state, a float
     result (two syncs). :data:`~neuralode._solvers.rk.ROWS`: ``t0``, ``direction`` ``(B,)`` in the time dtype,
-    ``norm`` per row of the ``(B, n)`` state, a ``(B,)`` result (no sync).
+    ``norm`` per row of the ``(B, n)`` state, a ``(B,)`` result (no sync). Runs without grad.
     """
+    return without_grad(_initial_step, f, t0, y0, f0, order, rtol, atol, norm, direction, ops)
+
+
+def _initial_step(f, t0, y0, f0, order, rtol, atol, norm, direction, ops):
     like = None if ops is SCALAR else t0
     scale = y0.abs().mul_(rtol).add_(atol)
     d0, d1 = _norm_values(norm, (y0, f0), scale, like)
