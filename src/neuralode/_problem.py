@@ -354,17 +354,31 @@ def _check_option_names(method: str, options) -> dict[str, Any]:
 def flat_func(func: Callable, shapes, dtype: torch.dtype, device: torch.device) -> Callable:
     """``f(t: float, y_flat, perturb=0) -> dy_flat``: the user's ``func`` on the flat state, called with
     ``t`` as a 0-d tensor in the state's dtype."""
+    # The last time handed to func, (float, tensor): equal times in a row (stages with equal c, or a step's
+    # last stage and the next step's first) share one tensor, a kernel less each.
+    # (Inline in f: a call per evaluation costs more than the check.)
+    last: list = [math.nan, None]
+
     if shapes is None:
 
         def f(tt: float, y: torch.Tensor, perturb: int = 0) -> torch.Tensor:
-            return func(_time(tt, dtype, device, perturb), y)
+            if perturb:
+                return func(_time(tt, dtype, device, perturb), y)
+            if tt != last[0]:
+                last[0], last[1] = tt, torch.scalar_tensor(tt, dtype=dtype, device=device)
+            return func(last[1], y)
 
         return f
     sizes = [math.prod(s) for s in shapes]
 
     def f_tuple(tt: float, y: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         parts = tuple(p.view(s) for p, s in zip(y.split(sizes), shapes))
-        out = func(_time(tt, dtype, device, perturb), parts)
+        if perturb:
+            out = func(_time(tt, dtype, device, perturb), parts)
+        else:
+            if tt != last[0]:
+                last[0], last[1] = tt, torch.scalar_tensor(tt, dtype=dtype, device=device)
+            out = func(last[1], parts)
         return torch.cat([o.reshape(-1) for o in out])
 
     return f_tuple

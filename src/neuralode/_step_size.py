@@ -212,8 +212,8 @@ def _norm_values(norm: Norm, xs, scale: torch.Tensor, like: torch.Tensor | None)
         inv_sqrt_n = 1.0 / math.sqrt(max(scale.numel(), 1))
         if len(xs) == 1:
             return [float(torch.linalg.vector_norm(torch.div(xs[0], scale))) * inv_sqrt_n]
-        both = torch.stack([x.reshape(-1) for x in xs]).div_(scale.reshape(-1))
-        return [v * inv_sqrt_n for v in torch.linalg.vector_norm(both, dim=1).tolist()]
+        both = torch.stack(xs).div_(scale)
+        return [v * inv_sqrt_n for v in torch.linalg.vector_norm(both.view(len(xs), -1), dim=1).tolist()]
     return [float(v) for v in torch.stack([torch.as_tensor(norm(x / scale)) for x in xs]).tolist()]
 
 

@@ -276,6 +276,7 @@ def integrate_adaptive(
         y_abs = torch.abs(y0.detach()).add_(c_tol)
         rms_host = rms_factor(tab, rtol, y0.numel())
     error = None  # the SolverError that ended the solve (throw=False)
+    new_stages = tab.stages - 1  # evaluations per step
     while i_out < n_out:
         h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
         if t + h_signed == t or n_steps >= max_num_steps:
@@ -300,7 +301,7 @@ def integrate_adaptive(
             callbacks.step(t, y, h_signed)
         # A step onto a jump evaluates its end-time stages as the one-sided limit before the jump.
         f_step = f if stop is None or not stop[1] else _before(f, stop[0], direction)
-        stats.nfe += tab.stages - 1
+        stats.nfe += new_stages
         n_steps += 1
         if compiled is not None and f_step is f:
             y1, k, ratio_t = compiled(t, h_signed, y, f0)

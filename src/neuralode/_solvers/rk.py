@@ -54,18 +54,18 @@ class _Scalar:
         """``y + h Σ_j a_j k_j`` over the non-zero ``(j, a_j)`` pairs."""
         if not pairs:
             return y.clone()
-        (j0, a0), *rest = pairs
+        j0, a0 = pairs[0]
         out = torch.add(y, k[j0], alpha=a0 * h)
-        for j, a in rest:
+        for j, a in pairs[1:]:
             out.add_(k[j], alpha=a * h)
         return out
 
     @staticmethod
     def weighted(k: Sequence[torch.Tensor], pairs: Pairs, h: float) -> torch.Tensor:
         """``h Σ_j w_j k_j`` over the non-zero ``(j, w_j)`` pairs."""
-        (j0, w0), *rest = pairs
+        j0, w0 = pairs[0]
         out = torch.mul(k[j0], w0 * h)
-        for j, w in rest:
+        for j, w in pairs[1:]:
             out.add_(k[j], alpha=w * h)
         return out
 
@@ -94,11 +94,12 @@ ROWS = _Rows()
 
 def _relative(k: Sequence[torch.Tensor], pairs: Pairs) -> torch.Tensor:
     """``k_0 + Σ_j (a_j/a_0) k_j``: the combination divided by its first weight (a fresh tensor)."""
-    (j0, a0), *rest = pairs
-    if not rest:
+    j0, a0 = pairs[0]
+    if len(pairs) == 1:
         return k[j0].clone()
-    acc = torch.add(k[j0], k[rest[0][0]], alpha=rest[0][1] / a0)
-    for j, a in rest[1:]:
+    j1, a1 = pairs[1]
+    acc = torch.add(k[j0], k[j1], alpha=a1 / a0)
+    for j, a in pairs[2:]:
         acc.add_(k[j], alpha=a / a0)
     return acc
 
@@ -111,16 +112,26 @@ def rk_step(f: Callable, tab, t, h, y: torch.Tensor, f0: torch.Tensor | None, op
     """
     comb = ops.comb
     c, nz = tab.c, tab.a_nonzero
+    stages = len(c)
     k = [f(t, y) if f0 is None else f0]
     y_stage = y
-    # The stage times inline (ops.at's arithmetic): a call per stage costs more than the arithmetic.
+    # SCALAR's combinations and the stage times inline (ops.comb's and ops.at's arithmetic): a call per
+    # stage costs more than the arithmetic.
     if ops is SCALAR:
-        for i in range(1, tab.stages):
-            y_stage = comb(y, k, nz[i], h)
+        add = torch.add
+        for i in range(1, stages):
+            pairs = nz[i]
+            if pairs:
+                j0, a0 = pairs[0]
+                y_stage = add(y, k[j0], alpha=a0 * h)
+                for j, a in pairs[1:]:
+                    y_stage.add_(k[j], alpha=a * h)
+            else:
+                y_stage = y.clone()
             k.append(f(t + c[i] * h, y_stage))
     else:
         h_t = h[1]
-        for i in range(1, tab.stages):
+        for i in range(1, stages):
             y_stage = comb(y, k, nz[i], h)
             k.append(f(torch.add(t, h_t, alpha=c[i]), y_stage))
     if tab.fsal:
