@@ -158,6 +158,37 @@ def test_bad_throw_option_is_a_type_error():
         odeint(square, _y0(), T, method="scipy_solver", options={"throw": False})
 
 
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_fixed_grid_solver_returns_what_it_reached(mode):
+    """``FixedGridSolver(throw=False)``: the outputs, status and time reached of ``odeint``'s fixed grid
+    with ``throw=False`` (the compiled step traced without code generation); ``throw=True`` raises."""
+    torch._dynamo.reset()
+    kwargs = {"method": "rk4", "step_size": 0.01, "mode": mode, "compile_options": EAGER}
+    stats, ref_stats = SolveStats(), SolveStats()
+    func = Square()
+    y0 = _y0().requires_grad_(True)
+    with neuralode.record_stats() as rec:
+        ys = neuralode.FixedGridSolver(func, T, throw=False, **kwargs)(y0, stats=stats)
+    ref = odeint(func, y0, T, method="rk4", options={"step_size": 0.01, "throw": False}, stats=ref_stats)
+    assert stats.status == rec.status == ref_stats.status == "nonfinite"
+    assert stats.t_reached == rec.t_reached == ref_stats.t_reached and 1.0 <= stats.t_reached <= 1.1
+    torch.testing.assert_close(ys, ref, rtol=1e-12, atol=0, equal_nan=True)
+    n_ok = int((T <= stats.t_reached).sum())
+    assert torch.isnan(ys[n_ok:]).all()
+    (g_nan,) = torch.autograd.grad(ys[n_ok:].sum(), y0, retain_graph=True)  # NaN outputs: constants
+    assert (g_nan == 0).all()
+    g = torch.autograd.grad(ys[2].sum(), (y0, func.a))
+    g_ref = torch.autograd.grad(ref[2].sum(), (y0, func.a))
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=0)
+    ok = neuralode.FixedGridSolver(square, T[:3], throw=False, **kwargs)
+    assert torch.isfinite(ok(_y0(), stats=stats)).all() and stats.status == "success"
+    with pytest.raises(SolverError) as err:
+        neuralode.FixedGridSolver(square, T, **kwargs)(_y0())
+    assert err.value.reason == "nonfinite"
+    with pytest.raises(TypeError, match=r"FixedGridSolver\['throw'\] must be True or False"):
+        neuralode.FixedGridSolver(square, T, throw=1, **kwargs)
+
+
 # -- gradients -----------------------------------------------------------------------------------------
 
 

@@ -25,7 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from neuralode._integrate.joint import nonfinite_outputs
+from neuralode._errors import SolverError
+from neuralode._integrate.joint import last_finite_grid_time, nonfinite_outputs, outputs_reached
 from neuralode._interpolation import step_outputs
 from neuralode._odeint import odeint
 from neuralode._problem import check_func, check_step_options, check_t, fixed_grid
@@ -64,6 +65,9 @@ class FixedGridSolver:
         compile: with ``mode="cuda_graph"``, capture the compiled step instead of the eager one.
         compile_options: keyword arguments for ``torch.compile`` (default ``fullgraph=True,
             dynamic=False``; e.g. ``backend="aot_eager"`` to skip code generation).
+        throw: as ``odeint``'s ``options["throw"]``: ``True`` (default) raises ``SolverError`` when the
+            solution is not finite; ``False`` returns it up to the last finite grid state, NaN after
+            (constants, without gradient), with ``status``/``t_reached`` in the solve's ``SolveStats``.
 
     Attributes:
         compile_time_s: wall seconds of the first call (tracing, compilation, or graph capture, plus one
@@ -85,6 +89,7 @@ class FixedGridSolver:
         mode: str = "compile",
         compile: bool = False,
         compile_options: dict | None = None,
+        throw: bool = True,
     ):
         check_func(func)
         if method not in FIXED_METHODS:
@@ -94,11 +99,11 @@ class FixedGridSolver:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not a mode; expected one of {', '.join(MODES)}")
         self.t_list = check_t(t, min_len=2)
-        if step_size is not None:
-            options = {"step_size": step_size}
-            check_step_options(options, what="FixedGridSolver")
-            step_size = options["step_size"]
+        options = {"throw": throw} if step_size is None else {"step_size": step_size, "throw": throw}
+        check_step_options(options, what="FixedGridSolver")
+        step_size = options.get("step_size")
         self.func, self.method, self.mode, self.step_size = func, method, mode, step_size
+        self.throw = throw
         self.tab = TABLEAUS[method]
         self.t = t.detach()
         self.grid = fixed_grid(self.t_list, step_size)
@@ -113,29 +118,40 @@ class FixedGridSolver:
         self.compile_time_s: float | None = None
 
     # -- public -----------------------------------------------------------------------------------------
-    def __call__(self, y0: torch.Tensor) -> torch.Tensor:
-        """Solve from ``y0``; returns ``(len(t), *y0.shape)``."""
+    def __call__(self, y0: torch.Tensor, *, stats: SolveStats | None = None) -> torch.Tensor:
+        """Solve from ``y0``; returns ``(len(t), *y0.shape)``. ``stats``: a :class:`SolveStats` to add
+        this solve's counters (and its ``status``/``t_reached``) to, as ``odeint``'s."""
         if not isinstance(y0, torch.Tensor) or not y0.is_floating_point():
             raise TypeError(f"y0 must be a floating-point tensor, got {type(y0).__name__}")
         first = self.compile_time_s is None
         start = time.perf_counter()
         if self.mode == "eager":
-            opts = None if self.step_size is None else {"step_size": self.step_size}
-            out = odeint(self.func, y0, self.t.to(y0.device), method=self.method, options=opts)
-        elif self.mode == "cuda_graph":
-            out = self._graph_solve(y0)
+            opts = {"throw": self.throw}
+            if self.step_size is not None:
+                opts["step_size"] = self.step_size
+            out = odeint(self.func, y0, self.t.to(y0.device), method=self.method, options=opts, stats=stats)
         else:
-            with warnings.catch_warnings():
-                # Dynamo peeks at .grad of non-leaf inputs while tracing (the state of a training solve).
-                warnings.filterwarnings(
-                    "ignore", message="The .grad attribute of a Tensor that is not a leaf"
-                )
-                out = self._solve(y0)
-            stats = SolveStats(n_solves=1, nfe=self.tab.stages * self.n_steps, n_steps=self.n_steps)
-            stats.n_accepted = self.n_steps
-            _report_forward(stats)
-        if self.mode != "eager" and not bool(torch.isfinite(out[-1]).all()):  # one sync per solve
-            raise nonfinite_outputs(self.t_list, out, self.n_steps)
+            if self.mode == "cuda_graph":
+                out, sums = self._graph_solve(y0)
+            else:
+                with warnings.catch_warnings():
+                    # Dynamo peeks at .grad of non-leaf inputs while tracing (the state of a training solve).
+                    warnings.filterwarnings(
+                        "ignore", message="The .grad attribute of a Tensor that is not a leaf"
+                    )
+                    outs, sums = self._solve(y0, not self.throw)
+                out = torch.stack(outs)
+            solve_stats = SolveStats(n_solves=1, nfe=self.tab.stages * self.n_steps, n_steps=self.n_steps)
+            solve_stats.n_accepted = self.n_steps
+            solve_stats.status, solve_stats.t_reached = "success", self.t_list[-1]
+            if not bool(torch.isfinite(out[-1]).all()):  # one sync per solve
+                error = nonfinite_outputs(self.t_list, out, self.n_steps)
+                if self.throw:
+                    raise error
+                out = self._cut(outs if self.mode == "compile" else out, sums, solve_stats, error)
+            if stats is not None:
+                stats.add(solve_stats)
+            _report_forward(solve_stats)
         if first:
             if y0.is_cuda:
                 torch.cuda.synchronize(y0.device)
@@ -152,16 +168,33 @@ class FixedGridSolver:
             self._times[key] = (ts.unbind(), hs.unbind())
         return self._times[key]
 
-    def _solve(self, y0: torch.Tensor) -> torch.Tensor:
+    def _solve(self, y0: torch.Tensor, track: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """``(outputs, sums)``; ``track``: ``sums`` holds each step's new state summed (finite while the
+        state is: what ``throw=False`` needs to find the last finite grid state; one small reduction per
+        step, no sync), else it is ``None``."""
         ts, hs = self._time_tensors(y0)
         outs = [y0]
+        sums = [] if track else None
         y = y0
         for i in range(self.n_steps):
             y1 = self._step(ts[i], hs[i], y)
+            if sums is not None:
+                sums.append(y1.detach().sum())
             for theta in self._plan[i]:
                 outs.append(y1 if theta == 1.0 else torch.lerp(y, y1, theta))
             y = y1
-        return torch.stack(outs)
+        return outs, (torch.stack(sums) if sums else None)
+
+    def _cut(self, out, sums, stats: SolveStats, error: SolverError) -> torch.Tensor:
+        """``throw=False`` after a non-finite solve: the outputs up to the last finite grid state, NaN
+        after; ``stats`` records where it stopped. ``out``: ``_solve``'s list of outputs (restacked
+        here, so that no gradient flows back through the non-finite steps), or a stacked tensor."""
+        t_reached = last_finite_grid_time(self.grid, sums)
+        n = outputs_reached(self.t_list, t_reached)
+        stats.status, stats.t_reached = error.reason, t_reached
+        rows = list(out)
+        nan = torch.full_like(rows[0].detach(), float("nan"))
+        return torch.stack(rows[:n] + [nan] * (len(rows) - n))
 
     def _graph_solve(self, y0: torch.Tensor) -> torch.Tensor:
         if not y0.is_cuda:
@@ -175,17 +208,18 @@ class FixedGridSolver:
                 side.wait_stream(torch.cuda.current_stream(y0.device))
                 with torch.cuda.stream(side):  # warm-up outside the capture (allocations, lazy init)
                     for _ in range(3):
-                        self._solve(static_y0)
+                        self._solve(static_y0, not self.throw)
                 torch.cuda.current_stream(y0.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    static_out = self._solve(static_y0)
-            self._graphs[key] = (graph, static_y0, static_out)
-        graph, static_y0, static_out = self._graphs[key]
+                    outs, static_sums = self._solve(static_y0, not self.throw)
+                    static_out = torch.stack(outs)
+            self._graphs[key] = (graph, static_y0, static_out, static_sums)
+        graph, static_y0, static_out, static_sums = self._graphs[key]
         with torch.no_grad():
             static_y0.copy_(y0)
             graph.replay()
-            return static_out.clone()
+            return static_out.clone(), (None if static_sums is None else static_sums.clone())
 
 
 def _output_plan(t: list[float], grid: list[float]) -> list[list[float]]:

@@ -30,6 +30,8 @@ __all__ = [
     "dense_eval",
     "integrate_adaptive",
     "integrate_fixed",
+    "last_finite_grid_time",
+    "outputs_reached",
     "rk_step",
     "rk_stepper",
     "run",
@@ -496,12 +498,24 @@ def integrate_fixed(
             raise nonfinite_outputs(t_out, outputs, stats.n_steps)
         error = SolverError("nonfinite", "non-finite state", t=math.nan, step_size=math.nan, n_steps=0)
     t_reached = t_out[-1]
-    if error is not None:  # the last finite grid state: after the leading run of finite steps
-        n_ok = int(torch.isfinite(torch.stack(finite)).logical_not().cumsum(0).eq(0).sum()) if finite else 0
-        t_reached = grid[n_ok]
-        outputs = [o for o, tj in zip(outputs, t_out) if direction * (tj - t_reached) <= 0]
+    if error is not None:
+        t_reached = last_finite_grid_time(grid, torch.stack(finite) if finite else None)
+        outputs = outputs[: outputs_reached(t_out, t_reached)]
     _finish(stats, error, t_reached, outputs, len(t_out), y0)
     return outputs
+
+
+def last_finite_grid_time(grid: Sequence[float], sums: torch.Tensor | None) -> float:
+    """The time of the last finite state of a failed fixed-grid solve: the end of the leading run of steps
+    whose new state's sum (``sums``, one per step, ``None`` for none) is finite (one sync)."""
+    n_ok = int(torch.isfinite(sums).logical_not().cumsum(0).eq(0).sum()) if sums is not None else 0
+    return grid[n_ok]
+
+
+def outputs_reached(t_out: Sequence[float], t_reached: float) -> int:
+    """How many of the output times ``t_out`` a solve that reached ``t_reached`` has passed."""
+    direction = 1.0 if t_out[-1] > t_out[0] else -1.0
+    return sum(1 for tj in t_out if direction * (tj - t_reached) <= 0)
 
 
 def nonfinite_outputs(t_out: Sequence[float], outputs: Sequence[torch.Tensor], n_steps: int) -> SolverError:
