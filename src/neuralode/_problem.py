@@ -3,7 +3,8 @@
 ``odeint``, ``odeint_checkpoint``, ``odeint_adjoint`` and ``odeint_event`` build a :class:`Problem`
 with :func:`make_problem`; ``odeint_per_sample`` (and its adjoint) a :class:`RowsProblem` with
 :func:`make_rows_problem`; ``FixedGridSolver`` uses the same checks for its arguments and
-:func:`fixed_grid` for its grid. Here, and only here, the user's arguments are checked (each error names
+:func:`fixed_grid` for its grid; ``odeint_adjoint``'s ``adjoint_method``/``adjoint_options`` are checked
+by :func:`adjoint_settings`. Here, and only here, the user's arguments are checked (each error names
 the argument, what arrived and what is expected) and the options dict is parsed into a
 :class:`Settings` (controller, step-size limits, grid, interpolation, norm, ...), so the loops read
 typed fields and never look into the dict.
@@ -35,8 +36,10 @@ __all__ = [
     "Problem",
     "RowsProblem",
     "Settings",
+    "adjoint_settings",
     "delta",
     "fixed_grid",
+    "inherited_options",
     "make_problem",
     "make_rows_problem",
     "method_callbacks",
@@ -163,6 +166,60 @@ def _parse_settings(method: str, options: dict[str, Any]) -> Settings:
         throw=options.get("throw", True),
         method_options=spec.parse(options) if spec is not None and spec.parse is not None else None,
     )
+
+
+def inherited_options(fwd_options: dict[str, Any] | None, method: str) -> dict[str, Any]:
+    """The adjoint's backward solve's default options: the forward ones that ``method`` takes, without
+    ``norm`` (the backward state is another), ``compile`` (the backward dynamics run the autograd engine,
+    which torch.compile cannot trace) and ``throw`` (a failed backward solve has no partial gradient)."""
+    valid = method_options(method)[0]
+    drop = ("norm", "compile", "throw")
+    return {k: v for k, v in (fwd_options or {}).items() if k not in drop and k in valid}
+
+
+def adjoint_settings(
+    adjoint_method, adjoint_options, method: str, fwd_options: dict[str, Any] | None
+) -> tuple[str, dict[str, Any], Any]:
+    """``odeint_adjoint``'s ``adjoint_method`` and ``adjoint_options``, checked, for a forward solve with
+    ``method`` (validated) and ``fwd_options``: ``(method, options, norm)`` with the backward solve's
+    method, its options (step-size options normalised as :func:`check_step_options` does; default: the
+    forward ones it takes, see :func:`inherited_options`) and the backward norm (``"seminorm"``, a
+    callable, or ``None``)."""
+    adjoint_method = method if adjoint_method is None else adjoint_method
+    if not isinstance(adjoint_method, str) or adjoint_method not in SOLVERS:
+        raise ValueError(
+            f"adjoint_method={adjoint_method!r} is not a known method; valid methods: {', '.join(SOLVERS)}"
+        )
+    valid, adaptive = method_options(adjoint_method)
+    if adjoint_options is None:
+        options = inherited_options(fwd_options, adjoint_method)
+    elif not isinstance(adjoint_options, dict):
+        raise TypeError(f"adjoint_options must be a dict, got {type(adjoint_options).__name__}")
+    else:
+        options = dict(adjoint_options)
+        valid = valid | {"norm"}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown adjoint_options {unknown} for adjoint_method {adjoint_method!r}; valid options: "
+                f"{', '.join(sorted(valid))}"
+            )
+    if options.get("compile"):
+        raise ValueError(
+            "adjoint_options['compile'] is not supported: the backward dynamics run the autograd engine, "
+            "which torch.compile cannot trace (options['compile'] still compiles the forward solve)"
+        )
+    options.pop("compile", None)
+    norm = options.pop("norm", None)
+    if norm is not None and not adaptive:
+        raise ValueError(
+            f"adjoint_options['norm'] has no effect with the fixed-step adjoint_method={adjoint_method!r}; "
+            "drop it or choose an adaptive adjoint_method"
+        )
+    if norm is not None and norm != "seminorm" and not callable(norm):
+        raise ValueError(f"adjoint_options['norm']={norm!r}; expected 'seminorm' or a callable")
+    check_step_options(options)
+    return adjoint_method, options, norm
 
 
 # -- the joint problem -------------------------------------------------------------------------------

@@ -43,20 +43,20 @@ from neuralode._errors import SolverError
 from neuralode._gradients.per_sample_adjoint import odeint_per_sample_adjoint
 from neuralode._integrate.joint import dense_eval, rk_step, run
 from neuralode._problem import (
-    SOLVERS,
     Problem,
     _time,
+    adjoint_settings,
+    inherited_options,
     make_problem,
     method_callbacks,
     method_options,
 )
-from neuralode._problem import check_step_options as _check_step_options
 from neuralode._problem import check_tol as _check_tol
 from neuralode._solvers.explicit import TABLEAUS
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 from neuralode._step_size import make_norm
 
-__all__ = ["SENSITIVITIES", "odeint_adjoint"]
+__all__ = ["SENSITIVITIES", "inherited_options", "odeint_adjoint"]
 
 TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -258,50 +258,8 @@ def _check_params(
     return tuple(p for p in params if p.requires_grad)
 
 
-def inherited_options(fwd_options: dict[str, Any] | None, method: str) -> dict[str, Any]:
-    """The backward solve's default options: the forward ones that ``method`` takes, without ``norm``
-    (the backward state is another), ``compile`` (the backward dynamics run the autograd engine,
-    which torch.compile cannot trace) and ``throw`` (a failed backward solve has no partial gradient)."""
-    valid = method_options(method)[0]
-    drop = ("norm", "compile", "throw")
-    return {k: v for k, v in (fwd_options or {}).items() if k not in drop and k in valid}
-
-
 def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, fwd_options) -> _AdjointSetup:
-    method = problem.method if method is None else method
-    if not isinstance(method, str) or method not in SOLVERS:
-        raise ValueError(
-            f"adjoint_method={method!r} is not a known method; valid methods: {', '.join(SOLVERS)}"
-        )
-    valid, adaptive = method_options(method)
-    if options is None:
-        options = inherited_options(fwd_options, method)
-    elif not isinstance(options, dict):
-        raise TypeError(f"adjoint_options must be a dict, got {type(options).__name__}")
-    else:
-        options = dict(options)
-        valid = valid | {"norm"}
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise ValueError(
-                f"unknown adjoint_options {unknown} for adjoint_method {method!r}; valid options: "
-                f"{', '.join(sorted(valid))}"
-            )
-    if options.get("compile"):
-        raise ValueError(
-            "adjoint_options['compile'] is not supported: the backward dynamics run the autograd engine, "
-            "which torch.compile cannot trace (options['compile'] still compiles the forward solve)"
-        )
-    options.pop("compile", None)
-    norm = options.pop("norm", None)
-    if norm is not None and not adaptive:
-        raise ValueError(
-            f"adjoint_options['norm'] has no effect with the fixed-step adjoint_method={method!r}; drop it "
-            "or choose an adaptive adjoint_method"
-        )
-    if norm is not None and norm != "seminorm" and not callable(norm):
-        raise ValueError(f"adjoint_options['norm']={norm!r}; expected 'seminorm' or a callable")
-    _check_step_options(options)
+    method, options, norm = adjoint_settings(method, options, problem.method, fwd_options)
     sizes = None if problem.shapes is None else [math.prod(s) for s in problem.shapes]
     return _AdjointSetup(
         func=func,
