@@ -57,7 +57,10 @@ def methods() -> list[str]:
 
 
 def is_adaptive(method: str) -> bool:
-    return method in neuralode.ADAPTIVE_METHODS or method == "scipy_solver"
+    from neuralode._solvers.registry import EXTRA_METHODS
+
+    spec = EXTRA_METHODS.get(method)
+    return method in neuralode.ADAPTIVE_METHODS or (spec is not None and "step_size" not in spec.options)
 
 
 class Linear(nn.Module):
@@ -153,7 +156,7 @@ def _solver_args(cell: Cell) -> dict:
     options: dict = {}
     if is_adaptive(cell.method):
         # Low-order methods at tight tolerances take thousands of steps: loosen with the order.
-        order = getattr(neuralode.TABLEAUS.get(cell.method), "order", 5)
+        order = _order(cell.method) if cell.method != "scipy_solver" else 5
         rtol, atol = {1: (1e-4, 1e-6), 2: (1e-4, 1e-6), 3: (1e-6, 1e-8)}.get(order, (1e-7, 1e-9))
         if dtype == torch.float32:
             rtol, atol = max(rtol, 1e-5), max(atol, 1e-6)
@@ -234,16 +237,18 @@ def baseline_error(method: str) -> float:
     return max(errs)
 
 
+def _order(method: str) -> int:
+    from neuralode._solvers.registry import EXTRA_METHODS
+
+    tab = neuralode.TABLEAUS.get(method)
+    return tab.order if tab is not None else EXTRA_METHODS[method].order
+
+
 def order_bound(method: str) -> float:
     """What the baseline cell may miss the analytic solution by."""
     if is_adaptive(method):
         return 1e-4
-    order = getattr(neuralode.TABLEAUS.get(method), "order", None)
-    if order is None:
-        from neuralode._solvers.registry import EXTRA_METHODS
-
-        order = EXTRA_METHODS[method].order
-    return 20.0 * FIXED_STEP ** min(order, 6) + 1e-6
+    return 20.0 * FIXED_STEP ** min(_order(method), 6) + 1e-6
 
 
 def tolerance(cell: Cell) -> float:

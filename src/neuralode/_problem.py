@@ -671,7 +671,8 @@ class RowsProblem:
     """A validated per-sample solve (internal): every row of the flat ``(B, n)`` state is its own problem.
 
     ``f(t: (B,) tensor, y: (B, n)) -> (B, n)``; ``t`` is ``(B, T)`` in the time dtype (float64, float32 on
-    MPS); ``rtol``/``atol`` floats or ``(B, n)`` tensors. ``groups`` (column counts) makes the error norm
+    MPS); ``rtol``/``atol`` floats or ``(B, n)`` tensors; ``tab`` the explicit tableau, or the stiff
+    method's own (its dense output is read the same way). ``groups`` (column counts) makes the error norm
     the max over the groups' RMS; ``quad(stage_ts, stage_ys, w)`` is called once per step after
     accept/reject (``w = h`` on accepted rows, 0 elsewhere); ``jump(j, hit, y) -> y`` makes every row end a
     step on each of its output times and changes the rows ``hit`` that have just reached their interior
@@ -712,19 +713,23 @@ def make_rows_problem(
     solve's first stage), unless ``evaluate=False`` (then ``f0`` is ``None``)."""
     check_func(func)
     method = "dopri5" if method is None else method
-    if not isinstance(method, str) or method not in ADAPTIVE_METHODS:
+    spec = EXTRA_METHODS.get(method) if isinstance(method, str) else None
+    if not isinstance(method, str) or (method not in ADAPTIVE_METHODS and (spec is None or spec.rows is None)):
+        rows_methods = ADAPTIVE_METHODS + tuple(m for m, sp in EXTRA_METHODS.items() if sp.rows is not None)
         raise ValueError(
             f"method={method!r} is not an adaptive method; per-sample stepping needs one of "
-            f"{', '.join(ADAPTIVE_METHODS)}"
+            f"{', '.join(rows_methods)}"
         )
     if options is not None and not isinstance(options, dict):
         raise TypeError(f"options must be a dict, got {type(options).__name__}")
     options = {} if options is None else dict(options)
-    unknown = sorted(set(options) - PER_SAMPLE_OPTIONS)
+    valid = PER_SAMPLE_OPTIONS if spec is None else spec.rows_options
+    unknown = sorted(set(options) - valid)
     if unknown:
+        with_method = "" if spec is None else f" with method {method!r}"
         raise ValueError(
-            f"unknown option(s) {unknown} for per-sample stepping; valid options: "
-            f"{', '.join(sorted(PER_SAMPLE_OPTIONS))}"
+            f"unknown option(s) {unknown} for per-sample stepping{with_method}; valid options: "
+            f"{', '.join(sorted(valid))}"
         )
     check_step_options(options)
     options["compile"] = check_compile_option(options.get("compile"))
@@ -755,7 +760,7 @@ def make_rows_problem(
         t=t2,
         rtol=_rows_tol("rtol", rtol, y0),
         atol=_rows_tol("atol", atol, y0),
-        tab=TABLEAUS[method],
+        tab=TABLEAUS[method] if spec is None else spec.rows.tableau(method),
         settings=settings,
         shape=shape,
         groups=groups,

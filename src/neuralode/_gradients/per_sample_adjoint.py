@@ -55,6 +55,14 @@ def odeint_per_sample_adjoint(
     if adjoint_params is None:
         adjoint_params = tuple(func.parameters()) if isinstance(func, torch.nn.Module) else ()
     params = tuple(p for p in adjoint_params if p.requires_grad)
+    if method is not None and method not in TABLEAUS and isinstance(method, str):
+        explicit = ", ".join(m for m, tab in TABLEAUS.items() if tab.adaptive)
+        raise ValueError(
+            f"method={method!r}: the per-sample adjoint supports the explicit adaptive methods ({explicit}) "
+            "(its quadrature and backward solve take explicit Runge-Kutta stages); for the stiff methods use "
+            "odeint_per_sample (backpropagation through the steps, each implicit stage by the implicit "
+            "function theorem) or the joint odeint_adjoint"
+        )
     t2 = make_rows_problem(func, y0, t, rtol, atol, method, options, evaluate=False).t
     y0_checked = y0
     for name, tol, adj in (("rtol", rtol, adjoint_rtol), ("atol", atol, adjoint_atol)):

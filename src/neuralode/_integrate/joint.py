@@ -80,9 +80,11 @@ def run(
             raise ValueError(
                 f"method={problem.method!r} cannot be replayed from a step trace; use gradient='direct' or 'adjoint'"
             )
-        if s.spec.run is not None:  # (these drivers raise on failure; their options have no "throw")
+        if s.spec.run is not None:  # a driver with options["throw"] records how it ended in stats
+            stats.status = None
             ys = s.spec.run(problem, stats, y0)
-            stats.status, stats.t_reached = "success", problem.t[-1]
+            if stats.status is None:
+                stats.status, stats.t_reached = "success", problem.t[-1]
             return ys
         return _run_fixed(
             problem, stats, None, y0, f0, f0_side, callbacks, s.spec.make_stepper(problem), None

@@ -46,6 +46,8 @@ class PerSampleInfo:
         n_steps, n_accepted, n_rejected: attempted / accepted / rejected steps of each sample.
         t: time each sample reached.
         nfe: calls of ``func`` on the whole batch (int); each call evaluates every sample.
+        n_jac, n_lu: the stiff methods (``kvaerno*``): Jacobian blocks computed and LU factorisations
+            of each sample's Newton matrix (``None`` for the explicit methods).
     """
 
     status: torch.Tensor
@@ -54,6 +56,8 @@ class PerSampleInfo:
     n_rejected: torch.Tensor
     t: torch.Tensor
     nfe: int
+    n_jac: torch.Tensor | None = None
+    n_lu: torch.Tensor | None = None
 
 
 def odeint_per_sample(
@@ -145,6 +149,114 @@ def solve_rows(
     return (out, info) if return_info else out
 
 
+# -- how a row steps: the explicit Runge-Kutta stepper (the stiff one lives in _solvers/stiff.py) ----------
+
+
+class RowStepper:
+    """What the per-sample loop asks of a method: one attempted step of every row, and each row's next
+    step size. The loop owns everything else (times, outputs, accept/reject masks, statuses, hooks).
+
+    Attributes:
+        tab: the dense-output tableau (``dense``, ``stages``, ``uses_extra_stages``; see ``dense_rows``).
+        order: the order used by the initial step size.
+        stages: with the adjoint's ``quad`` hook, ``(stage_ts, stage_ys)`` of the last step.
+    """
+
+    tab: Any
+    order: int
+    stages: tuple[list, list] = ([], [])
+
+    def step(self, t, t_lo, t_to, last, h_signed, hp, y, f0, running):
+        """One attempted step of every row from ``(t, y)`` with ``f0 = f(t, y)``: ``t``/``h_signed``
+        ``(B,)`` in the time dtype, ``t_lo``/``hp`` the same in the state's dtype (``hp`` as
+        :data:`ROWS` wants it), ``t_to``/``last`` each row's target and whether the step ends on it,
+        ``running`` the rows still stepping (the others take steps of size 0). Returns
+        ``(y1, k_ext, ratio, failed)``: the new states, the stages with ``f(t1, y1)`` last (the dense
+        output's ``k_ext``), the error ratios ``(B,)`` in the time dtype (≤ 1 accepts), and ``None`` or
+        a ``(B,)`` mask of rows whose step could not be computed (rejected whatever their ratio)."""
+        raise NotImplementedError
+
+    def factor(self, ratio, prev_ratio, all_finite: bool, accept) -> torch.Tensor:
+        """``(B,)`` factors: next step size = factor · this step's ``|h|``."""
+        raise NotImplementedError
+
+    def row_counters(self) -> dict[str, torch.Tensor]:
+        """Extra per-row counters for :class:`PerSampleInfo` (none by default)."""
+        return {}
+
+
+class _RkRows(RowStepper):
+    """The explicit Runge-Kutta stepper: :func:`rk_step` and the error ratio, eager or compiled."""
+
+    def __init__(self, problem: RowsProblem, stats: SolveStats, compiled) -> None:
+        self.problem, self.stats, self.compiled = problem, stats, compiled
+        self.tab = tab = problem.tab
+        self.order = tab.order
+        self.controller = problem.settings.controller
+        rtol, atol, n = problem.rtol, problem.atol, problem.y0.shape[1]
+        # Scalar tolerances and the RMS norm: the error ratio with its constants applied per row at the end.
+        self.scalar_tol = (
+            isinstance(rtol, float)
+            and isinstance(atol, float)
+            and tab.b_error_aux is None
+            and problem.groups is None
+        )
+        if self.scalar_tol:
+            self.e_factor = rms_factor(tab, rtol, n)
+            self.c_tol = torch.scalar_tensor(atol / rtol, dtype=problem.y0.dtype, device=problem.y0.device)
+        else:
+            self.row_norm = functools.partial(rms_rows, groups=problem.groups)
+        self.f = problem.f
+        if problem.quad is not None:
+            f = problem.f
+
+            def f_step(t_i, y_i):  # records every stage for the quadrature
+                self.stages[0].append(t_i)
+                self.stages[1].append(y_i)
+                return f(t_i, y_i)
+
+            self.f = f_step
+
+    def step(self, t, t_lo, t_to, last, h_signed, hp, y, f0, running):
+        p, tab, stats = self.problem, self.tab, self.stats
+        tdtype = t.dtype
+        if self.compiled is not None:
+            y1, k, ratio = self.compiled((t, h_signed), y, f0, p.rtol, p.atol)
+        else:
+            if p.quad is not None:
+                self.stages = ([t_lo], [y])
+            y1, k = rk_step(self.f, tab, t_lo, hp, y, f0, ROWS)
+        stats.nfe += tab.stages - 1
+        if tab.fsal:
+            f1 = k[-1]
+        else:
+            f1 = p.f(torch.where(last, t_to, t + h_signed), y1)
+            stats.nfe += 1
+        with torch.no_grad():
+            if self.compiled is not None:
+                ratio = ratio.to(tdtype)
+            elif self.scalar_tol:  # the constant factor |h e_0|/(rtol·sqrt(n)) is applied in the time dtype
+                x, _ = rms_error_ratio(tab, k, y1, self.c_tol, None, y)
+                ratio = torch.linalg.vector_norm(x, dim=1).to(tdtype).mul_(h_signed.abs()).mul_(self.e_factor)
+            else:
+                ratio = error_ratio(tab, k, hp, y, y1, p.rtol, p.atol, self.row_norm, ROWS)
+                if ratio.dtype != tdtype:
+                    ratio = ratio.to(tdtype)
+        return y1, (*k, f1), ratio, None
+
+    def factor(self, ratio, prev_ratio, all_finite: bool, accept) -> torch.Tensor:
+        return self.controller.factor_rows(ratio, prev_ratio, all_finite)
+
+
+def make_stepper(problem: RowsProblem, stats: SolveStats, compiled=None) -> RowStepper:
+    """The method's :class:`RowStepper`: its ``MethodSpec.rows`` (the stiff methods), else the explicit
+    Runge-Kutta one."""
+    spec = problem.settings.spec
+    if spec is not None and spec.rows is not None:
+        return spec.rows(problem, stats)
+    return _RkRows(problem, stats, compiled)
+
+
 # -- the loop ----------------------------------------------------------------------------------------------
 
 
@@ -179,7 +291,7 @@ def _integrate(
 def _loop(
     problem: RowsProblem, stats: SolveStats, throw: bool, compiled, event=None
 ) -> tuple[torch.Tensor, PerSampleInfo]:
-    f, tab, y, f0, tt = problem.f, problem.tab, problem.y0, problem.f0, problem.t
+    y, f0, tt = problem.y0, problem.f0, problem.t
     rtol, atol, s = problem.rtol, problem.atol, problem.settings
     B, n = y.shape
     T = tt.shape[1]
@@ -188,12 +300,22 @@ def _loop(
     tdtype = tt.dtype
     t, t_end = tt[:, 0].clone(), tt[:, -1].clone()
     direction = torch.sign(t_end - t)
-    controller: Controller = s.controller
     min_step, max_step, max_num_steps = s.min_step, s.max_step, s.max_num_steps
     groups = problem.groups
+    stepper = make_stepper(problem, stats, compiled)
+    f, tab = problem.f, stepper.tab
     if s.first_step is None:
         h = initial_step(
-            f, t, y, f0, tab.order, rtol, atol, functools.partial(rms_rows, groups=groups), direction, ROWS
+            problem.f,
+            t,
+            y,
+            f0,
+            stepper.order,
+            rtol,
+            atol,
+            functools.partial(rms_rows, groups=groups),
+            direction,
+            ROWS,
         )
         stats.nfe += 1
     else:
@@ -207,28 +329,11 @@ def _loop(
     jump = problem.jump
     if jump is not None:
         next_stop = torch.ones(B, dtype=torch.int64, device=device)
-    # Scalar tolerances and the RMS norm: the error ratio with its constants applied per row at the end.
-    scalar_tol = (
-        isinstance(rtol, float) and isinstance(atol, float) and tab.b_error_aux is None and groups is None
-    )
-    if scalar_tol:
-        e_factor = rms_factor(tab, rtol, n)
-        c_tol = torch.scalar_tensor(atol / rtol, dtype=dtype, device=device)
-    else:
-        row_norm = functools.partial(rms_rows, groups=groups)
-    f_step = f
-    if quad is not None:
-
-        def f_step(t_i, y_i):  # records every stage for the quadrature
-            stage_ts.append(t_i)
-            stage_ys.append(y_i)
-            return f(t_i, y_i)
-
     running = torch.ones(B, dtype=torch.bool, device=device)
     status = torch.zeros(B, dtype=torch.int8, device=device)
     n_steps = torch.zeros(B, dtype=torch.int64, device=device)
     n_acc = torch.zeros_like(n_steps)
-    prev_ratio = torch.ones(B, dtype=tdtype, device=device) if controller.pcoeff else None
+    prev_ratio = torch.ones(B, dtype=tdtype, device=device) if s.controller.pcoeff else None
     last_nan = None
     # With only (t0, t1) (or with jumps) the answer is the state where each sample stops.
     dense_out = T > 2 and jump is None
@@ -256,33 +361,13 @@ def _loop(
         h_lo = h_signed if dtype == tdtype else h_signed.to(dtype)
         hp = (h_lo.unsqueeze(1), h_lo)  # ROWS: (B, 1) and (B,)
 
-        if compiled is not None:
-            y1, k, ratio = compiled((t, h_signed), y, f0, rtol, atol)
-        else:
-            if quad is not None:
-                stage_ts, stage_ys = [t_lo], [y]
-            y1, k = rk_step(f_step, tab, t_lo, hp, y, f0, ROWS)
-        stats.nfe += tab.stages - 1
+        y1, k_ext, ratio, failed = stepper.step(t, t_lo, t_to, last, h_signed, hp, y, f0, running)
         t_new = torch.where(last, t_to, t_try)
-        if tab.fsal:
-            f1 = k[-1]
-        else:
-            f1 = f(t_new, y1)
-            stats.nfe += 1
-
-        with torch.no_grad():
-            if compiled is not None:
-                ratio = ratio.to(tdtype)
-            elif scalar_tol:  # the constant factor |h e_0|/(rtol·sqrt(n)) is applied in the time dtype
-                x, _ = rms_error_ratio(tab, k, y1, c_tol, None, y)
-                ratio = torch.linalg.vector_norm(x, dim=1).to(tdtype).mul_(h_signed.abs()).mul_(e_factor)
-            else:
-                ratio = error_ratio(tab, k, hp, y, y1, rtol, atol, row_norm, ROWS)
-                if ratio.dtype != tdtype:
-                    ratio = ratio.to(tdtype)
         accept = (ratio <= 1.0) & running
         if min_step > 0:
             accept = accept | (running & (h_signed.abs() <= min_step) & torch.isfinite(ratio))
+        if failed is not None:  # the stepper could not compute these rows' steps (they are rejected)
+            accept = accept & ~failed
         if jump is not None:
             reached = accept & last
             hit = reached & (next_stop < T - 1)
@@ -290,8 +375,10 @@ def _loop(
         else:
             running_next = running & ~(accept & last)
         if event is not None:  # rows whose accepted step crossed their event stop there
-            running_next = running_next & ~event.check(t, h_signed, t_new, y, y1, [*k, f1], accept)
+            running_next = running_next & ~event.check(t, h_signed, t_new, y, y1, list(k_ext), accept)
         underflow = (t_try == t) & running
+        if failed is not None and min_step > 0:  # no step at the minimum step size: an underflow
+            underflow = underflow | (failed & (h_signed.abs() <= min_step))
         flags = torch.stack([running_next.any(), torch.isfinite(ratio).all(), underflow.any()])
         if jump is not None:
             flags = torch.cat([flags, hit.any().reshape(1)])
@@ -328,16 +415,17 @@ def _loop(
             lo, hi = flag_values[3], flag_values[4]
             if hi > lo:
                 cols = _write_outputs(
-                    tab, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k, f1, stats
+                    tab, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k_ext, stats
                 )
                 next_out = count
 
         if quad is not None:
+            stage_ts, stage_ys = stepper.stages
             quad(stage_ts, stage_ys, torch.where(accept, h_signed, torch.zeros_like(h_signed)).to(dtype))
         # Accepted samples move; the controller proposes the next step for everyone.
         acc_col = accept.unsqueeze(1)
         y = torch.where(acc_col, y1, y)
-        f0 = torch.where(acc_col, f1, f0)
+        f0 = torch.where(acc_col, k_ext[-1], f0)
         t = torch.where(accept, t_new, t)
         n_steps = n_steps + running
         n_acc = n_acc + accept
@@ -348,7 +436,7 @@ def _loop(
             stats.nfe += 1
             next_stop = next_stop + hit
         with torch.no_grad():
-            h = h_signed.abs().mul_(controller.factor_rows(ratio, prev_ratio, all_finite))
+            h = h_signed.abs().mul_(stepper.factor(ratio, prev_ratio, all_finite, accept))
             if max_step < math.inf:
                 h = h.clamp_(max=max_step)
             if prev_ratio is not None:
@@ -367,16 +455,22 @@ def _loop(
     stats.n_accepted = int(n_acc.sum())
     stats.n_rejected = stats.n_steps - stats.n_accepted
     info = PerSampleInfo(
-        status=status, n_steps=n_steps, n_accepted=n_acc, n_rejected=n_steps - n_acc, t=t, nfe=stats.nfe
+        status=status,
+        n_steps=n_steps,
+        n_accepted=n_acc,
+        n_rejected=n_steps - n_acc,
+        t=t,
+        nfe=stats.nfe,
+        **stepper.row_counters(),
     )
     return ys, info
 
 
-def _write_outputs(tab, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k, f1, stats):
+def _write_outputs(tab, f, cols, next_out, count, lo, hi, tt, t, t_new, h_signed, y, y1, k_ext, stats):
     """Dense output at the crossed columns ``lo..hi-1`` (exact ``y1`` where a column equals t_new);
     column ``j`` is written for the samples with ``next_out <= j < count``."""
     window = tt[:, lo:hi]
-    dense = dense_rows(f, tab, t, h_signed, y, [*k, f1], window, stats)  # (B, W, n)
+    dense = dense_rows(f, tab, t, h_signed, y, list(k_ext), window, stats)  # (B, W, n)
     exact = (window == t_new.unsqueeze(1)).unsqueeze(2)
     dense = torch.where(exact, y1.unsqueeze(1), dense)
     cols = list(cols)

@@ -53,7 +53,8 @@ from neuralode._callbacks import ADAPTIVE_CALLBACKS
 from neuralode._errors import SolverError
 from neuralode._solvers.implicit import ImplicitTableau, _combine, gmres
 from neuralode._solvers.tableau import MethodSpec, hermite_dense
-from neuralode._step_size import STEP_SIZE_OPTIONS, initial_step, make_norm, propose_step
+from neuralode._solvers.rk import ROWS
+from neuralode._step_size import STEP_SIZE_OPTIONS, initial_step, make_norm, propose_step, rms_rows
 
 __all__ = ["ESDIRK_TABLEAUS", "EsdirkTableau"]
 
@@ -118,6 +119,8 @@ class EsdirkTableau:
         for i, row in enumerate(self.a):  # forward substitution, A is lower triangular
             x.append((1.0 + z * sum(row[j] * x[j] for j in range(i))) / (1.0 - z * row[i]))
         return 1.0 + z * sum(bj * xj for bj, xj in zip(self.b, x))
+
+    uses_extra_stages = False  # (read by the per-sample dense output, as for explicit tableaus)
 
     @functools.cached_property
     def dense(self) -> tuple[tuple[float, ...], ...]:
@@ -189,7 +192,17 @@ def _kvaerno5() -> EsdirkTableau:
 _REF = "Kværnø (2004), BIT 44:489-502"
 ESDIRK_TABLEAUS: dict[str, EsdirkTableau] = {t.name: t for t in (_kvaerno3(), _kvaerno4(), _kvaerno5())}
 
-OPTIONS = STEP_SIZE_OPTIONS | {"norm", "dtype", "step_t", "jump_t", "jacobian", "max_iters", "newton_tol"}
+OPTIONS = STEP_SIZE_OPTIONS | {
+    "norm",
+    "dtype",
+    "step_t",
+    "jump_t",
+    "jacobian",
+    "max_iters",
+    "newton_tol",
+    "throw",
+}
+ROW_OPTIONS = STEP_SIZE_OPTIONS | {"jacobian", "max_iters", "newton_tol", "throw"}  # per-sample mode
 JACOBIANS = ("auto", "dense", "batch", "krylov")
 _AUTO_DENSE_MAX = 256  # "auto": dense Jacobian up to this many state elements, Krylov above
 _REUSE_THETA = 1e-3  # keep the Jacobian for the next step when Newton contracted at least this fast
@@ -248,6 +261,19 @@ class _StageGrad(torch.autograd.Function):
 # -- the solve ---------------------------------------------------------------------------------------------
 
 
+def newton_settings(opts: dict, rtol, dtype: torch.dtype) -> tuple[int, float]:
+    """``(max_iters, kappa)`` from ``options['max_iters']`` and ``options['newton_tol']`` (checked)."""
+    max_iters = opts.get("max_iters", 7)
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
+        raise ValueError(f"options['max_iters'] must be a positive int, got {max_iters!r}")
+    eps = torch.finfo(dtype).eps
+    rtol = rtol if isinstance(rtol, float) else float(rtol.min())
+    kappa = opts.get("newton_tol", max(10 * eps / rtol, min(_KAPPA, math.sqrt(rtol))))
+    if not isinstance(kappa, (int, float)) or isinstance(kappa, bool) or not kappa > 0:
+        raise ValueError(f"options['newton_tol'] must be a positive float, got {kappa!r}")
+    return max_iters, float(kappa)
+
+
 class _Newton:
     """Stage solves of one solve: the Jacobian, the LU of ``I − hγ J`` and Hairer's convergence state.
 
@@ -255,17 +281,8 @@ class _Newton:
 
     def __init__(self, problem, tab: EsdirkTableau, mode: str, y0: torch.Tensor, stats):
         self.f, self.tab, self.mode, self.stats = problem.f, tab, mode, stats
-        opts = problem.options
-        self.max_iters = opts.get("max_iters", 7)
-        if not isinstance(self.max_iters, int) or isinstance(self.max_iters, bool) or self.max_iters < 1:
-            raise ValueError(f"options['max_iters'] must be a positive int, got {self.max_iters!r}")
-        eps = torch.finfo(y0.dtype).eps
-        rtol = problem.rtol if isinstance(problem.rtol, float) else float(problem.rtol.min())
-        kappa = opts.get("newton_tol", max(10 * eps / rtol, min(_KAPPA, math.sqrt(rtol))))
-        if not isinstance(kappa, (int, float)) or isinstance(kappa, bool) or not kappa > 0:
-            raise ValueError(f"options['newton_tol'] must be a positive float, got {kappa!r}")
-        self.kappa = float(kappa)
-        self.eps = eps
+        self.max_iters, self.kappa = newton_settings(problem.options, problem.rtol, y0.dtype)
+        self.eps = torch.finfo(y0.dtype).eps
         self.jac = None  # J at the start of the step it was computed for
         self.fresh = False  # J computed at this step's start
         self.lu = None  # (LU, pivots) of I − hγ J for h = self.h_lu
@@ -347,28 +364,34 @@ class _Newton:
 
     def transposed_solver(self, t: float, z_star: torch.Tensor, hg: float):
         """``g ↦ (I − hγ J(Z*))⁻ᵀ g`` with the exact Jacobian at the converged stage (for backward)."""
-        f, mode = self.f, self.mode
+        return transposed_solver(self.f, self.mode, t, z_star, hg, self.eps)
 
-        def solve(g: torch.Tensor) -> torch.Tensor:
-            if mode == "krylov":
-                with torch.enable_grad():
-                    zz = z_star.detach().requires_grad_(True)
-                    out = f(t, zz)
 
-                def op(v: torch.Tensor) -> torch.Tensor:
-                    if not out.requires_grad:
-                        return v
-                    (u,) = torch.autograd.grad(out, zz, v, retain_graph=True, allow_unused=True)
-                    return v if u is None else v - hg * u
+def transposed_solver(f: Callable, mode: str, t, z_star: torch.Tensor, hg, eps: float):
+    """``g ↦ (I − hγ J(Z*))⁻ᵀ g`` with the exact Jacobian of ``f`` at the converged stage ``Z*`` (for the
+    backward pass); ``hg`` a float, or with ``mode="batch"`` a ``(B, 1)`` tensor (a step size per row)."""
 
-                return gmres(op, g, rtol=max(self.eps**0.75, 1e-10))
-            jac = jacobian(f, t, z_star, mode == "batch")
-            n = jac.shape[-1]
-            m = torch.eye(n, dtype=jac.dtype, device=jac.device) - hg * jac
-            rhs = g.reshape(g.shape[0], n, 1) if mode == "batch" else g.reshape(n, 1)
-            return torch.linalg.solve(m.mT, rhs).reshape(g.shape)
+    def solve(g: torch.Tensor) -> torch.Tensor:
+        if mode == "krylov":
+            with torch.enable_grad():
+                zz = z_star.detach().requires_grad_(True)
+                out = f(t, zz)
 
-        return solve
+            def op(v: torch.Tensor) -> torch.Tensor:
+                if not out.requires_grad:
+                    return v
+                (u,) = torch.autograd.grad(out, zz, v, retain_graph=True, allow_unused=True)
+                return v if u is None else v - hg * u
+
+            return gmres(op, g, rtol=max(eps**0.75, 1e-10))
+        jac = jacobian(f, t, z_star, mode == "batch")
+        n = jac.shape[-1]
+        hgm = hg if isinstance(hg, float) else hg.reshape(-1, 1, 1)
+        m = torch.eye(n, dtype=jac.dtype, device=jac.device) - hgm * jac
+        rhs = g.reshape(g.shape[0], n, 1) if mode == "batch" else g.reshape(n, 1)
+        return torch.linalg.solve(m.mT, rhs).reshape(g.shape)
+
+    return solve
 
 
 def _step(newton: _Newton, tab: EsdirkTableau, t: float, h: float, y, k0, scale, norm, grad: bool):
@@ -464,18 +487,21 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
     outputs, i_out, n_out, i_stop = [y0], 1, len(t_out), 0
     t, y = t_out[0], y0
     prev_ratio, n_steps = 1.0, 0
+    error = None  # the SolverError that ended the solve
     while i_out < n_out:
         h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
         if t + h_signed == t:
-            raise SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
+            error = SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
+            break
         if n_steps >= max_num_steps:
-            raise SolverError(
+            error = SolverError(
                 "max_num_steps",
                 f"max_num_steps={max_num_steps} exceeded",
                 t=t,
                 step_size=h_signed,
                 n_steps=n_steps,
             )
+            break
         if callbacks is not None:
             callbacks.step(t, y, h_signed)
         n_steps += 1
@@ -485,13 +511,14 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
         out = _step(newton, tab, t, h_signed, y, f0, scale, norm, grad)
         if out is None:  # Newton failed: a rejected step with h halved (and a fresh Jacobian)
             if abs(h_signed) <= min_step:
-                raise SolverError(
+                error = SolverError(
                     "underflow",
                     "the Newton iteration did not converge at the minimum step size (options['min_step'])",
                     t=t,
                     step_size=h_signed,
                     n_steps=n_steps,
                 )
+                break
             stats.n_rejected += 1
             if callbacks is not None:
                 callbacks.reject(t, y, h_signed)
@@ -508,9 +535,10 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
         if not math.isfinite(ratio):
             accepted = False
             if not bool(torch.isfinite(f0).all()):
-                raise SolverError(
+                error = SolverError(
                     "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
                 )
+                break
         if accepted:
             t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
             f1 = ks[-1]
@@ -556,10 +584,208 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
             factor = 1.0  # keep the LU factorisation
         h = min(abs(h_signed) * factor, max_step)
     stats.n_steps += n_steps
+    if error is not None:
+        if settings.throw:
+            raise error
+        # options["throw"] = False: what was reached, NaN (constants) at the outputs after it
+        outputs.extend([torch.full_like(y0, math.nan)] * (n_out - len(outputs)))
+    stats.status = "success" if error is None else error.reason
+    stats.t_reached = t_end if error is None else t
     return outputs
 
 
+# -- per-sample stepping: every row its own step size, Newton iteration and Jacobian ----------------------
+
+
+def _parse(options: dict) -> dict:
+    """The Newton options, checked (their defaults that depend on rtol and dtype are applied per solve)."""
+    own = {k: options[k] for k in ("jacobian", "max_iters", "newton_tol") if k in options}
+    newton_settings(own, 1.0, torch.float64)
+    if own.get("jacobian", "auto") not in JACOBIANS:
+        raise ValueError(
+            f"options['jacobian']={own['jacobian']!r}; expected one of {', '.join(map(repr, JACOBIANS))}"
+        )
+    return own
+
+
+class EsdirkRows:
+    """The ESDIRK methods in the per-sample loop (``odeint_per_sample``, ``options={"per_sample": True}``):
+    a ``RowStepper`` (see ``_integrate/per_sample.py``).
+
+    Each row of the ``(B, d)`` state has its own step size and controller (the loop's), and here its own
+    simplified Newton iteration: a ``(d, d)`` Jacobian block (one batched reverse-mode pass over the
+    batch), an LU factorisation of ``I − h_b γ J_b`` (batched ``lu_factor``/``lu_solve``), its own
+    convergence test, contraction rate and failure. As in the joint solver, but row by row: a row keeps
+    its Jacobian while its Newton iteration converges fast and refreshes it when it does not; its LU is
+    kept while its step size stays within ``[1, 1.2]`` of the one it was built for; a row whose Newton
+    iteration fails rejects its step with ``h`` reduced (Hairer's factor, at most 0.5), the others go on.
+
+    Work per step: every stage iteration evaluates ``func`` on the whole batch (rows are not split out
+    of ``func``), until every running row of that stage has converged or failed; rows that converged,
+    failed or finished take no further Newton corrections; a Jacobian pass runs only when some running
+    row needs a fresh block, and LU factorisations only for the rows whose block or step size changed.
+    Synchronisations: one per Newton iteration, one per Jacobian/LU decision, and the loop's one per step.
+    Gradients as in the joint mode: each converged stage by the implicit function theorem, per row.
+    """
+
+    def __init__(self, problem, stats) -> None:
+        opts = problem.settings.method_options or {}
+        if opts.get("jacobian", "auto") not in ("auto", "batch"):
+            raise ValueError(
+                f"options['jacobian']={opts['jacobian']!r} in per-sample mode: each row has its own (d, d) "
+                "Jacobian block, so only 'batch' (the default there, also 'auto') is supported"
+            )
+        y0 = problem.y0
+        B, n = y0.shape
+        self.problem, self.stats, self.f = problem, stats, problem.f
+        self.tab = tab = problem.tab
+        self.order = tab.order
+        self.controller = problem.settings.controller
+        self.max_iters, self.kappa = newton_settings(opts, problem.rtol, y0.dtype)
+        self.eps = torch.finfo(y0.dtype).eps
+        self.pairs = tuple(tuple((j, v) for j, v in enumerate(row[:i]) if v != 0.0) for i, row in enumerate(tab.a))
+        dev, dt = y0.device, y0.dtype
+        self.eye = torch.eye(n, dtype=dt, device=dev)
+        self.jac = None  # (B, d, d): each row's Jacobian block
+        self.stale = torch.ones(B, dtype=torch.bool, device=dev)  # needs a fresh block before its next step
+        self.fresh = torch.zeros(B, dtype=torch.bool, device=dev)  # block computed at this step's start
+        self.lu = self.eye.expand(B, n, n).clone()
+        self.piv = torch.arange(1, n + 1, dtype=torch.int32, device=dev).expand(B, n).clone()
+        self.hg_lu = torch.full((B,), math.nan, dtype=dt, device=dev)  # h γ each LU was built for
+        self.eta = torch.ones(B, dtype=dt, device=dev)  # Hairer's η, carried over
+        self.theta = torch.zeros(B, dtype=dt, device=dev)  # worst contraction rate of the step
+        self.failed = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.fail_factor = torch.full((B,), 0.5, dtype=dt, device=dev)
+        self.n_jac = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.n_lu = torch.zeros(B, dtype=torch.int64, device=dev)
+
+    @staticmethod
+    def tableau(method: str) -> EsdirkTableau:
+        return ESDIRK_TABLEAUS[method]
+
+    def row_counters(self) -> dict[str, torch.Tensor]:
+        return {"n_jac": self.n_jac, "n_lu": self.n_lu}
+
+    def _prepare(self, t: torch.Tensor, y: torch.Tensor, hg: torch.Tensor, running: torch.Tensor) -> None:
+        """Fresh Jacobian blocks for the running rows that need one, LUs for the rows whose block or
+        ``h γ`` changed."""
+        need_jac = running & self.stale
+        if bool(need_jac.any()):
+            jac = jacobian(self.f, t, y, True)
+            self.stats.n_jac += 1
+            self.jac = jac if self.jac is None else torch.where(need_jac.view(-1, 1, 1), jac, self.jac)
+            self.n_jac += need_jac
+            self.fresh = self.fresh | need_jac
+            self.stale = self.stale & ~need_jac
+            self.hg_lu = torch.where(need_jac, math.nan, self.hg_lu)
+        idx = (running & (hg != self.hg_lu)).nonzero().squeeze(1)
+        if idx.numel():
+            lu, piv = torch.linalg.lu_factor(self.eye - hg[idx].view(-1, 1, 1) * self.jac[idx])
+            self.lu[idx], self.piv[idx], self.hg_lu[idx] = lu, piv, hg[idx]
+            self.n_lu[idx] += 1
+            self.stats.n_lu += 1
+
+    def _stage(self, t, psi, z, hg, scale, active):
+        """Newton for ``Z = ψ + hγ f(t, Z)`` on the ``active`` rows from ``z`` (no grad); marks the rows
+        that fail in ``self.failed`` (and ``self.fail_factor``). Returns ``(Z, rows with NaN/inf)``."""
+        f, stats, kappa, max_iters = self.f, self.stats, self.kappa, self.max_iters
+        groups = self.problem.groups
+        eta = self.eta.clamp(min=self.eps).pow(0.8)
+        prev = None
+        nonfinite = torch.zeros_like(active)
+        for k in range(max_iters):
+            fz = f(t, z)
+            stats.nfe += 1
+            r = (psi + hg * fz - z).unsqueeze(2)
+            dz = torch.linalg.lu_solve(self.lu, self.piv, r).squeeze(2)
+            dz = torch.where(active.unsqueeze(1), dz, 0.0)
+            z = z + dz
+            ndz = rms_rows(dz / scale, groups)
+            bad = active & ~torch.isfinite(ndz)
+            fail = bad
+            if prev is not None:
+                theta = torch.where(prev > 0, ndz / prev, 0.0)
+                diverged = theta >= 0.99
+                eta = torch.where(active & ~diverged, theta / (1.0 - theta), eta)
+                # Hairer: give up early when the remaining iterations cannot reach the tolerance.
+                remaining = max_iters - 1 - k
+                predicted = eta * ndz * theta**remaining / kappa
+                give_up = active & ~diverged & (predicted >= 1.0)
+                factor = 0.8 * predicted.clamp(max=20.0) ** (-1.0 / (4 + remaining))
+                self.fail_factor = torch.where(give_up, factor, self.fail_factor)
+                fail = fail | (active & diverged) | give_up
+            converged = active & ~fail & ((eta * ndz <= kappa) | (ndz == 0))
+            self.eta = torch.where(converged, eta, self.eta)
+            if k >= 2:  # converged in two iterations: the Jacobian is good enough whatever θ was
+                self.theta = torch.where(converged, torch.maximum(self.theta, theta), self.theta)
+            self.failed = self.failed | fail
+            nonfinite = nonfinite | bad
+            active = active & ~converged & ~fail
+            prev = ndz
+            if not bool(active.any()):  # one synchronisation per iteration
+                return z, nonfinite
+        self.failed = self.failed | active  # not converged within max_iters
+        return z, nonfinite
+
+    def step(self, t, t_lo, t_to, last, h_signed, hp, y, f0, running):
+        tab, p, f = self.tab, self.problem, self.f
+        hy = hp[0]
+        hg = hy * tab.gamma  # (B, 1)
+        yd = y.detach()
+        scale = yd.abs() * p.rtol + p.atol
+        self._prepare(t_lo, yd, hg.squeeze(1), running)
+        self.theta = torch.zeros_like(self.theta)
+        self.failed = torch.zeros_like(self.failed)
+        self.fail_factor = torch.full_like(self.fail_factor, 0.5)
+        hg_safe = torch.where(hg == 0, 1.0, hg)  # rows that do not step: h = 0
+        nonfinite = torch.zeros_like(running)
+        grad = torch.is_grad_enabled()
+        ks, zs = [f0], [y]
+        for i in range(1, tab.stages):
+            ti = torch.add(t_lo, hp[1], alpha=tab.c[i])
+            psi = ROWS.comb(y, ks, self.pairs[i], hp)
+            psi_d = psi.detach()
+            with torch.no_grad():
+                z, bad = self._stage(ti, psi_d, psi_d + hg * ks[-1].detach(), hg, scale, running & ~self.failed)
+                nonfinite = nonfinite | bad
+                z = torch.where(self.failed.unsqueeze(1), psi_d, z)  # failed rows: finite placeholders
+            if grad:
+                g_live = psi + hg * f(ti, z)
+                self.stats.nfe += 1
+                if g_live.requires_grad:
+                    solve = transposed_solver(f, "batch", ti, z, hg, self.eps)
+                    z = _StageGrad.apply(g_live, z, solve)
+            ks.append((z - psi) / hg_safe)
+            zs.append(z)
+        y1 = zs[-1]
+        with torch.no_grad():
+            y1d = y1.detach()
+            err_scale = torch.maximum(yd.abs(), y1d.abs()) * p.rtol + p.atol
+            ratio = rms_rows((y1d - zs[-2].detach()) / err_scale, p.groups).to(t.dtype)
+            # A row whose Newton iteration failed is rejected whatever this says (NaN if it met NaN/inf).
+            ratio = torch.where(self.failed, torch.where(nonfinite, math.nan, 2.0), ratio)
+        return y1, (*ks, ks[-1]), ratio, self.failed
+
+    def factor(self, ratio, prev_ratio, all_finite: bool, accept) -> torch.Tensor:
+        fac = self.controller.factor_rows(ratio, prev_ratio, all_finite)
+        fac = torch.where(self.failed, self.fail_factor.to(fac.dtype), fac)
+        self.stale = self.stale | (accept & (self.theta > _REUSE_THETA)) | (self.failed & ~self.fresh)
+        self.fresh = self.fresh & ~accept
+        keep = accept & ~self.stale & (fac >= _KEEP_H[0]) & (fac <= _KEEP_H[1])
+        return torch.where(keep, 1.0, fac)  # 1: keep the LU factorisation
+
+
 SPECS = [
-    MethodSpec(name=n, options=OPTIONS, callbacks=ADAPTIVE_CALLBACKS, order=t.order, run=_run, events=False)
+    MethodSpec(
+        name=n,
+        options=OPTIONS,
+        callbacks=ADAPTIVE_CALLBACKS,
+        order=t.order,
+        run=_run,
+        events=False,
+        parse=_parse,
+        rows=EsdirkRows,
+        rows_options=ROW_OPTIONS,
+    )
     for n, t in ESDIRK_TABLEAUS.items()
 ]

@@ -176,6 +176,9 @@ class MethodSpec:
         events: whether ``event_fn`` is supported.
         parse: ``parse(options) -> value``: checks the method's own options (``ValueError``/``TypeError``
             naming them) when the problem is built; the value is ``problem.settings.method_options``.
+        rows: per-sample stepping (``odeint_per_sample``): ``rows(problem, stats) -> RowStepper`` (see
+            ``_integrate/per_sample.py``), a fresh one per solve; ``None``: not available.
+        rows_options: the option names it accepts in per-sample mode.
     """
 
     name: str
@@ -186,6 +189,8 @@ class MethodSpec:
     run: Callable | None = None
     events: bool = True
     parse: Callable | None = None
+    rows: Callable | None = None
+    rows_options: frozenset[str] = frozenset()
 
 
 def hermite_dense(b: Sequence[float]) -> tuple[Poly, ...]:
