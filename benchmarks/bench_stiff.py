@@ -14,11 +14,13 @@ batched vector-Jacobian pass), SciPy by finite differences of its NumPy vector f
 each, not in its ``nfev``). The vector fields are the same formulas, in torch for neuralode and in NumPy
 for SciPy (SciPy's natural use; a torch field behind NumPy conversions would only slow it down).
 
-Then a batch of 1 024 Robertson problems with rate constants varied log-uniformly by a factor of up to 2:
-one neuralode call with ``options={"jacobian": "batch"}`` (joint stepping: one step size for the batch,
-set by the worst row; a (3, 3) Jacobian block and LU per row), against SciPy solving them one by one on a
-subset of them (time extrapolated to the batch, stated), at the same tolerances; error against per-problem
-Radau references on that subset.
+Then a batch of 1 024 Robertson problems with rate constants varied log-uniformly by a factor of up to 2
+(``--spread``):
+one per-sample neuralode call (``odeint_per_sample``: every row its own step size, Newton iteration,
+Jacobian block and LU), one joint call with ``options={"jacobian": "batch"}`` (one step size for the
+batch, set by the worst row; a (3, 3) Jacobian block and LU per row), against SciPy solving them one by
+one on a subset of them (time extrapolated to the batch, stated), at the same tolerances; error against
+per-problem Radau references on that subset (``--only-batch`` runs only this part).
 
 Last, torchdiffeq's only implicit method, the fixed-grid ``implicit_adams`` (Adams-Bashforth-Moulton
 with a functional-iteration corrector), on HIRES: the step it needs for the error the adaptive solvers
@@ -27,6 +29,7 @@ reach at rtol 1e-6 (the functional iteration converges only for steps below the 
     python benchmarks/bench_stiff.py                        # everything, ~4 min at one thread
     python benchmarks/bench_stiff.py --problems robertson --repeats 1
     python benchmarks/bench_stiff.py --json out.json --markdown out.md
+    python benchmarks/bench_stiff.py --only-batch --repeats 3   # the batch of 1 024 Robertson problems
 """
 
 from __future__ import annotations
@@ -270,9 +273,12 @@ def matched(rows: list[dict], solvers, keys=("wall_s", "nfe", "n_jac", "n_lu")) 
 # -- the batch of Robertson problems -----------------------------------------------------------------------
 
 
-def robertson_batch(batch: int, subset: int, rtol: float, atol: float, repeats: int) -> dict:
+def robertson_batch(
+    batch: int, subset: int, rtol: float, atol: float, repeats: int, spread: float = 2.0
+) -> dict:
     g = torch.Generator().manual_seed(0)
-    factors = torch.exp(torch.empty(batch, 3, dtype=F64).uniform_(-math.log(2), math.log(2), generator=g))
+    s = math.log(spread)
+    factors = torch.exp(torch.empty(batch, 3, dtype=F64).uniform_(-s, s, generator=g))
     k = factors * torch.tensor([0.04, 3e7, 1e4], dtype=F64)
     _, _, t_out, atol_scale = PROBLEMS["robertson"]
     y0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=F64).repeat(batch, 1)
@@ -287,6 +293,35 @@ def robertson_batch(batch: int, subset: int, rtol: float, atol: float, repeats: 
 
     rows = []
     for method in ("kvaerno4", "kvaerno5"):
+        found = {}
+
+        def per_sample(method=method):
+            stats = neuralode.SolveStats()
+            with torch.no_grad():
+                ys, info = neuralode.odeint_per_sample(
+                    f, y0, tt, method=method, rtol=rtol, atol=atol, stats=stats, return_info=True
+                )
+            return ys, (stats, info)
+
+        def record_rows(name, out, found=found):
+            if not found:
+                ys, (stats, info) = out
+                found["err"], found["err_end"] = errors(ys.transpose(0, 1).numpy())
+                found["stats"], found["info"] = stats, info
+
+        wall, cpu = timed({method: per_sample}, repeats, record_rows)[method]
+        st, info = found["stats"], found["info"]
+        steps = info.n_steps.double()
+        counters = (
+            f"{st.nfe} batched calls, {st.n_jac} batched Jacobians, {st.n_lu} batched LU; steps per row "
+            f"{int(steps.min())}-{int(steps.max())} (median {int(steps.median())}), Jacobian blocks per row "
+            f"median {int(info.n_jac.double().median())}"
+        )
+        rows.append(
+            _batch_row(
+                f"{method} per sample (batch={batch}, one call)", found, counters, wall, cpu, batch, batch
+            )
+        )
         found = {}
 
         def ours(method=method):
@@ -327,7 +362,7 @@ def robertson_batch(batch: int, subset: int, rtol: float, atol: float, repeats: 
         counters = f"{c['nfe']:.0f} calls, {c['n_jac']:.0f} Jacobians, {c['n_lu']:.0f} LU per problem"
         name = f"SciPy {method} (one by one; {subset} of {batch} timed, extrapolated)"
         rows.append(_batch_row(name, found, counters, wall, cpu, subset, batch))
-    return {"batch": batch, "scipy_subset": subset, "rtol": rtol, "atol": atol, "rows": rows}
+    return {"batch": batch, "scipy_subset": subset, "rtol": rtol, "atol": atol, "spread": spread, "rows": rows}
 
 
 def _batch_row(solver: str, found: dict, counters: str, wall: float, cpu: float, solved: int, batch: int):
@@ -445,9 +480,12 @@ def markdown(res: dict) -> str:
         lines += [
             f"## {b['batch']} Robertson problems (rate constants varied), rtol {b['rtol']:g}, atol {b['atol']:g}",
             "",
-            "Rate constants: each of k1, k2, k3 times a log-uniform factor in [1/2, 2] (seed 0). neuralode: one "
-            "`odeint` call with `options={'jacobian': 'batch'}`: joint stepping (one step size for the whole "
-            "batch, set by the worst row), a 3x3 Jacobian block and LU per row. SciPy: one `solve_ivp` per "
+            f"Rate constants: each of k1, k2, k3 times a log-uniform factor in [1/{b['spread']:g}, "
+            f"{b['spread']:g}] (seed 0). neuralode per "
+            "sample: one `odeint_per_sample` call (every row its own step size, Newton iteration, Jacobian "
+            "block and LU). neuralode batch: one `odeint` call with `options={'jacobian': 'batch'}`: joint "
+            "stepping (one step size for the whole batch, set by the worst row), a 3x3 Jacobian block and LU "
+            "per row. SciPy: one `solve_ivp` per "
             f"problem on the first {b['scipy_subset']} problems, time extrapolated linearly to {b['batch']}. "
             f"Errors: worst over those {b['scipy_subset']} problems against Radau at rtol 1e-11.",
             "",
@@ -494,6 +532,17 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1024, help="Robertson batch size (0: skip)")
     p.add_argument("--subset", type=int, default=16, help="problems of the batch SciPy solves (timed)")
     p.add_argument(
+        "--spread",
+        type=float,
+        default=2.0,
+        help="batch rate constants: each times a log-uniform factor in [1/spread, spread]",
+    )
+    p.add_argument(
+        "--only-batch",
+        action="store_true",
+        help="run only the batch of Robertson problems (per-sample, joint batch and SciPy one by one)",
+    )
+    p.add_argument(
         "--ia-t1", type=float, default=5.0, help="end of the HIRES span for implicit_adams (0: skip)"
     )
     p.add_argument(
@@ -507,6 +556,8 @@ def main(argv=None) -> int:
     if unknown:
         print(f"error: unknown problem(s) {unknown}; valid: {', '.join(PROBLEMS)}", file=sys.stderr)
         return 2
+    if args.only_batch:
+        names, args.ia_t1 = [], 0.0
     torch.set_num_threads(1)
     rtols = [float(x) for x in args.rtols.split(",")]
     t_start = time.perf_counter()
@@ -531,7 +582,9 @@ def main(argv=None) -> int:
         res["work_precision"].append(wp)
         print(f"{name}: done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     if args.batch:
-        res["batch"] = robertson_batch(args.batch, min(args.subset, args.batch), 1e-6, 1e-12, args.repeats)
+        res["batch"] = robertson_batch(
+            args.batch, min(args.subset, args.batch), 1e-6, 1e-12, args.repeats, args.spread
+        )
         print(f"batch: done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     if torchdiffeq is not None and args.ia_t1 > 0:
         res["implicit_adams"] = implicit_adams(args.ia_t1, [float(x) for x in args.ia_steps.split(",")])

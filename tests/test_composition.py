@@ -1,7 +1,8 @@
 """The composition matrix (see ``tests/composition.py``): no cell may be silently wrong.
 
 The default suite runs the explicit Runge-Kutta methods eagerly in float64 in every mode, gradient method
-and event setting, the Adams and SciPy methods in their baseline cell (joint, direct, no event), and
+and event setting, the Adams and SciPy methods in their baseline cell (joint, direct, no event; the
+implicit and stiff methods have their own test files), and
 float32 and one compiled cell for ``dopri5`` and ``rk4``; ``-m slow`` runs every cell.
 """
 
@@ -12,6 +13,7 @@ import pytest
 from composition import Cell, cells, outcome
 from neuralode import TABLEAUS
 from neuralode._solvers.implicit import IMPLICIT_TABLEAUS
+from neuralode._solvers.stiff import ESDIRK_TABLEAUS
 
 # Cells known to be wrong: each shows as an expected failure, and the test fails once it is fixed.
 KNOWN_WRONG: dict[str, str] = {}
@@ -23,8 +25,9 @@ def _default(c: Cell) -> bool:
         return baseline
     if c.method in TABLEAUS:
         return True
-    # The implicit methods' Newton-Krylov solves are the expensive ones; test_methods_extra covers them.
-    return baseline and c.method not in IMPLICIT_TABLEAUS
+    # The implicit methods' Newton iterations are the expensive ones; test_methods_extra and
+    # test_stiff*.py cover them.
+    return baseline and c.method not in IMPLICIT_TABLEAUS and c.method not in ESDIRK_TABLEAUS
 
 
 _FAST = [c for c in cells(everything=False) if _default(c)]

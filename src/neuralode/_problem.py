@@ -714,7 +714,9 @@ def make_rows_problem(
     check_func(func)
     method = "dopri5" if method is None else method
     spec = EXTRA_METHODS.get(method) if isinstance(method, str) else None
-    if not isinstance(method, str) or (method not in ADAPTIVE_METHODS and (spec is None or spec.rows is None)):
+    if not isinstance(method, str) or (
+        method not in ADAPTIVE_METHODS and (spec is None or spec.rows is None)
+    ):
         rows_methods = ADAPTIVE_METHODS + tuple(m for m, sp in EXTRA_METHODS.items() if sp.rows is not None)
         raise ValueError(
             f"method={method!r} is not an adaptive method; per-sample stepping needs one of "

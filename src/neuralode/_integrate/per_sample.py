@@ -9,6 +9,11 @@ which output columns the step crossed).
 
 Use it when the samples' dynamics differ a lot (stiffness, time scales, per-sample start and end
 times); keep the joint mode when they are alike: it runs fewer kernels per step.
+
+The loop is the same for every method; how a row takes one step is a :class:`RowStepper`: the explicit
+Runge-Kutta one here (the one RK core, eager or compiled), the stiff methods' (``kvaerno*``: a Newton
+iteration, Jacobian block and LU per row) in ``_solvers/stiff.py``, found through the method's
+``MethodSpec.rows``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from neuralode._interpolation import dense_rows, row_outputs
 from neuralode._problem import RowsProblem, make_rows_problem
 from neuralode._solvers.rk import ROWS, error_ratio, rk_step, rms_error_ratio, rms_factor
 from neuralode._stats import SolveStats, _report_forward
-from neuralode._step_size import Controller, initial_step, rms_rows
+from neuralode._step_size import initial_step, rms_rows
 
 __all__ = ["PerSampleInfo", "odeint_per_sample"]
 
@@ -85,12 +90,16 @@ def odeint_per_sample(
             strictly monotonic; rows may have different start and end times and directions). Column 0
             is each sample's start time.
         rtol, atol: positive floats, or tensors broadcastable to ``y0`` (e.g. ``(B, 1)`` per sample).
-        method: an adaptive method (default ``"dopri5"``).
+        method: an adaptive method (default ``"dopri5"``): an explicit Runge-Kutta one, or a stiff one
+            (``"kvaerno3"``, ``"kvaerno4"``, ``"kvaerno5"``: each row its own Newton iteration, ``(d, d)``
+            Jacobian block and LU, ``d`` the elements per row; see ``docs/stiff.md``).
         options: ``first_step``, ``min_step``, ``max_step``, ``max_num_steps`` (per sample, default
             1,000,000); the step-size controller, as ``odeint``: ``controller`` (``"i"`` or ``"pi"``),
-            ``pcoeff``, ``icoeff``, ``safety``, ``ifactor``, ``dfactor``; ``compile`` (``True`` or a dict
-            of ``torch.compile`` keyword arguments: each step as one compiled graph, as ``odeint``'s
-            ``options["compile"]``); ``throw`` (the same as the keyword).
+            ``pcoeff``, ``icoeff``, ``safety``, ``ifactor``, ``dfactor``; ``compile`` (explicit methods:
+            ``True`` or a dict of ``torch.compile`` keyword arguments: each step as one compiled graph,
+            as ``odeint``'s ``options["compile"]``); ``max_iters``, ``newton_tol`` and ``jacobian``
+            (``"auto"`` or ``"batch"``, the same) for the stiff methods, as in ``odeint``; ``throw``
+            (the same as the keyword).
         throw: raise :class:`SolverError` if any sample failed (default: ``options["throw"]``, else
             ``True``); with ``False`` the outputs a failed sample never reached are NaN and the
             per-sample status and time reached are in ``info`` and in the solve's ``SolveStats``
@@ -105,9 +114,10 @@ def odeint_per_sample(
         ``n_accepted``, ``n_rejected`` summed over the samples.
 
     The step sequence of each sample is the one ``odeint`` takes for that sample alone (same initial
-    step, controller and error norm), so the results agree with per-sample ``odeint`` solves to rounding.
+    step, controller and error norm; for the stiff methods also the same Newton, Jacobian-reuse and LU
+    decisions), so the results agree with per-sample ``odeint`` solves to rounding.
     Gradients flow by backpropagation through the steps (step-size control is not differentiated, as in
-    ``odeint``).
+    ``odeint``; the stiff methods' implicit stages by the implicit function theorem).
     """
     if throw is not None:
         if not isinstance(throw, bool):
@@ -293,7 +303,7 @@ def _loop(
 ) -> tuple[torch.Tensor, PerSampleInfo]:
     y, f0, tt = problem.y0, problem.f0, problem.t
     rtol, atol, s = problem.rtol, problem.atol, problem.settings
-    B, n = y.shape
+    B = y.shape[0]
     T = tt.shape[1]
     y_init = y
     dtype, device = y.dtype, y.device

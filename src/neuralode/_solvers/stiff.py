@@ -37,6 +37,12 @@ solve, or GMRES with vector-Jacobian products in the Krylov mode). This costs on
 
 The iterations synchronise with the host (one norm per Newton iteration and the error ratio per step);
 like the other implicit methods these solvers are not sync-free.
+
+Per-sample mode (``odeint(..., options={"per_sample": True})`` or ``odeint_per_sample``): the rows of
+``y0`` (``(batch, d)``) are independent problems, each with its own step size and controller (the
+per-sample loop's) and, here, its own Newton iteration, ``(d, d)`` Jacobian block, LU, Jacobian reuse
+and refresh, and failure (:class:`EsdirkRows`). ``options['throw'] = False`` (both modes): a failed solve
+returns what it reached, NaN after, with the status and the time reached in its ``SolveStats``.
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ import torch
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
 from neuralode._errors import SolverError
 from neuralode._solvers.implicit import ImplicitTableau, _combine, gmres
-from neuralode._solvers.tableau import MethodSpec, hermite_dense
 from neuralode._solvers.rk import ROWS
+from neuralode._solvers.tableau import MethodSpec, hermite_dense
 from neuralode._step_size import STEP_SIZE_OPTIONS, initial_step, make_norm, propose_step, rms_rows
 
 __all__ = ["ESDIRK_TABLEAUS", "EsdirkTableau"]
@@ -643,7 +649,9 @@ class EsdirkRows:
         self.controller = problem.settings.controller
         self.max_iters, self.kappa = newton_settings(opts, problem.rtol, y0.dtype)
         self.eps = torch.finfo(y0.dtype).eps
-        self.pairs = tuple(tuple((j, v) for j, v in enumerate(row[:i]) if v != 0.0) for i, row in enumerate(tab.a))
+        self.pairs = tuple(
+            tuple((j, v) for j, v in enumerate(row[:i]) if v != 0.0) for i, row in enumerate(tab.a)
+        )
         dev, dt = y0.device, y0.dtype
         self.eye = torch.eye(n, dtype=dt, device=dev)
         self.jac = None  # (B, d, d): each row's Jacobian block
@@ -685,60 +693,62 @@ class EsdirkRows:
             self.n_lu[idx] += 1
             self.stats.n_lu += 1
 
-    def _stage(self, t, psi, z, hg, scale, active):
-        """Newton for ``Z = ψ + hγ f(t, Z)`` on the ``active`` rows from ``z`` (no grad); marks the rows
-        that fail in ``self.failed`` (and ``self.fail_factor``). Returns ``(Z, rows with NaN/inf)``."""
-        f, stats, kappa, max_iters = self.f, self.stats, self.kappa, self.max_iters
-        groups = self.problem.groups
-        eta = self.eta.clamp(min=self.eps).pow(0.8)
+    def _stage(self, t, psi, z, hg, inv_scale, active):
+        """Newton for ``Z = ψ + hγ f(t, Z)`` on the ``active`` rows from ``z`` (no grad; ``inv_scale`` is
+        ``1 / (atol + rtol |y|)``); marks the rows that fail in ``self.failed`` (and ``self.fail_factor``).
+        The same decisions as :meth:`_Newton.stage`, row by row, in as few kernels as they allow: norms
+        are 2-norms (the RMS's ``1/sqrt(d)`` is folded into κ), and a NaN/inf correction fails its row
+        through ``¬(θ < 0.99)`` one iteration later."""
+        f, stats, max_iters = self.f, self.stats, self.max_iters
+        kappa = self.kappa * math.sqrt(z.shape[1])
+        eta = self.eta.clamp(min=self.eps).pow_(0.8)
         prev = None
-        nonfinite = torch.zeros_like(active)
         for k in range(max_iters):
             fz = f(t, z)
             stats.nfe += 1
-            r = (psi + hg * fz - z).unsqueeze(2)
-            dz = torch.linalg.lu_solve(self.lu, self.piv, r).squeeze(2)
-            dz = torch.where(active.unsqueeze(1), dz, 0.0)
+            r = torch.addcmul(psi - z, hg, fz).unsqueeze(2)
+            dz = torch.where(active.unsqueeze(1), torch.linalg.lu_solve(self.lu, self.piv, r).squeeze(2), 0.0)
             z = z + dz
-            ndz = rms_rows(dz / scale, groups)
-            bad = active & ~torch.isfinite(ndz)
-            fail = bad
+            ndz = torch.linalg.vector_norm(dz * inv_scale, dim=1)
             if prev is not None:
-                theta = torch.where(prev > 0, ndz / prev, 0.0)
-                diverged = theta >= 0.99
-                eta = torch.where(active & ~diverged, theta / (1.0 - theta), eta)
+                theta = ndz / prev  # (prev > 0 on every active row: a zero correction has converged)
+                fail = active & ~(theta < 0.99)  # diverging, or NaN/inf
+                eta = theta / (1.0 - theta)
                 # Hairer: give up early when the remaining iterations cannot reach the tolerance.
                 remaining = max_iters - 1 - k
-                predicted = eta * ndz * theta**remaining / kappa
-                give_up = active & ~diverged & (predicted >= 1.0)
-                factor = 0.8 * predicted.clamp(max=20.0) ** (-1.0 / (4 + remaining))
+                predicted = eta * ndz * theta.pow(remaining) / kappa
+                give_up = (predicted >= 1.0) & active & ~fail
+                factor = predicted.clamp(max=20.0).pow_(-1.0 / (4 + remaining)).mul_(0.8)
                 self.fail_factor = torch.where(give_up, factor, self.fail_factor)
-                fail = fail | (active & diverged) | give_up
-            converged = active & ~fail & ((eta * ndz <= kappa) | (ndz == 0))
+                fail = fail | give_up
+                converged = (eta * ndz <= kappa) & active & ~fail
+                self.failed = self.failed | fail
+                active = active & ~(converged | fail)
+                if k >= 2:  # converged in two iterations: the Jacobian is good enough whatever θ was
+                    self.theta = torch.where(converged, torch.maximum(self.theta, theta), self.theta)
+            else:
+                converged = (eta * ndz <= kappa) & active
+                active = active & ~converged
             self.eta = torch.where(converged, eta, self.eta)
-            if k >= 2:  # converged in two iterations: the Jacobian is good enough whatever θ was
-                self.theta = torch.where(converged, torch.maximum(self.theta, theta), self.theta)
-            self.failed = self.failed | fail
-            nonfinite = nonfinite | bad
-            active = active & ~converged & ~fail
             prev = ndz
             if not bool(active.any()):  # one synchronisation per iteration
-                return z, nonfinite
-        self.failed = self.failed | active  # not converged within max_iters
-        return z, nonfinite
+                break
+        else:
+            self.failed = self.failed | active  # not converged within max_iters
+        return z
 
     def step(self, t, t_lo, t_to, last, h_signed, hp, y, f0, running):
         tab, p, f = self.tab, self.problem, self.f
         hy = hp[0]
         hg = hy * tab.gamma  # (B, 1)
         yd = y.detach()
-        scale = yd.abs() * p.rtol + p.atol
+        inv_scale = (yd.abs() * p.rtol + p.atol).reciprocal_()
         self._prepare(t_lo, yd, hg.squeeze(1), running)
         self.theta = torch.zeros_like(self.theta)
         self.failed = torch.zeros_like(self.failed)
         self.fail_factor = torch.full_like(self.fail_factor, 0.5)
         hg_safe = torch.where(hg == 0, 1.0, hg)  # rows that do not step: h = 0
-        nonfinite = torch.zeros_like(running)
+        nonfinite = torch.zeros_like(running)  # rows whose Newton iteration met NaN/inf
         grad = torch.is_grad_enabled()
         ks, zs = [f0], [y]
         for i in range(1, tab.stages):
@@ -746,8 +756,9 @@ class EsdirkRows:
             psi = ROWS.comb(y, ks, self.pairs[i], hp)
             psi_d = psi.detach()
             with torch.no_grad():
-                z, bad = self._stage(ti, psi_d, psi_d + hg * ks[-1].detach(), hg, scale, running & ~self.failed)
-                nonfinite = nonfinite | bad
+                z0 = torch.addcmul(psi_d, hg, ks[-1].detach())
+                z = self._stage(ti, psi_d, z0, hg, inv_scale, running & ~self.failed)
+                nonfinite = nonfinite | (self.failed & ~torch.isfinite(z).all(1))
                 z = torch.where(self.failed.unsqueeze(1), psi_d, z)  # failed rows: finite placeholders
             if grad:
                 g_live = psi + hg * f(ti, z)
