@@ -712,26 +712,31 @@ class EsdirkRows:
             ndz = torch.linalg.vector_norm(dz * inv_scale, dim=1)
             if prev is not None:
                 theta = ndz / prev  # (prev > 0 on every active row: a zero correction has converged)
-                fail = active & ~(theta < 0.99)  # diverging, or NaN/inf
                 eta = theta / (1.0 - theta)
+                eta_ndz = eta * ndz
+                ok = active & (theta < 0.99)  # the others diverge, or met NaN/inf
                 # Hairer: give up early when the remaining iterations cannot reach the tolerance.
                 remaining = max_iters - 1 - k
-                predicted = eta * ndz * theta.pow(remaining) / kappa
-                give_up = (predicted >= 1.0) & active & ~fail
-                factor = predicted.clamp(max=20.0).pow_(-1.0 / (4 + remaining)).mul_(0.8)
-                self.fail_factor = torch.where(give_up, factor, self.fail_factor)
-                fail = fail | give_up
-                converged = (eta * ndz <= kappa) & active & ~fail
-                self.failed = self.failed | fail
-                active = active & ~(converged | fail)
+                predicted = eta_ndz * theta.pow(remaining)
+                give_up = ok & (predicted >= kappa)
+                ok = ok ^ give_up
+                converged = ok & (eta_ndz <= kappa)
+                self.failed = self.failed | (active ^ ok)
+                active = ok ^ converged
                 if k >= 2:  # converged in two iterations: the Jacobian is good enough whatever θ was
                     self.theta = torch.where(converged, torch.maximum(self.theta, theta), self.theta)
+                self.eta = torch.where(converged, eta, self.eta)
+                more, gave_up = torch.stack([active.any(), give_up.any()]).tolist()  # one sync
+                if gave_up:
+                    factor = (predicted / kappa).clamp_(max=20.0).pow_(-1.0 / (4 + remaining)).mul_(0.8)
+                    self.fail_factor = torch.where(give_up, factor, self.fail_factor)
             else:
-                converged = (eta * ndz <= kappa) & active
-                active = active & ~converged
-            self.eta = torch.where(converged, eta, self.eta)
+                converged = active & (eta * ndz <= kappa)
+                active = active ^ converged
+                self.eta = torch.where(converged, eta, self.eta)
+                more = bool(active.any())  # one synchronisation per iteration
             prev = ndz
-            if not bool(active.any()):  # one synchronisation per iteration
+            if not more:
                 break
         else:
             self.failed = self.failed | active  # not converged within max_iters
