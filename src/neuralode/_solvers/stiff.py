@@ -53,6 +53,7 @@ import math
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
@@ -657,13 +658,17 @@ class EsdirkRows:
         self.jac = None  # (B, d, d): each row's Jacobian block
         self.stale = torch.ones(B, dtype=torch.bool, device=dev)  # needs a fresh block before its next step
         self.fresh = torch.zeros(B, dtype=torch.bool, device=dev)  # block computed at this step's start
-        self.lu = self.eye.expand(B, n, n).clone()
-        self.piv = torch.arange(1, n + 1, dtype=torch.int32, device=dev).expand(B, n).clone()
+        # (in lu_factor's own memory layout, which lu_solve reads without a copy)
+        self.lu, self.piv = torch.linalg.lu_factor(self.eye.expand(B, n, n))
         self.hg_lu = torch.full((B,), math.nan, dtype=dt, device=dev)  # h γ each LU was built for
-        self.eta = torch.ones(B, dtype=dt, device=dev)  # Hairer's η, carried over
-        self.theta = torch.zeros(B, dtype=dt, device=dev)  # worst contraction rate of the step
-        self.failed = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.fail_factor = torch.full((B,), 0.5, dtype=dt, device=dev)
+        # The Newton iteration's per-row decisions, on the host (NumPy, float64 like the joint solver's
+        # Python floats): one (B,) norm comes back per iteration anyway (the iteration's one sync), and
+        # a dozen decisions on it cost a dozen kernel launches on the device, microseconds here.
+        self.eta = np.ones(B)  # Hairer's η, carried over
+        self.theta = np.zeros(B)  # worst contraction rate of the step
+        self.failed_h = np.zeros(B, dtype=bool)  # rows whose Newton iteration failed this step
+        self.fail_factor = np.full(B, 0.5)
+        self.failed = torch.zeros(B, dtype=torch.bool, device=dev)  # the same on the device
         self.n_jac = torch.zeros(B, dtype=torch.int64, device=dev)
         self.n_lu = torch.zeros(B, dtype=torch.int64, device=dev)
 
@@ -693,54 +698,59 @@ class EsdirkRows:
             self.n_lu[idx] += 1
             self.stats.n_lu += 1
 
-    def _stage(self, t, psi, z, hg, inv_scale, active):
-        """Newton for ``Z = ψ + hγ f(t, Z)`` on the ``active`` rows from ``z`` (no grad; ``inv_scale`` is
-        ``1 / (atol + rtol |y|)``); marks the rows that fail in ``self.failed`` (and ``self.fail_factor``).
-        The same decisions as :meth:`_Newton.stage`, row by row, in as few kernels as they allow: norms
-        are 2-norms (the RMS's ``1/sqrt(d)`` is folded into κ), and a NaN/inf correction fails its row
+    def _stage(self, t, psi, z, hg, inv_scale, active: np.ndarray):
+        """Newton for ``Z = ψ + hγ f(t, Z)`` on the ``active`` rows (a host mask) from ``z`` (no grad;
+        ``inv_scale`` is ``1 / (atol + rtol |y|)``); marks the rows that fail in ``self.failed_h`` (and
+        ``self.fail_factor``). The same decisions as :meth:`_Newton.stage`, row by row: norms are
+        2-norms (the RMS's ``1/sqrt(d)`` is folded into κ), and a NaN/inf correction fails its row
         through ``¬(θ < 0.99)`` one iteration later."""
         f, stats, max_iters = self.f, self.stats, self.max_iters
         kappa = self.kappa * math.sqrt(z.shape[1])
-        eta = self.eta.clamp(min=self.eps).pow_(0.8)
+        eta = np.maximum(self.eta, self.eps) ** 0.8
         prev = None
+        mask = self._device_mask(active)
         for k in range(max_iters):
             fz = f(t, z)
             stats.nfe += 1
             r = torch.addcmul(psi - z, hg, fz).unsqueeze(2)
-            dz = torch.where(active.unsqueeze(1), torch.linalg.lu_solve(self.lu, self.piv, r).squeeze(2), 0.0)
+            dz = torch.where(mask, torch.linalg.lu_solve(self.lu, self.piv, r).squeeze(2), 0.0)
             z = z + dz
-            ndz = torch.linalg.vector_norm(dz * inv_scale, dim=1)
-            if prev is not None:
-                theta = ndz / prev  # (prev > 0 on every active row: a zero correction has converged)
-                eta = theta / (1.0 - theta)
-                eta_ndz = eta * ndz
-                ok = active & (theta < 0.99)  # the others diverge, or met NaN/inf
-                # Hairer: give up early when the remaining iterations cannot reach the tolerance.
-                remaining = max_iters - 1 - k
-                predicted = eta_ndz * theta.pow(remaining)
-                give_up = ok & (predicted >= kappa)
-                ok = ok ^ give_up
-                converged = ok & (eta_ndz <= kappa)
-                self.failed = self.failed | (active ^ ok)
-                active = ok ^ converged
-                if k >= 2:  # converged in two iterations: the Jacobian is good enough whatever θ was
-                    self.theta = torch.where(converged, torch.maximum(self.theta, theta), self.theta)
-                self.eta = torch.where(converged, eta, self.eta)
-                more, gave_up = torch.stack([active.any(), give_up.any()]).tolist()  # one sync
-                if gave_up:
-                    factor = (predicted / kappa).clamp_(max=20.0).pow_(-1.0 / (4 + remaining)).mul_(0.8)
-                    self.fail_factor = torch.where(give_up, factor, self.fail_factor)
-            else:
-                converged = active & (eta * ndz <= kappa)
-                active = active ^ converged
-                self.eta = torch.where(converged, eta, self.eta)
-                more = bool(active.any())  # one synchronisation per iteration
+            # the one synchronisation per iteration
+            ndz = torch.linalg.vector_norm(dz * inv_scale, dim=1).to("cpu", torch.float64).numpy()
+            with np.errstate(all="ignore"):  # (rows that are not active may divide 0 by 0)
+                if prev is not None:
+                    theta = ndz / prev  # (prev > 0 on every active row: a zero correction has converged)
+                    eta = theta / (1.0 - theta)
+                    eta_ndz = eta * ndz
+                    ok = active & (theta < 0.99)  # the others diverge, or met NaN/inf
+                    # Hairer: give up early when the remaining iterations cannot reach the tolerance.
+                    remaining = max_iters - 1 - k
+                    predicted = eta_ndz * theta**remaining
+                    give_up = ok & (predicted >= kappa)
+                    if give_up.any():
+                        pred = np.minimum(20.0, predicted[give_up] / kappa)
+                        self.fail_factor[give_up] = 0.8 * pred ** (-1.0 / (4 + remaining))
+                        ok &= ~give_up
+                    converged = ok & (eta_ndz <= kappa)
+                    self.failed_h |= active & ~ok
+                    active = ok & ~converged
+                    if k >= 2:  # converged in two iterations: the Jacobian is good enough whatever θ was
+                        self.theta[converged] = np.maximum(self.theta[converged], theta[converged])
+                else:
+                    converged = active & (eta * ndz <= kappa)
+                    active = active & ~converged
+            self.eta[converged] = eta[converged]
             prev = ndz
-            if not more:
+            if not active.any():
                 break
+            mask = self._device_mask(active)
         else:
-            self.failed = self.failed | active  # not converged within max_iters
+            self.failed_h |= active  # not converged within max_iters
         return z
+
+    def _device_mask(self, rows: np.ndarray) -> torch.Tensor:
+        """A host row mask as a ``(B, 1)`` device tensor."""
+        return torch.from_numpy(rows.copy()).to(self.eye.device, non_blocking=True).unsqueeze(1)
 
     def step(self, t, t_lo, t_to, last, h_signed, hp, y, f0, running):
         tab, p, f = self.tab, self.problem, self.f
@@ -749,9 +759,11 @@ class EsdirkRows:
         yd = y.detach()
         inv_scale = (yd.abs() * p.rtol + p.atol).reciprocal_()
         self._prepare(t_lo, yd, hg.squeeze(1), running)
-        self.theta = torch.zeros_like(self.theta)
-        self.failed = torch.zeros_like(self.failed)
-        self.fail_factor = torch.full_like(self.fail_factor, 0.5)
+        self.theta[:] = 0.0
+        self.failed_h[:] = False
+        self.fail_factor[:] = 0.5
+        failed = torch.zeros_like(running)
+        running_h = running.cpu().numpy()
         hg_safe = torch.where(hg == 0, 1.0, hg)  # rows that do not step: h = 0
         nonfinite = torch.zeros_like(running)  # rows whose Newton iteration met NaN/inf
         grad = torch.is_grad_enabled()
@@ -762,9 +774,10 @@ class EsdirkRows:
             psi_d = psi.detach()
             with torch.no_grad():
                 z0 = torch.addcmul(psi_d, hg, ks[-1].detach())
-                z = self._stage(ti, psi_d, z0, hg, inv_scale, running & ~self.failed)
-                nonfinite = nonfinite | (self.failed & ~torch.isfinite(z).all(1))
-                z = torch.where(self.failed.unsqueeze(1), psi_d, z)  # failed rows: finite placeholders
+                z = self._stage(ti, psi_d, z0, hg, inv_scale, running_h & ~self.failed_h)
+                failed = self._device_mask(self.failed_h).squeeze(1)
+                nonfinite = nonfinite | (failed & ~torch.isfinite(z).all(1))
+                z = torch.where(failed.unsqueeze(1), psi_d, z)  # failed rows: finite placeholders
             if grad:
                 g_live = psi + hg * f(ti, z)
                 self.stats.nfe += 1
@@ -779,13 +792,17 @@ class EsdirkRows:
             err_scale = torch.maximum(yd.abs(), y1d.abs()) * p.rtol + p.atol
             ratio = rms_rows((y1d - zs[-2].detach()) / err_scale, p.groups).to(t.dtype)
             # A row whose Newton iteration failed is rejected whatever this says (NaN if it met NaN/inf).
-            ratio = torch.where(self.failed, torch.where(nonfinite, math.nan, 2.0), ratio)
-        return y1, (*ks, ks[-1]), ratio, self.failed
+            ratio = torch.where(failed, torch.where(nonfinite, math.nan, 2.0), ratio)
+        self.failed = failed
+        return y1, (*ks, ks[-1]), ratio, failed
 
     def factor(self, ratio, prev_ratio, all_finite: bool, accept) -> torch.Tensor:
         fac = self.controller.factor_rows(ratio, prev_ratio, all_finite)
-        fac = torch.where(self.failed, self.fail_factor.to(fac.dtype), fac)
-        self.stale = self.stale | (accept & (self.theta > _REUSE_THETA)) | (self.failed & ~self.fresh)
+        dev = fac.device
+        fail_factor = torch.from_numpy(self.fail_factor.copy()).to(dev, fac.dtype, non_blocking=True)
+        slow = torch.from_numpy(self.theta > _REUSE_THETA).to(dev, non_blocking=True)
+        fac = torch.where(self.failed, fail_factor, fac)
+        self.stale = self.stale | (accept & slow) | (self.failed & ~self.fresh)
         self.fresh = self.fresh & ~accept
         keep = accept & ~self.stale & (fac >= _KEEP_H[0]) & (fac <= _KEEP_H[1])
         return torch.where(keep, 1.0, fac)  # 1: keep the LU factorisation
