@@ -362,7 +362,14 @@ def robertson_batch(
         counters = f"{c['nfe']:.0f} calls, {c['n_jac']:.0f} Jacobians, {c['n_lu']:.0f} LU per problem"
         name = f"SciPy {method} (one by one; {subset} of {batch} timed, extrapolated)"
         rows.append(_batch_row(name, found, counters, wall, cpu, subset, batch))
-    return {"batch": batch, "scipy_subset": subset, "rtol": rtol, "atol": atol, "spread": spread, "rows": rows}
+    return {
+        "batch": batch,
+        "scipy_subset": subset,
+        "rtol": rtol,
+        "atol": atol,
+        "spread": spread,
+        "rows": rows,
+    }
 
 
 def _batch_row(solver: str, found: dict, counters: str, wall: float, cpu: float, solved: int, batch: int):
