@@ -631,8 +631,10 @@ class EsdirkRows:
     of ``func``), until every running row of that stage has converged or failed; rows that converged,
     failed or finished take no further Newton corrections; a Jacobian pass runs only when some running
     row needs a fresh block, and LU factorisations only for the rows whose block or step size changed.
-    Synchronisations: one per Newton iteration, one per Jacobian/LU decision, and the loop's one per step.
-    Gradients as in the joint mode: each converged stage by the implicit function theorem, per row.
+    The per-row Newton decisions run on the host, on the ``(B,)`` norm of each iteration's correction.
+    Synchronisations: one per Newton iteration, three per step (the rows running, and the Jacobian and
+    LU decisions), besides the loop's one. Gradients as in the joint mode: each converged stage by the
+    implicit function theorem, per row.
     """
 
     def __init__(self, problem, stats) -> None:
