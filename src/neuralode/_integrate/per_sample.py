@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -162,9 +162,11 @@ def solve_rows(
 # -- how a row steps: the explicit Runge-Kutta stepper (the stiff one lives in _solvers/stiff.py) ----------
 
 
-class RowStepper:
+class RowStepper(Protocol):
     """What the per-sample loop asks of a method: one attempted step of every row, and each row's next
     step size. The loop owns everything else (times, outputs, accept/reject masks, statuses, hooks).
+    A protocol: the stiff methods' stepper (``_solvers/stiff.py``) has these members without importing
+    this module.
 
     Attributes:
         tab: the dense-output tableau (``dense``, ``stages``, ``uses_extra_stages``; see ``dense_rows``).
@@ -174,7 +176,7 @@ class RowStepper:
 
     tab: Any
     order: int
-    stages: tuple[list, list] = ([], [])
+    stages: tuple[list, list] | None = None
 
     def step(self, t, t_lo, t_to, last, h_signed, hp, y, f0, running):
         """One attempted step of every row from ``(t, y)`` with ``f0 = f(t, y)``: ``t``/``h_signed``
@@ -217,6 +219,7 @@ class _RkRows(RowStepper):
         else:
             self.row_norm = functools.partial(rms_rows, groups=problem.groups)
         self.f = problem.f
+        self.stages = ([], [])
         if problem.quad is not None:
             f = problem.f
 
