@@ -14,7 +14,9 @@ on them, and the result goes back as a batched tensor of the same ``vmap`` level
 so tensors it captures from the vmapped function (parameters being vmapped over) work as usual. Gradients
 (``loss.backward()``, ``torch.func.grad``/``jacrev`` outside the ``vmap``) flow through the engine's
 operations. Not supported, with an error saying so: ``event_fn``, tuple states, the methods the
-per-sample engine lacks (``kvaerno*``, ``scipy_solver``) and per-problem output times on a fixed grid.
+methods that build a Newton Jacobian with autograd or run outside PyTorch (``kvaerno*``, ``scipy_solver``)
+and per-problem output times on a fixed grid. A batch of stiff problems, each with its own steps, is
+``odeint(f, y0_batch, t, method="kvaerno5", options={"per_sample": True})`` instead.
 
 ``jacrev``/``jacfwd``/``jvp`` alone need nothing from here: their transforms allow the solver's host
 decisions (the step sizes are not differentiated, as in ``odeint``).
@@ -103,7 +105,8 @@ def odeint_vmapped(
         raise NotImplementedError(
             f"method={name!r} under torch.func.vmap is not supported: each vmapped problem needs its own "
             f"adaptive steps, which the per-sample engine provides for {', '.join(ADAPTIVE_METHODS)} only. "
-            "For a batch of stiff problems, solve a batched y0 with options={'jacobian': 'batch'}"
+            "For a batch of stiff problems, solve a batched y0 with options={'per_sample': True} (each problem "
+            "its own steps) or options={'jacobian': 'batch'} (shared steps)"
         )
     y0_b = _unwrap(y0, lvl, batch, "y0")
     t_b = _unwrap(t, lvl, batch, "t") if isinstance(t, torch.Tensor) else None
