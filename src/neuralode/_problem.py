@@ -25,6 +25,7 @@ from neuralode._callbacks import ADAPTIVE_CALLBACKS, FIXED_CALLBACKS, collect_ca
 from neuralode._integrate.compiled_step import check_compile_option
 from neuralode._solvers.explicit import ADAPTIVE_METHODS, FIXED_METHODS, TABLEAUS
 from neuralode._solvers.registry import EXTRA_METHODS
+from neuralode._solvers.stiff import ESDIRK_TABLEAUS
 from neuralode._solvers.tableau import ButcherTableau, MethodSpec
 from neuralode._step_size import STEP_SIZE_OPTIONS, Controller, Norm, make_controller, make_norm
 
@@ -211,7 +212,7 @@ def adjoint_settings(
         )
     options.pop("compile", None)
     norm = options.pop("norm", None)
-    if norm is not None and not adaptive:
+    if norm is not None and not adaptive and adjoint_method not in ESDIRK_TABLEAUS:
         raise ValueError(
             f"adjoint_options['norm'] has no effect with the fixed-step adjoint_method={adjoint_method!r}; "
             "drop it or choose an adaptive adjoint_method"

@@ -53,6 +53,7 @@ from neuralode._problem import (
 )
 from neuralode._problem import check_tol as _check_tol
 from neuralode._solvers.explicit import TABLEAUS
+from neuralode._solvers.stiff import ESDIRK_TABLEAUS, EsdirkTableau
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 from neuralode._step_size import make_norm
 
@@ -172,11 +173,20 @@ def odeint_adjoint(
     y0_flat = torch.cat([x.reshape(-1) for x in y0]) if isinstance(y0, (tuple, list)) else y0
     with torch.no_grad():
         problem = make_problem(func, y0, t, rtol, atol, method, options)
-    if sensitivity != "backsolve" and problem.method not in TABLEAUS:
+    if sensitivity != "backsolve" and problem.method in ESDIRK_TABLEAUS and checkpoints is not None:
         raise ValueError(
-            f"sensitivity={sensitivity!r} re-solves the forward steps, which needs an explicit Runge-Kutta "
-            f"method; got method={problem.method!r} (valid: {', '.join(TABLEAUS)}); use "
-            "sensitivity='backsolve' with it"
+            f"sensitivity={sensitivity!r} with method={problem.method!r} reads the state from the dense "
+            "output of every forward step and cannot re-solve them from checkpoints; use checkpoints=None"
+        )
+    if (
+        sensitivity != "backsolve"
+        and problem.method not in TABLEAUS
+        and problem.method not in ESDIRK_TABLEAUS
+    ):
+        raise ValueError(
+            f"sensitivity={sensitivity!r} reads the forward steps' dense output, which needs an explicit "
+            f"Runge-Kutta method or an ESDIRK one; got method={problem.method!r} (valid: "
+            f"{', '.join([*TABLEAUS, *ESDIRK_TABLEAUS])}); use sensitivity='backsolve' with it"
         )
     adjoint = _adjoint_setup(
         func, problem, params, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options, options
@@ -294,6 +304,16 @@ class _Adjoint(torch.autograd.Function):
         with torch.no_grad():
             if adjoint.sensitivity == "backsolve":
                 ys = torch.stack(run(problem, stats))
+            elif problem.method in ESDIRK_TABLEAUS:  # the stiff solvers: their whole dense output
+                steps: list = []
+                ys = torch.stack(
+                    run(
+                        problem,
+                        stats,
+                        on_accept=lambda t, h, y, ks, f1: steps.append((t, h, y, _stages_matrix([*ks, f1]))),
+                    )
+                )
+                ctx.record = ("dense", steps)
             elif (
                 adjoint.checkpoints is None
                 and TABLEAUS[problem.method].adaptive
@@ -432,18 +452,26 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
     last_fy: list[torch.Tensor | None] = [None]  # f(t, y) of the latest evaluation (for dL/dt_i)
 
     def aug_f(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
+        # ``s`` requires grad only when an implicit backward method (kvaerno*) takes the Jacobian of these
+        # dynamics: then the result must stay differentiable in ``s`` (``y`` kept attached, the
+        # vector-Jacobian products built with a graph), or that Jacobian would be zero.
+        jac = s.requires_grad
         y = s[:n] if lay.with_y else traj(tt)
         a = s[lay.a]
         with torch.enable_grad():
-            y_ = y.detach().view(y_shape).requires_grad_(True)
+            y_ = y.view(y_shape) if jac and lay.with_y else y.detach().view(y_shape).requires_grad_(True)
             tt_ = _time(tt, dtype, device, perturb).requires_grad_(t_grad)
             fy = f_flat(tt_, y_)
             inputs = (y_, *state_params, tt_) if t_grad else (y_, *state_params)
-            if fy.requires_grad:
-                vjps = _vjp(fy, inputs, -a.view_as(fy))
-            else:  # f does not depend on anything differentiable
+            if not fy.requires_grad:  # f does not depend on anything differentiable
                 vjps = tuple(torch.zeros_like(x) for x in inputs)
-        fy = fy.detach().reshape(-1)
+            elif jac:
+                vjps = torch.autograd.grad(
+                    fy, inputs, -a.view_as(fy), create_graph=True, allow_unused=True, materialize_grads=True
+                )
+            else:
+                vjps = _vjp(fy, inputs, -a.view_as(fy))
+        fy = (fy if jac else fy.detach()).reshape(-1)
         last_fy[0] = fy
         parts = [fy, vjps[0].reshape(-1)] if lay.with_y else [vjps[0].reshape(-1)]
         if cast_params:
@@ -476,7 +504,7 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
         return grad_ys[0], _split_params(a_p, params, p_numels), time_vjps
     s_n, ds_n = apply_jump(n_out - 1, torch.zeros(lay.total, dtype=dtype, device=device))
     options = dict(adj.options)
-    adaptive = method_options(adj.method)[1]
+    adaptive = _error_controlled(adj.method)
     if adaptive:
         options["norm"] = _aug_norm(adj, lay, problem.shapes, y_shape)
     aug_problem = Problem(
@@ -577,7 +605,7 @@ def _backward_differentiable(problem: Problem, adj: _AdjointSetup, ys, grad_ys):
         return torch.cat([fy.reshape(-1), *(v.reshape(-1).to(dtype) for v in vjps)])
 
     options = dict(adj.options)
-    if method_options(adj.method)[1]:
+    if _error_controlled(adj.method):
         options["norm"] = _aug_norm(adj, lay, problem.shapes, y_shape)
     rtol, atol = lay.tol(adj.rtol), lay.tol(adj.atol)
     t_all = torch.tensor(problem.t, dtype=torch.float64)
@@ -596,6 +624,11 @@ def _backward_differentiable(problem: Problem, adj: _AdjointSetup, ys, grad_ys):
         s = torch.cat([ys[i - 1], s[lay.a] + grad_ys[i - 1], s[lay.p]])
     a_y = s[lay.a] if n_out > 1 else grad_ys[0]
     return a_y, _split_params(s[lay.p], params, p_numels)
+
+
+def _error_controlled(method: str) -> bool:
+    """Whether ``method`` steps under error control with ``options['norm']`` (adaptive tableaus, kvaerno*)."""
+    return method_options(method)[1] or method in ESDIRK_TABLEAUS
 
 
 def _split_params(a_p: torch.Tensor, params, p_numels) -> list[torch.Tensor]:
@@ -632,7 +665,8 @@ class _Trajectory:
     arithmetic) from its checkpoint when first needed; two segments stay cached."""
 
     def __init__(self, problem: Problem, ys: torch.Tensor, stats: SolveStats, record: tuple):
-        self.f, self.tab, self.stats = problem.f, TABLEAUS[problem.method], stats
+        self.f, self.stats = problem.f, stats
+        self.tab = TABLEAUS.get(problem.method) or _EsdirkDense(ESDIRK_TABLEAUS[problem.method])
         t_out = problem.t
         self.direction = 1.0 if t_out[-1] > t_out[0] else -1.0
         self.cache: collections.OrderedDict = collections.OrderedDict()
@@ -695,6 +729,17 @@ class _Trajectory:
         if len(self.cache) > self.max_cached:
             self.cache.popitem(last=False)
         return keys, steps
+
+
+@dataclasses.dataclass(frozen=True)
+class _EsdirkDense:
+    """The dense output of an ESDIRK tableau (``stiff.dense_output``'s cubic Hermite weights over its stages
+    and ``f`` at the step's end) in the interface :class:`_Trajectory` reads."""
+
+    esdirk: EsdirkTableau
+
+    def dense_weights(self, theta: float) -> list[float]:
+        return [sum(p * theta ** (k + 1) for k, p in enumerate(poly)) for poly in self.esdirk.dense]
 
 
 def _stages_matrix(k_ext: list[torch.Tensor]) -> torch.Tensor:

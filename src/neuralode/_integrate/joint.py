@@ -71,7 +71,10 @@ def run(
     if len(problem.t) == 1:
         stats.status, stats.t_reached = "success", problem.t[0]
         return [y0]
-    if (jump is not None and (tab is None or not tab.adaptive)) or (on_accept is not None and tab is None):
+    own_hook = on_accept is not None and tab is None and s.spec.run is not None  # e.g. the ESDIRK driver
+    if (jump is not None and (tab is None or not tab.adaptive)) or (
+        on_accept is not None and tab is None and not own_hook
+    ):
         raise ValueError(f"method={problem.method!r} has no jump/on_accept hooks")
     if on_accept is not None and s.compile:
         raise ValueError("on_accept needs the eager step (options['compile'] is set)")
@@ -82,7 +85,11 @@ def run(
             )
         if s.spec.run is not None:  # a driver with options["throw"] records how it ended in stats
             stats.status = None
-            ys = s.spec.run(problem, stats, y0)
+            ys = (
+                s.spec.run(problem, stats, y0, on_accept=on_accept)
+                if own_hook
+                else s.spec.run(problem, stats, y0)
+            )
             if stats.status is None:
                 stats.status, stats.t_reached = "success", problem.t[-1]
             return ys
