@@ -97,8 +97,8 @@ def test_stiff_kinetics_example_small():
     other and with finite differences, the loss falls, and dopri5 exhausts a small step budget."""
     ex = _load_example()
     args = ex.parse_args(
-        ["--iterations", "3", "--t-end", "0.1", "--n-times", "3", "--n-train", "1", "--n-test", "1"]
-        + ["--rtol", "1e-5", "--adjoint-rtol", "1e-5", "--lr", "0.2", "--no-plot"]
+        "--iterations 3 --t-end 0.1 --n-times 3 --n-train 1 --n-test 1 --rtol 1e-5 --adjoint-rtol 1e-5 "
+        "--lr 0.2 --no-plot".split()
     )
     data = ex.make_data(args, torch.Generator().manual_seed(0))
     check = ex.gradient_check(data, args, fd_rtol=1e-8)
