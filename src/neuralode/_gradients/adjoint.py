@@ -117,8 +117,11 @@ def odeint_adjoint(
             adjoint), ``"interpolating"`` (the state from forward checkpoints; right where backsolve is
             unstable) or ``"quadrature"`` (as ``"interpolating"``, parameter gradient by Gauss-Legendre
             quadrature on each backward step, error control on the state's adjoint only). The last two
-            need an explicit Runge-Kutta ``method`` (its steps are re-solved); ``"quadrature"`` also an
-            adaptive one for ``adjoint_method``.
+            need an explicit Runge-Kutta ``method`` (its steps are re-solved) or a stiff ``kvaerno*`` one
+            (its whole dense output is kept; no ``checkpoints``): with stiff dynamics use
+            ``method="kvaerno*"`` and ``"interpolating"``, backsolve would integrate the fast decaying
+            modes of ``y`` backwards, where they grow; ``"quadrature"`` also an adaptive explicit
+            Runge-Kutta ``adjoint_method``.
         checkpoints: ``"interpolating"``/``"quadrature"``: ``None`` (default) keeps the dense output of
             every forward step (its stages: memory O(steps · stages · state), no recomputation; on fixed
             grids and with ``options["compile"]``: about √(2n) states, as below); an int keeps at most that many states and re-solves the
