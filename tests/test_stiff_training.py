@@ -93,22 +93,23 @@ def test_adjoint_stiff_seminorm_and_checkpoint_validation():
 
 
 def test_stiff_kinetics_example_small():
-    """A few iterations of the example on a short span: the adjoint and direct gradients agree with each
-    other and with finite differences, the loss falls, and dopri5 exhausts a small step budget."""
+    """Two iterations of the example on a short span (to t = 0.01): the adjoint and direct gradients agree, the loss
+    falls, the backward solves are counted, and dopri5 exhausts a small step budget."""
     ex = _load_example()
     args = ex.parse_args(
-        "--iterations 3 --t-end 0.1 --n-times 3 --n-train 1 --n-test 1 --rtol 1e-5 --adjoint-rtol 1e-5 "
+        "--iterations 2 --t-end 0.01 --n-times 3 --n-train 1 --n-test 1 --rtol 1e-5 --adjoint-rtol 1e-5 "
         "--lr 0.2 --no-plot".split()
     )
     data = ex.make_data(args, torch.Generator().manual_seed(0))
-    check = ex.gradient_check(data, args, fd_rtol=1e-8)
-    assert check["rel_adjoint_vs_direct"] < 1e-3 and check["rel_adjoint_vs_fd"] < 1e-3
+    _, g_dir, _ = ex.loss_and_grad(ex.MassAction(ex.START_LOG10K), data, "direct", args)
     run = ex.train(data, "adjoint", args, log=lambda msg: None)
     losses = [r["loss"] for r in run["history"]]
-    assert run["final_loss"] < losses[0] and losses[-1] < losses[0]
+    assert losses[1] < losses[0] and run["final_loss"] < losses[0]
     assert all(r["nfe_backward"] > 0 and r["n_jac_backward"] > 0 for r in run["history"])
-    attempt = ex.explicit_attempt(data, "dopri5", max_num_steps=50, rtol=1e-5, atol=1e-10)
-    assert attempt["raised"] and attempt["reason"] == "max_num_steps" and attempt["t_reached"] < 0.1
+    _, g_adj, _ = ex.loss_and_grad(ex.MassAction(ex.START_LOG10K), data, "adjoint", args)
+    torch.testing.assert_close(g_adj, g_dir, rtol=1e-3, atol=1e-9)
+    attempt = ex.explicit_attempt(data, "dopri5", max_num_steps=10, rtol=1e-5, atol=1e-10)
+    assert attempt["raised"] and attempt["reason"] == "max_num_steps" and attempt["t_reached"] < 0.01
 
 
 def test_dopri5_hits_max_num_steps_on_the_stiff_span():
@@ -118,6 +119,14 @@ def test_dopri5_hits_max_num_steps_on_the_stiff_span():
     with torch.no_grad():
         with pytest.raises(SolverError, match="max_num_steps"):
             odeint(ex.MassAction(ex.TRUE_LOG10K), y0, t, method="dopri5", options={"max_num_steps": 300})
-        ys = odeint(ex.MassAction(ex.TRUE_LOG10K), y0, t, method="kvaerno5", options={"max_num_steps": 300})
+        ys = odeint(
+            ex.MassAction(ex.TRUE_LOG10K),
+            y0,
+            t,
+            method="kvaerno5",
+            rtol=1e-5,
+            atol=1e-10,
+            options={"max_num_steps": 300},
+        )
     assert torch.isfinite(ys).all()
     torch.testing.assert_close(ys[-1].sum(), torch.tensor(1.0, dtype=F64), rtol=0, atol=1e-6)
