@@ -15,7 +15,10 @@ The recipe (every number is a field of :class:`SpiralConfig`):
 
   Defaults ``a = 0``, ``b = 0.3``. The paper names neither shape nor scale.
 * Exactly half of the ``n_spirals`` spirals turn each way; a fixed random ``n_train`` of them are the
-  training set, the rest the test set (fixed by ``seed``).
+  training set, the rest the test set (fixed by ``seed``). ``n_val`` of the ``n_train`` training
+  spirals are set aside as the validation set (model selection); the model is fitted on the other
+  ``n_train − n_val``. The test set does not depend on ``n_val``. A validation spiral is a window like
+  a test spiral's (below), so validation measures what the test measures.
 * A test spiral is a window of ``window = 200`` consecutive grid points starting at a uniformly random
   index in ``[0, start_max]``; ``start_max = 250`` keeps every point at grid index ≤ 449 (radius
   ≤ 5.1; the hyperbolic clockwise radius stays ≤ 5.2 there too). A training spiral is a window of
@@ -55,6 +58,7 @@ class SpiralConfig:
 
     n_spirals: int = 1000
     n_train: int = 800
+    n_val: int = 0
     n_grid: int = 500
     theta_max: float = 6 * math.pi
     window: int = 200
@@ -81,6 +85,8 @@ class SpiralConfig:
             bad("n_spirals", "an integer ≥ 2")
         if not 1 <= self.n_train < self.n_spirals:
             bad("n_train", f"1 ≤ n_train < n_spirals={self.n_spirals}")
+        if not 0 <= self.n_val < self.n_train:
+            bad("n_val", f"0 ≤ n_val < n_train={self.n_train} (some training spirals must remain)")
         if not 2 <= self.n_context <= self.window:
             bad("n_context", f"2 ≤ n_context ≤ window={self.window}")
         if self.start_max < 0 or self.start_max + self.window > self.n_grid:
@@ -126,7 +132,8 @@ class SpiralData:
         starts: ``(n_spirals,)`` grid index of each window's first point.
         obs_mask: ``(n_spirals, window)`` bool: the ``n_obs`` observed indices, all in the first
             ``n_context``.
-        train_idx, test_idx: ``(n_train,)``, ``(n_spirals − n_train,)`` index tensors.
+        train_idx, val_idx, test_idx: ``(n_train − n_val,)``, ``(n_val,)``, ``(n_spirals − n_train,)``
+            index tensors, pairwise disjoint.
     """
 
     config: SpiralConfig
@@ -138,13 +145,19 @@ class SpiralData:
     obs_mask: torch.Tensor
     train_idx: torch.Tensor
     test_idx: torch.Tensor
+    val_idx: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     def split(self, name: str) -> torch.Tensor:
+        """Indices of the ``"train"``, ``"val"`` or ``"test"`` spirals."""
         if name == "train":
             return self.train_idx
         if name == "test":
             return self.test_idx
-        raise ValueError(f"split={name!r} is unknown; expected 'train' or 'test'")
+        if name == "val":
+            if self.val_idx.numel() == 0:
+                raise ValueError("split='val' is empty: the data set was made with n_val=0")
+            return self.val_idx
+        raise ValueError(f"split={name!r} is unknown; expected 'train', 'val' or 'test'")
 
     def observed(self, split: str | torch.Tensor) -> IrregularBatch:
         """The observations (noisy values at the observed indices) of a split or index tensor, as an
@@ -186,7 +199,9 @@ def make_spirals(config: SpiralConfig | None = None, **overrides) -> SpiralData:
     clockwise[: n // 2] = True
     clockwise = clockwise[torch.randperm(n, generator=gen)]
     perm = torch.randperm(n, generator=gen)
-    train_idx, test_idx = perm[: cfg.n_train].sort().values, perm[cfg.n_train :].sort().values
+    fit = cfg.n_train - cfg.n_val
+    train_idx, val_idx = perm[:fit].sort().values, perm[fit : cfg.n_train].sort().values
+    test_idx = perm[cfg.n_train :].sort().values
     is_train = torch.zeros(n, dtype=torch.bool)
     is_train[train_idx] = True
     u = torch.rand(n, generator=gen, dtype=torch.float64)
@@ -206,4 +221,4 @@ def make_spirals(config: SpiralConfig | None = None, **overrides) -> SpiralData:
     obs_mask = torch.zeros(n, cfg.window, dtype=torch.bool)
     obs_mask.scatter_(1, chosen, True)
     times = (torch.arange(cfg.window, dtype=torch.float64) * cfg.dt).float()
-    return SpiralData(cfg, times, clean, noisy, clockwise, starts, obs_mask, train_idx, test_idx)
+    return SpiralData(cfg, times, clean, noisy, clockwise, starts, obs_mask, train_idx, test_idx, val_idx)

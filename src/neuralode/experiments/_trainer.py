@@ -750,10 +750,11 @@ def eval_device(name: str | None, cfg: Any) -> torch.device:
 
 def register_eval(
     subparsers: Any, name: str, evaluate: Callable[..., dict[str, Any]], *, help: str, description: str,
-    data_dir: bool = False,
+    data_dir: bool = False, forward: tuple[str, ...] = (),
 ) -> argparse.ArgumentParser:  # fmt: skip
     """``neuralode eval NAME RUN_DIR``: ``evaluate(run_dir, device=, threads=[, data_dir=])`` returns the
-    test metrics, printed as JSON (the same keys and values as the run's ``metrics.json``)."""
+    test metrics, printed as JSON (the same keys and values as the run's ``metrics.json``). ``forward``:
+    names of options the caller adds to the returned parser, passed on to ``evaluate`` as keywords."""
     p = subparsers.add_parser(name, help=help, description=description)
     p.add_argument("run", metavar="RUN_DIR", help=f"run folder of `neuralode train {name}`")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the run's device)")
@@ -763,6 +764,7 @@ def register_eval(
 
     def run(args: argparse.Namespace) -> int:
         kw = {"data_dir": args.data_dir} if data_dir else {}
+        kw.update({k: getattr(args, k) for k in forward})
         try:
             if args.threads is not None and args.threads < 1:
                 raise UsageError(f"--threads must be a positive integer, got {args.threads}")

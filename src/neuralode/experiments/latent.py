@@ -6,11 +6,17 @@ Commands::
     neuralode train latent --obs 30 --model rnn --out runs/rnn-obs30
     neuralode table2 --iters 2000 --runs-dir runs/table2 --out docs/results/latent
 
-A run folder holds ``config.json``, ``metrics.jsonl`` (one line per evaluation), ``metrics.json``
-(final: ``rmse_extrapolation``/``rmse_interpolation`` against the clean truth, ``*_noisy`` against the
-noisy data, ``nfe_forward``, wall time), ``checkpoint.pt`` and plots. Evaluation conditions on each
-test spiral's observed points (first 100 time steps) and predicts all 200; the latent ODE decodes the
-posterior mean of ``z(t0)``.
+Model selection: ``n_val`` of the ``n_train`` training spirals are the validation split. Every
+``eval_every`` iterations the model is evaluated on it (``metrics.jsonl``); the weights with the lowest
+validation ``rmse_extrapolation_noisy`` (what can be measured without a noise-free truth) are kept in
+``best.pt``. The test split is evaluated once, at the end, with those selected weights.
+
+A run folder holds ``config.json``, ``metrics.jsonl`` (validation metrics, one line per evaluation),
+``metrics.json`` (final: test ``rmse_extrapolation``/``rmse_interpolation`` against the clean truth,
+``*_noisy`` against the noisy data, ``nfe_forward``; the selected iteration and its ``val_*`` metrics;
+wall time), ``best.pt`` (selected weights), ``checkpoint.pt`` and plots. Evaluation conditions on each
+spiral's observed points (first 100 time steps) and predicts all 200; the latent ODE decodes the
+posterior mean of its anchor state.
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ from neuralode.experiments._config import (
     resolve_config,
     typed_options,
 )
-from neuralode.experiments._runs import check_device_name, plot_nfe, seed_everything
+from neuralode.experiments._runs import check_device_name, plot_nfe, save_checkpoint, seed_everything
 from neuralode.experiments._trainer import (
     Experiment,
     RunFolder,
     Trainer,
+    TrainingDiverged,
     _Single,
     check_device,
     eval_device,
@@ -60,7 +67,17 @@ from neuralode.experiments._trainer import register_eval as _register_eval
 from neuralode.models.latent_ode import ANCHORS, ENCODERS, LatentODE, pack_observations
 from neuralode.models.rnn_baseline import RNNBaseline
 
-__all__ = ["LATENT", "LatentConfig", "evaluate", "evaluate_run", "register", "run_table2", "train"]
+__all__ = [
+    "LATENT",
+    "TABLE2_GRID",
+    "LatentConfig",
+    "evaluate",
+    "evaluate_run",
+    "register",
+    "run_table2",
+    "run_table2_protocol",
+    "train",
+]  # fmt: skip
 
 MODELS = ("latent-ode", "rnn")
 PLOT_DPI = 150
@@ -85,7 +102,11 @@ class LatentConfig:
         choices=("mirror", "hyperbolic"),
     )  # fmt: skip
     n_spirals: int = opt(1000, "spirals in the data set")
-    n_train: int = opt(800, "training spirals (the rest are test spirals)")
+    n_train: int = opt(800, "training spirals (the rest are test spirals), validation split included")
+    n_val: int = opt(
+        100, "validation spirals, carved from the n_train training spirals: model selection (0: none, the "
+        "last iterate is kept)",
+    )  # fmt: skip
     data_seed: int = opt(0, "seed of the data set")
     train_horizon: int = opt(
         200, "steps of each training spiral the likelihood scores (the encoder sees observed points of the "
@@ -119,7 +140,7 @@ class LatentConfig:
     lr_decay: float = opt(0.999, "lr * max(lr_decay^i, 0.1), as in Rubanova et al.'s code")
     grad_clip: float = opt(0.0, "clip the gradient's global L2 norm to this (0: no clipping)")
     batch_size: int = opt(0, "spirals per iteration (0: full batch, as torchdiffeq's example)")
-    eval_every: int = opt(100, "evaluate on the test spirals and checkpoint every N iterations")
+    eval_every: int = opt(100, "evaluate on the validation spirals and checkpoint every N iterations")
     seed: int = opt(0, "random seed of the weights and minibatches")
     threads: int = opt(1, "torch CPU threads")
     device: str = opt("cpu", "cpu, cuda, cuda:N or auto")
@@ -133,7 +154,7 @@ class LatentConfig:
         check_positive_int(self, "obs", "n_spirals", "n_train", "latent_dim", "enc_hidden", "dyn_hidden")
         check_positive_int(self, "dyn_layers", "dec_hidden", "rnn_hidden", "iters", "eval_every", "threads")
         check_positive_int(self, "max_steps")
-        check_nonneg_int(self, "batch_size")
+        check_nonneg_int(self, "batch_size", "n_val")
         check_positive_float(self, "rtol", "atol", "lr")
         check_positive_float(self, "obs_std", allow_none=True)
         check_nonneg_float(self, "noise_std", "grad_clip")
@@ -141,14 +162,16 @@ class LatentConfig:
             raise UsageError(
                 f"obs={self.obs} is invalid; at most 100 of the first 100 time steps can be observed"
             )
-        if self.batch_size > self.n_train:
-            raise UsageError(
-                f"batch_size={self.batch_size} exceeds the n_train={self.n_train} training spirals "
-                "(0: full batch)"
-            )
         if self.n_train >= self.n_spirals:
             raise UsageError(
                 f"n_train={self.n_train} leaves no test spirals out of n_spirals={self.n_spirals}"
+            )
+        if self.n_val >= self.n_train:
+            raise UsageError(f"n_val={self.n_val} leaves no training spirals out of n_train={self.n_train}")
+        if self.batch_size > self.n_train - self.n_val:
+            raise UsageError(
+                f"batch_size={self.batch_size} exceeds the {self.n_train - self.n_val} training spirals "
+                f"(n_train={self.n_train} minus n_val={self.n_val}; 0: full batch)"
             )
         if not 100 <= self.train_horizon <= 200:
             raise UsageError(
@@ -171,6 +194,7 @@ def make_data(cfg: LatentConfig) -> SpiralData:
     return make_spirals(
         n_spirals=cfg.n_spirals,
         n_train=cfg.n_train,
+        n_val=cfg.n_val,
         noise_std=cfg.noise_std,
         n_obs=cfg.obs,
         seed=cfg.data_seed,
@@ -195,7 +219,7 @@ def build_model(cfg: LatentConfig) -> torch.nn.Module:
 
 
 # Values of fields added later, as runs saved before they existed effectively used them.
-_LEGACY_DEFAULTS = {"train_horizon": 100}
+_LEGACY_DEFAULTS = {"train_horizon": 100, "n_val": 0}
 
 
 # Fields that do not change what a model of the other kind trains or computes.
@@ -324,10 +348,24 @@ def _global_noise(model, dist, n: int, cfg: LatentConfig):
         del model.sample
 
 
-class _LatentTask:
-    """Full-batch (or minibatch) ELBO / teacher-forced RNN loss; test RMSEs at each evaluation."""
+SELECT_ON = "rmse_extrapolation_noisy"  # the validation metric that selects the weights
 
-    def __init__(self, cfg: LatentConfig, model, opt, sched, data: SpiralData, device, dist=None):
+
+class _LatentTask:
+    """Full-batch (or minibatch) ELBO / teacher-forced RNN loss; validation RMSEs at each evaluation,
+    the best weights so far (lowest validation :data:`SELECT_ON`) written to ``best``."""
+
+    def __init__(
+        self,
+        cfg: LatentConfig,
+        model,
+        opt,
+        sched,
+        data: SpiralData,
+        device,
+        dist=None,
+        best: Path | None = None,
+    ):
         self.cfg, self.model, self.opt, self.sched, self.data, self.device = (
             cfg,
             model,
@@ -342,6 +380,9 @@ class _LatentTask:
         self.last: dict[str, float] = {}
         self._out: dict[str, torch.Tensor] = {}
         self._rec: dict[str, Any] = {}
+        self.best_path = best
+        self.best: dict[str, Any] = {}  # {"iter": ..., "val": metrics} of the selected weights
+        self.best_weights: dict[str, torch.Tensor] | None = None  # those weights, when selected here
 
     def step(self, it: int) -> dict[str, Any]:
         cfg, batch, enc = self.cfg, self.train_all, self.enc_all
@@ -378,25 +419,34 @@ class _LatentTask:
         return self._rec
 
     def evaluate(self, done: int) -> dict[str, Any]:
-        self.last = evaluate(self.model, self.cfg, self.data)
         r = self._rec
         row = {"loss": r.get("loss"), "nfe_train": r.get("nfe_forward"), "nfe_train_backward": r.get("nfe_backward"),
-               "lr": self.sched.get_last_lr()[0], **self.last}  # fmt: skip
+               "lr": self.sched.get_last_lr()[0]}  # fmt: skip
+        if self.cfg.n_val:
+            self.last = evaluate(self.model, self.cfg, self.data, split="val")
+            row.update({f"val_{k}": v for k, v in self.last.items()})
+            if not self.best or self.last[SELECT_ON] < self.best["val"][SELECT_ON]:
+                self.best = {"iter": done, "val": dict(self.last)}
+                self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                if self.best_path is not None and self.dist.main:
+                    save_checkpoint(self.best_path, {"model": self.model.state_dict(), **self.best})
+            row["selected_iter"] = self.best["iter"]
         if self.cfg.model == "latent-ode" and self._out:
             row["elbo"] = float(self._out["elbo"].detach().mean())
             row["kl"] = float(self._out["kl"].detach().mean())
         return row
 
     def state(self) -> dict[str, Any]:
-        return {"last": dict(self.last), "rec": dict(self._rec)}
+        return {"last": dict(self.last), "rec": dict(self._rec), "best": dict(self.best)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.last, self._rec = dict(state["last"]), dict(state["rec"])
+        self.best = dict(state.get("best", {}))
 
     def postfix(self, rec: dict[str, Any]) -> dict[str, Any]:
         post = {"loss": f"{rec['loss']:.4g}", "nfe": rec["nfe_forward"]}
         if self.last:
-            post["rmse_ext"] = f"{self.last['rmse_extrapolation']:.4f}"
+            post["val_rmse_ext"] = f"{self.last['rmse_extrapolation']:.4f}"
         return post
 
 
@@ -410,7 +460,7 @@ def _train(cfg: LatentConfig, run: RunFolder, ckpt, stop, device: torch.device, 
     model = build_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(cfg.lr_decay**i, 0.1))
-    task = _LatentTask(cfg, model, opt, sched, data, device, dist)
+    task = _LatentTask(cfg, model, opt, sched, data, device, dist, best=run.path("best.pt"))
     trainer = Trainer(
         run, "latent", cfg, model, opt, sched, total=cfg.iters, eval_every=cfg.eval_every,
         desc=f"{cfg.model} obs={cfg.obs}", stop=stop, dist=dist,
@@ -418,8 +468,19 @@ def _train(cfg: LatentConfig, run: RunFolder, ckpt, stop, device: torch.device, 
     if ckpt is not None:
         trainer.resume(ckpt, task)
     trainer.fit(task)
-    final = task.last or evaluate(model, cfg, data)
-    metrics = {**final, "iterations": cfg.iters, "wall_time_s": trainer.totals["wall_time_s"], "model": cfg.model,
+    if task.best:  # the test split, once, with the weights the validation split selected
+        weights = task.best_weights  # selected before a resume: from best.pt
+        model.load_state_dict(
+            weights if weights is not None else read_weights(run.path("best.pt"), "latent")[0]
+        )
+        selected = {
+            "selected_iter": task.best["iter"],
+            **{f"val_{k}": v for k, v in task.best["val"].items()},
+        }
+    else:
+        selected = {"selected_iter": cfg.iters}
+    final = evaluate(model, cfg, data, split="test")
+    metrics = {**final, **selected, "iterations": cfg.iters, "wall_time_s": trainer.totals["wall_time_s"], "model": cfg.model,
                "obs": cfg.obs, "n_parameters": sum(p.numel() for p in model.parameters()),
                "nfe_forward_total": trainer.totals["nfe_forward"],
                "nfe_backward_total": trainer.totals["nfe_backward"], "device": str(device),
@@ -437,22 +498,33 @@ def _train(cfg: LatentConfig, run: RunFolder, ckpt, stop, device: torch.device, 
 
 
 def evaluate_run(
-    run_dir: str | Path, *, device: str | None = None, threads: int | None = None
+    run_dir: str | Path, *, device: str | None = None, threads: int | None = None, split: str = "test"
 ) -> dict[str, Any]:
-    """Test RMSEs of a run folder: the weights in its ``checkpoint.pt`` (loaded with
-    ``weights_only=True``) on the test spirals its ``config.json`` generates. Returns the
-    ``rmse_*`` entries and ``nfe_forward``, equal to the run's ``metrics.json`` on the same device and
-    thread count."""
+    """RMSEs of a run folder's selected weights (``best.pt``; ``checkpoint.pt``, the last iterate, for a
+    run without a validation split), loaded with ``weights_only=True``, on the ``split`` (``"test"`` or
+    ``"val"``) its ``config.json`` generates. Returns the ``rmse_*`` entries and ``nfe_forward``, equal on
+    the same device and thread count to the run's ``metrics.json`` (its ``val_*`` entries for
+    ``split="val"``)."""
+    if split not in ("test", "val"):
+        raise UsageError(f"split={split!r} is unknown; expected 'test' or 'val'")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, "latent", LatentConfig)
+    saved = json.loads((run_dir / "config.json").read_text())
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in _LEGACY_DEFAULTS.items() if k not in saved})
+    if split == "val" and not cfg.n_val:
+        raise UsageError(f"{str(run_dir)!r} was trained without a validation split (n_val=0)")
     dev = eval_device(device, cfg)
     torch.set_num_threads(threads or cfg.threads)
-    weights, ckpt = read_weights(run_dir / "checkpoint.pt", "latent")
-    if ckpt["step"] != cfg.iters:
-        print(f"note: the checkpoint is at iteration {ckpt['step']} of {cfg.iters}", file=sys.stderr)
+    best = run_dir / "best.pt"
+    if best.is_file():
+        weights, _ = read_weights(best, "latent")
+    else:
+        weights, ckpt = read_weights(run_dir / "checkpoint.pt", "latent")
+        if ckpt["step"] != cfg.iters:
+            print(f"note: the checkpoint is at iteration {ckpt['step']} of {cfg.iters}", file=sys.stderr)
     model = build_model(cfg).to(dev)
     model.load_state_dict(weights)
-    return evaluate(model, cfg, make_data(cfg))
+    return evaluate(model, cfg, make_data(cfg), split=split)
 
 
 def train(
@@ -583,7 +655,40 @@ def _train_cell(args: tuple[LatentConfig, str, bool]) -> dict[str, Any]:
     cfg, folder, force = args
     print(f"== training {cfg.model} with {cfg.obs} observations, seed {cfg.seed} → {folder}", flush=True)
     resume = not force and (Path(folder) / "checkpoint.pt").is_file()
-    return train(cfg, folder, resume=resume, overwrite=not resume)
+    try:
+        return train(cfg, folder, resume=resume, overwrite=not resume)
+    except TrainingDiverged as exc:  # a tuning candidate may; the caller decides what that means
+        print(f"== {folder}: {exc}", flush=True)
+        return {"diverged": str(exc), "model": cfg.model, "obs": cfg.obs}
+
+
+def _train_cells(cells: dict[Any, tuple[LatentConfig, Path]], jobs: int, force: bool) -> dict[Any, dict]:
+    """``metrics.json`` of every cell ``key → (config, folder)``: a finished run in ``folder`` with the
+    same config is reused, an interrupted one resumed, the rest trained (``force``: all retrained),
+    ``jobs`` at a time in separate processes. Keys that share a folder are trained once."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
+    metrics, todo = {}, {}
+    for key, (cfg, folder) in cells.items():
+        done = folder / "metrics.json"
+        same = done.exists() and _same_config(json.loads((folder / "config.json").read_text()), cfg)
+        if same and not force:
+            metrics[key] = json.loads(done.read_text())
+        else:
+            todo.setdefault(str(folder), (cfg, []))[1].append(key)
+    work = [(cfg, folder, force) for folder, (cfg, _) in todo.items()]
+    if jobs > 1 and len(work) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(work)), mp_context=ctx) as pool:
+            trained = list(pool.map(_train_cell, work))
+    else:
+        trained = list(map(_train_cell, work))
+    for (_, keys), m in zip(todo.values(), trained):
+        metrics.update(dict.fromkeys(keys, m))
+    return metrics
 
 
 def run_table2(
@@ -606,8 +711,6 @@ def run_table2(
     runs_dir, out = Path(runs_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = (base.seed,) if not seeds else tuple(dict.fromkeys(seeds))
-    if jobs < 1:
-        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
     cells = {}
     for n in obs_list:
         for model in models:
@@ -615,24 +718,10 @@ def run_table2(
                 cfg = dataclasses.replace(base, model=model, obs=n, seed=seed)
                 name = f"{model}-obs{n}" if len(seeds) == 1 else f"{model}-obs{n}-seed{seed}"
                 cells[(model, n, seed)] = (cfg, runs_dir / name)
-    todo, metrics = [], {}
-    for key, (cfg, folder) in cells.items():
-        done = folder / "metrics.json"
-        same = done.exists() and _same_config(json.loads((folder / "config.json").read_text()), cfg)
-        if same and not force:
-            metrics[key] = json.loads(done.read_text())
-        else:
-            todo.append(key)
-    work = [(cells[key][0], str(cells[key][1]), force) for key in todo]
-    if jobs > 1 and len(todo) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
-            metrics.update(zip(todo, pool.map(_train_cell, work)))
-    else:
-        metrics.update(zip(todo, map(_train_cell, work)))
+    metrics = _train_cells(cells, jobs, force)
+    failed = [str(cells[k][1]) for k, m in metrics.items() if "diverged" in m]
+    if failed:
+        raise TrainingDiverged(0, "the runs " + ", ".join(failed) + " diverged")
     results: dict[str, dict[int, dict[int, dict]]] = {m: {} for m in models}
     for (model, n, seed), (_, folder) in cells.items():
         results[model].setdefault(n, {})[seed] = metrics[(model, n, seed)]
@@ -718,6 +807,242 @@ def format_table2(results: dict[str, dict[int, dict[int, dict]]], base: LatentCo
     return "\n".join(lines) + "\n"
 
 
+# -- Table 2 with selection on the validation split ------------------------------------------------
+# The tuning grid: configuration name → the fields it sets (the rest is the base config). "paper" is the
+# paper's sizes (§5.1: latent 4, recognition RNN 25, dynamics and decoder one hidden layer of 20; RNN
+# baseline 25 units), also the reference row. Both models get as many configurations.
+TABLE2_GRID: dict[str, dict[str, dict[str, Any]]] = {
+    "latent-ode": {
+        "paper": {"latent_dim": 4, "enc_hidden": 25, "dyn_hidden": 20, "dyn_layers": 1, "dec_hidden": 20,
+                  "anchor": "start"},
+        "wide-start": {"latent_dim": 4, "enc_hidden": 25, "dyn_hidden": 64, "dyn_layers": 2, "dec_hidden": 100,
+                       "anchor": "start"},
+        "wide-end": {"latent_dim": 4, "enc_hidden": 25, "dyn_hidden": 64, "dyn_layers": 2, "dec_hidden": 100,
+                     "anchor": "end"},
+    },
+    "rnn": {"paper": {"rnn_hidden": 25}, "h48": {"rnn_hidden": 48}, "h64": {"rnn_hidden": 64}},
+}  # fmt: skip
+TABLE2_TUNE_LRS = (0.02,)
+
+
+def _score(metrics: dict) -> float:
+    return math.inf if "diverged" in metrics else metrics[f"val_{SELECT_ON}"]
+
+
+def _std(values: list[float]) -> float | None:
+    """Sample standard deviation (``None`` for fewer than two values)."""
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def run_table2_protocol(
+    base: LatentConfig,
+    runs_dir: str | Path,
+    out: str | Path,
+    *,
+    obs_list=(30, 50, 100),
+    models=MODELS,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    tune_obs: int = 50,
+    tune_lrs: tuple[float, ...] = TABLE2_TUNE_LRS,
+    reference_seeds: tuple[int, ...] | None = None,
+    grid: dict[str, dict[str, dict[str, Any]]] | None = None,
+    jobs: int = 1,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Table 2 with every choice made on the validation split (``base.n_val`` > 0 spirals carved from the
+    training spirals), the same tuning budget for both models, then the test split once per final run.
+
+    1. Tuning, at ``tune_obs`` observations and seed ``seeds[0]``: every configuration of ``grid[model]``
+       (default :data:`TABLE2_GRID`) at ``base.lr``; then the best of them at each learning rate of
+       ``tune_lrs``. Within a run the iteration is selected on the validation split too (``best.pt``).
+       The best run of a model (lowest validation :data:`SELECT_ON`) fixes its configuration.
+    2. Final cells: that configuration at every ``obs_list`` × ``seeds`` (mean ± sample std over seeds).
+    3. Reference row: the ``"paper"`` configuration at ``base.lr`` at every ``obs_list`` ×
+       ``reference_seeds`` (default ``seeds[:1]``).
+
+    Run folders: ``runs_dir/tune/`` and ``runs_dir/final/``, named ``MODEL-CONFIG-lrLR-obsN-seedS``; a cell
+    identical to a tuning run reuses its folder, finished runs are reused, interrupted ones resumed.
+    Writes ``table2.md`` and ``table2.json`` (and the seed-``seeds[0]`` Figure 8/9 PNGs) to ``out``;
+    returns what ``table2.json`` holds."""
+    if base.n_val < 1:
+        raise UsageError("the validation protocol needs a validation split: n_val ≥ 1")
+    grid = TABLE2_GRID if grid is None else grid
+    seeds = tuple(dict.fromkeys(seeds))
+    ref_seeds = seeds[:1] if reference_seeds is None else tuple(dict.fromkeys(reference_seeds))
+    runs_dir, out = Path(runs_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def cell(model: str, name: str, lr: float, n: int, seed: int, stage: str) -> tuple[LatentConfig, Path]:
+        cfg = dataclasses.replace(base, model=model, obs=n, seed=seed, lr=lr, **grid[model][name])
+        return cfg, runs_dir / stage / f"{model}-{name}-lr{lr:g}-obs{n}-seed{seed}"
+
+    stage1 = {(m, name, base.lr): cell(m, name, base.lr, tune_obs, seeds[0], "tune") for m in models
+              for name in grid[m]}  # fmt: skip
+    tuned = _train_cells(stage1, jobs, force)
+    best1 = {m: min((k for k in stage1 if k[0] == m), key=lambda k: _score(tuned[k])) for m in models}
+    stage2 = {(m, name, lr): cell(m, name, lr, tune_obs, seeds[0], "tune") for m, (_, name, _) in best1.items()
+              for lr in tune_lrs if lr != base.lr}  # fmt: skip
+    tuned.update(_train_cells(stage2, jobs, force))
+    tune_cells = {**stage1, **stage2}
+    winners = {m: min((k for k in tune_cells if k[0] == m), key=lambda k: _score(tuned[k])) for m in models}
+
+    final: dict[tuple, tuple[LatentConfig, Path]] = {}
+    for m in models:
+        _, name, lr = winners[m]
+        final.update({("final", m, n, s): cell(m, name, lr, n, s, "final") for n in obs_list for s in seeds})
+        if "paper" in grid[m]:
+            final.update({("reference", m, n, s): cell(m, "paper", base.lr, n, s, "final") for n in obs_list
+                          for s in ref_seeds})  # fmt: skip
+    for key, (cfg, _) in final.items():  # identical to a tuning run: that run is the cell
+        same = [f for c, f in tune_cells.values() if c == cfg]
+        if same:
+            final[key] = (cfg, same[0])
+    done = _train_cells(final, jobs, force)
+    failed = [str(final[k][1]) for k, m in done.items() if "diverged" in m]
+    if failed:
+        raise TrainingDiverged(0, "the table's runs " + ", ".join(failed) + " diverged")
+
+    def rel(folder: Path) -> str:
+        return folder.relative_to(runs_dir).as_posix()
+
+    def row(m: str, name: str, lr: float, metrics: dict, folder: Path) -> dict[str, Any]:
+        return {"model": m, "config": name, "lr": lr, "fields": grid[m][name], "folder": rel(folder),
+                **{k: metrics.get(k) for k in ("selected_iter", "n_parameters", "wall_time_s", "diverged")},
+                **{k: v for k, v in metrics.items() if k.startswith("val_")}}  # fmt: skip
+
+    def by_cell(kind: str) -> dict[str, dict[str, dict[str, Any]]]:
+        res: dict[str, dict[str, dict[str, Any]]] = {}
+        for (k, m, n, s), (_, folder) in final.items():
+            if k == kind:
+                res.setdefault(m, {}).setdefault(str(n), {"seeds": {}})["seeds"][str(s)] = {
+                    **done[(k, m, n, s)], "folder": rel(folder)}  # fmt: skip
+        for per_n in res.values():
+            for entry in per_n.values():
+                runs = list(entry["seeds"].values())
+                entry["mean"] = {key: sum(r[key] for r in runs) / len(runs) for key in _TABLE_KEYS}
+                entry["std"] = {key: _std([r[key] for r in runs]) for key in _TABLE_KEYS}
+        return res
+
+    result = {
+        "protocol": {
+            "fit_spirals": base.n_train - base.n_val, "val_spirals": base.n_val,
+            "test_spirals": base.n_spirals - base.n_train, "select_on": f"val_{SELECT_ON}", "tune_obs": tune_obs,
+            "tune_seed": seeds[0], "base_lr": base.lr, "tune_lrs": list(tune_lrs), "seeds": list(seeds),
+            "reference_seeds": list(ref_seeds), "iters": base.iters, "batch_size": base.batch_size,
+            "eval_every": base.eval_every, "train_horizon": base.train_horizon, "noise_std": base.noise_std,
+            "method": base.method, "rtol": base.rtol, "atol": base.atol, "lr_decay": base.lr_decay,
+        },
+        "tuning": [row(m, name, lr, tuned[(m, name, lr)], tune_cells[(m, name, lr)][1])
+                   for (m, name, lr) in tune_cells],
+        "winners": {m: {"config": name, "lr": lr, "fields": grid[m][name]} for m, (_, name, lr) in winners.items()},
+        "final": by_cell("final"),
+        "reference": by_cell("reference"),
+        "paper": {m: {str(n): v for n, v in PAPER_TABLE2[m].items()} for m in models},
+    }  # fmt: skip
+    for m in models:
+        for n in obs_list:
+            folder = final[("final", m, n, seeds[0])][1]
+            for png in ("fig8_reconstructions.png", "latent_trajectories.png", "fig9_traversal.png"):
+                if (folder / png).exists():
+                    shutil.copy(folder / png, out / f"{Path(png).stem}_{m}_obs{n}.png")
+    (out / "table2.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = format_table2_protocol(result, obs_list)
+    (out / "table2.md").write_text(text)
+    print(text)
+    return result
+
+
+_NAMES = {"rnn": "RNN", "latent-ode": "Latent ODE"}
+
+
+def _pm(entry: dict | None, key: str = "rmse_extrapolation") -> str:
+    if entry is None:
+        return "—"
+    mean, std = entry["mean"][key], entry["std"][key]
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def format_table2_protocol(result: dict[str, Any], obs_list) -> str:
+    """Markdown of :func:`run_table2_protocol`'s result."""
+    p = result["protocol"]
+    head = "| model | " + " | ".join(f"{n}/100" for n in obs_list) + " |"
+    sep = "|---|" + "---|" * len(obs_list)
+    seeds = ", ".join(map(str, p["seeds"]))
+    lines = [
+        f"Data: {p['fit_spirals']} training spirals fitted, {p['val_spirals']} validation spirals carved from "
+        f"the training spirals, {p['test_spirals']} test spirals (noise std {p['noise_std']}). Every run: "
+        f"{p['iters']} iterations, batch {p['batch_size'] or 'full'}, Adam lr·max({p['lr_decay']}^i, 0.1), "
+        f"train horizon {p['train_horizon']}, solver {p['method']} rtol={p['rtol']} atol={p['atol']}; the "
+        f"weights kept are those of the evaluation (every {p['eval_every']} iterations) with the lowest "
+        f"`{p['select_on']}`; the test split is evaluated once, with them.",
+        "",
+        f"Tuning at {p['tune_obs']} observations, seed {p['tune_seed']}, validation RMSE (extrapolation, vs "
+        f"noisy data / vs clean truth); every configuration at lr {p['base_lr']:g}, then the best one at lr "
+        + ", ".join(f"{lr:g}" for lr in p["tune_lrs"])
+        + ":",
+        "",
+        "| model | configuration | lr | val RMSE vs noisy | val RMSE vs clean | selected iteration | parameters "
+        "| wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["tuning"]:
+        fields = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in r["fields"].items())
+        win = result["winners"][r["model"]]
+        mark = "**" if (win["config"], win["lr"]) == (r["config"], r["lr"]) else ""
+        if r.get("diverged"):
+            lines.append(
+                f"| {_NAMES[r['model']]} | {r['config']} ({fields}) | {r['lr']:g} | diverged | | | | |"
+            )
+            continue
+        lines.append(
+            f"| {_NAMES[r['model']]} | {mark}{r['config']}{mark} ({fields}) | {r['lr']:g} | "
+            f"{r['val_rmse_extrapolation_noisy']:.4f} | {r['val_rmse_extrapolation']:.4f} | {r['selected_iter']} | "
+            f"{r['n_parameters']} | {r['wall_time_s'] / 60:.1f} min |"
+        )
+    lines += ["", f"Test extrapolation RMSE vs clean truth (time steps 101-200), mean ± sample std over seeds "
+              f"{seeds}:", "", head, sep]  # fmt: skip
+    for kind, label in (("final", "selected on validation"), ("reference", "paper sizes")):
+        for m, per_n in result[kind].items():
+            name = result["winners"][m]["config"] if kind == "final" else "paper"
+            lr = result["winners"][m]["lr"] if kind == "final" else p["base_lr"]
+            n_seeds = len(next(iter(per_n.values()))["seeds"])
+            cells = [_pm(per_n.get(str(n))) for n in obs_list]
+            lines.append(f"| {_NAMES[m]}, {label} ({name}, lr {lr:g}; {n_seeds} seed{'s' * (n_seeds > 1)}) | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+    for m, per_n in result["paper"].items():
+        lines.append(
+            f"| {_NAMES[m]} (paper) | "
+            + " | ".join(f"{per_n[str(n)]:.4f}" if str(n) in per_n else "—" for n in obs_list)
+            + " |"
+        )
+    lines += ["", "Every run, test extrapolation RMSE vs clean truth:", "", head, sep]
+    for kind in ("final", "reference"):
+        for m, per_n in result[kind].items():
+            label = result["winners"][m]["config"] if kind == "final" else "paper"
+            for s in sorted({s for e in per_n.values() for s in e["seeds"]}, key=int):
+                cells = [f"{per_n[str(n)]['seeds'][s]['rmse_extrapolation']:.4f}" if s in per_n.get(str(n), {})
+                         .get("seeds", {}) else "—" for n in obs_list]  # fmt: skip
+                lines.append(f"| {_NAMES[m]} {label}, seed {s} | " + " | ".join(cells) + " |")
+    lines += ["", "Test extrapolation RMSE vs noisy data; interpolation RMSE vs clean truth (latent ODE: all 100 "
+              "window steps; RNN: one-step-ahead at the observed points); mean wall time per run:", "", head,
+              sep]  # fmt: skip
+    for kind in ("final", "reference"):
+        for m, per_n in result[kind].items():
+            label = result["winners"][m]["config"] if kind == "final" else "paper"
+            cells = [
+                f"{_pm(e, 'rmse_extrapolation_noisy')}; {_pm(e, 'rmse_interpolation')} "
+                f"({e['mean']['wall_time_s'] / 60:.1f} min)"
+                if (e := per_n.get(str(n)))
+                else "—"
+                for n in obs_list
+            ]
+            lines.append(f"| {_NAMES[m]} {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # -- command line ----------------------------------------------------------------------------------
 
 
@@ -743,10 +1068,23 @@ def _cmd_table2(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             raise UsageError(f"--jobs must be a positive integer, got {args.jobs}")
         for n in args.obs_list:
             dataclasses.replace(base, obs=n)  # validates each
-        run_table2(
-            base, args.runs_dir, args.out, obs_list=args.obs_list, models=args.models, force=args.force,
-            seeds=tuple(args.seeds) if args.seeds else None, jobs=args.jobs,
-        )  # fmt: skip
+        if args.tune:
+            if args.tune_obs not in args.obs_list:
+                raise UsageError(f"--tune-obs {args.tune_obs} is not one of --obs {args.obs_list}")
+            if any(lr <= 0 for lr in args.tune_lrs):
+                raise UsageError(f"--tune-lrs must be positive, got {args.tune_lrs}")
+            run_table2_protocol(
+                base, args.runs_dir, args.out, obs_list=tuple(args.obs_list), models=tuple(args.models),
+                seeds=tuple(args.seeds) if args.seeds else (0, 1, 2), tune_obs=args.tune_obs,
+                tune_lrs=tuple(args.tune_lrs),
+                reference_seeds=tuple(args.reference_seeds) if args.reference_seeds else None,
+                jobs=args.jobs, force=args.force,
+            )  # fmt: skip
+        else:
+            run_table2(
+                base, args.runs_dir, args.out, obs_list=args.obs_list, models=args.models, force=args.force,
+                seeds=tuple(args.seeds) if args.seeds else None, jobs=args.jobs,
+            )  # fmt: skip
     except UsageError as exc:
         parser.error(str(exc))
     print(f"table2: results in {args.out} (table2.md, table2.json); runs in {args.runs_dir}")
@@ -755,12 +1093,14 @@ def _cmd_table2(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 def register_eval(evals) -> None:
     """``neuralode eval latent RUN_DIR``."""
-    _register_eval(
+    p = _register_eval(
         evals, "latent", evaluate_run, help="test RMSEs of a `train latent` run folder",
-        description="Evaluate a `neuralode train latent` run folder's final weights (checkpoint.pt) on its "
-        "test spirals; print the extrapolation/interpolation RMSEs and nfe_forward as JSON (the values in the "
-        "run's metrics.json, on the same device and thread count).",
+        description="Evaluate a `neuralode train latent` run folder's selected weights (best.pt, chosen on the "
+        "validation split; checkpoint.pt for a run without one) on its test (or validation) spirals; print the "
+        "extrapolation/interpolation RMSEs and nfe_forward as JSON (the values in the run's metrics.json, "
+        "val_* for --split val, on the same device and thread count).", forward=("split",),
     )  # fmt: skip
+    p.add_argument("--split", choices=("test", "val"), default="test", help="default: test")
 
 
 def register(commands, train_parsers) -> None:
@@ -773,7 +1113,11 @@ def register(commands, train_parsers) -> None:
     t = commands.add_parser(
         "table2", help="Table 2: latent ODE and RNN at 30/50/100 observations",
         description="Paper Table 2: train every (model, observations, seed) cell, reusing finished runs, "
-        "then write table2.md, table2.json and the Figure 8/9 PNGs.",
+        "then write table2.md, table2.json and the Figure 8/9 PNGs. With --tune, the validation protocol: "
+        "each model's configuration (sizes, anchor, learning rate: a fixed grid, as many configurations for "
+        "both) is chosen on the validation split at --tune-obs observations, then trained at every --obs "
+        "for each of --seeds (default 0 1 2) and evaluated on the test split once, with a reference row "
+        "at the paper's sizes; run folders go to RUNS_DIR/tune and RUNS_DIR/final.",
     )  # fmt: skip
     t.add_argument(
         "--obs", dest="obs_list", type=int, nargs="+", default=[30, 50, 100], help="default: 30 50 100"
@@ -792,5 +1136,17 @@ def register(commands, train_parsers) -> None:
     t.add_argument(
         "--jobs", type=int, default=1, help="cells trained at once in separate processes (default: 1)"
     )
+    t.add_argument("--tune", action="store_true", help="the validation protocol (see above)")
+    t.add_argument(
+        "--tune-obs", type=int, default=50, help="--tune: observations of the tuning runs (default: 50)"
+    )
+    t.add_argument(
+        "--tune-lrs", type=float, nargs="+", default=list(TABLE2_TUNE_LRS),
+        help="--tune: learning rates tried for each model's best configuration besides --lr (default: 0.02)",
+    )  # fmt: skip
+    t.add_argument(
+        "--reference-seeds", type=int, nargs="+", default=None,
+        help="--tune: seeds of the paper-size reference row (default: the first of --seeds)",
+    )  # fmt: skip
     add_config_options(t, LatentConfig, hidden=("model", "obs"))
     t.set_defaults(func=lambda args, _p=t: _cmd_table2(args, _p))

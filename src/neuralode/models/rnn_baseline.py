@@ -47,14 +47,23 @@ class RNNBaseline(nn.Module):
 
     def _run(self, obs_t, obs_x, valid, next_t) -> tuple[torch.Tensor, torch.Tensor]:
         """Consume the packed observations; returns the one-step predictions ``(B, N, D)`` (prediction
-        ``k`` is for the time ``next_t[:, k]``) and the final hidden state."""
+        ``k`` is for the time ``next_t[:, k]``; entries past a sample's last observation are padding)
+        and the hidden state after each sample's last observation ``(B, H)``."""
         B, N = valid.shape
+        # ``valid`` is a prefix of each row (pack_observations left-aligns), so the cell may run through
+        # the padding unmasked: the outputs at valid entries are the same, and the final state is read
+        # at each row's last valid entry. The inputs and the head are batched over all steps at once.
+        gaps = (next_t - obs_t).unsqueeze(-1)
+        inp = torch.cat([obs_x, gaps], dim=-1) if self.time_input else obs_x
         h = obs_x.new_zeros(B, self.hidden)
-        preds = []
+        hs = [h]
         for k in range(N):
-            h = torch.where(valid[:, k : k + 1], self._step(obs_x[:, k], next_t[:, k] - obs_t[:, k], h), h)
-            preds.append(self.head(h))
-        return torch.stack(preds, dim=1), h
+            h = self.cell(inp[:, k], h)
+            hs.append(h)
+        states = torch.stack(hs, dim=1)  # (B, N + 1, H); states[:, 0] is the initial state
+        last = valid.sum(dim=1)  # 0 for a sample without observations: its initial state
+        final = states[torch.arange(B, device=last.device), last]
+        return self.head(states[:, 1:]), final
 
     def loss(self, times, values, mask) -> dict[str, torch.Tensor]:
         """Teacher-forced one-step-ahead negative log-likelihood: ``loss`` (scalar batch mean), ``loglik``
