@@ -103,9 +103,9 @@ class LatentConfig:
     )  # fmt: skip
     n_spirals: int = opt(1000, "spirals in the data set")
     n_train: int = opt(800, "training spirals (the rest are test spirals), validation split included")
-    n_val: int = opt(
-        100, "validation spirals, carved from the n_train training spirals: model selection (0: none, the "
-        "last iterate is kept)",
+    n_val: int | None = opt(
+        None, "validation spirals, carved from the n_train training spirals, for model selection (none: "
+        "n_train // 8, 100 of 800; 0: no validation split, the last iterate is kept)",
     )  # fmt: skip
     data_seed: int = opt(0, "seed of the data set")
     train_horizon: int = opt(
@@ -154,7 +154,10 @@ class LatentConfig:
         check_positive_int(self, "obs", "n_spirals", "n_train", "latent_dim", "enc_hidden", "dyn_hidden")
         check_positive_int(self, "dyn_layers", "dec_hidden", "rnn_hidden", "iters", "eval_every", "threads")
         check_positive_int(self, "max_steps")
-        check_nonneg_int(self, "batch_size", "n_val")
+        check_nonneg_int(self, "batch_size")
+        check_nonneg_int(self, "n_val", allow_none=True)
+        if self.n_val is None:  # resolved here, so that config.json records the split
+            self.n_val = self.n_train // 8
         check_positive_float(self, "rtol", "atol", "lr")
         check_positive_float(self, "obs_std", allow_none=True)
         check_nonneg_float(self, "noise_std", "grad_clip")
@@ -171,7 +174,7 @@ class LatentConfig:
         if self.batch_size > self.n_train - self.n_val:
             raise UsageError(
                 f"batch_size={self.batch_size} exceeds the {self.n_train - self.n_val} training spirals "
-                f"(n_train={self.n_train} minus n_val={self.n_val}; 0: full batch)"
+                f"(n_train={self.n_train} minus {self.n_val} validation spirals; 0: full batch)"
             )
         if not 100 <= self.train_horizon <= 200:
             raise UsageError(
@@ -654,7 +657,9 @@ def _latent_plots(model, cfg, data, folder, plt) -> list[Path]:
 def _train_cell(args: tuple[LatentConfig, str, bool]) -> dict[str, Any]:
     cfg, folder, force = args
     print(f"== training {cfg.model} with {cfg.obs} observations, seed {cfg.seed} → {folder}", flush=True)
-    resume = not force and (Path(folder) / "checkpoint.pt").is_file()
+    saved = Path(folder) / "config.json"
+    same = saved.is_file() and _same_config(json.loads(saved.read_text()), cfg)
+    resume = not force and same and (Path(folder) / "checkpoint.pt").is_file()  # else: start over
     try:
         return train(cfg, folder, resume=resume, overwrite=not resume)
     except TrainingDiverged as exc:  # a tuning candidate may; the caller decides what that means
