@@ -93,6 +93,32 @@ def test_spirals_protocol():
         SpiralConfig(clockwise_shape="square")
 
 
+def test_spirals_validation_split_is_carved_from_the_training_spirals():
+    """n_val training spirals become the validation split: the three splits are disjoint and cover the
+    data set, the test split is the one without a validation split, validation spirals are windows like
+    the test spirals' (all 200 steps), and the split is fixed by the seed."""
+    cfg = SpiralConfig(n_spirals=40, n_train=30, n_val=6, n_obs=7, seed=3)
+    d = make_spirals(cfg)
+    train, val, test = (set(d.split(s).tolist()) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (24, 6, 10)
+    assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
+    assert train | val | test == set(range(40))
+    plain = make_spirals(cfg, n_val=0)
+    assert torch.equal(plain.test_idx, d.test_idx) and set(plain.train_idx.tolist()) == train | val
+    torch.testing.assert_close(plain.noisy[d.test_idx], d.noisy[d.test_idx])
+    assert not d.noisy[d.val_idx].isnan().any() and d.noisy[d.train_idx, 100:].isnan().all()
+    assert int(d.starts[d.val_idx].max()) <= cfg.start_max
+    assert d.observed("val").values.shape[0] == 6 and d.training()[0].values.shape[0] == 24
+    again = make_spirals(cfg)
+    assert torch.equal(again.val_idx, d.val_idx) and torch.equal(again.train_idx, d.train_idx)
+    other = make_spirals(cfg, seed=4)
+    assert not torch.equal(other.val_idx, d.val_idx)
+    with pytest.raises(ValueError, match="split='val' is empty"):
+        plain.split("val")
+    with pytest.raises(ValueError, match="n_val"):
+        SpiralConfig(n_spirals=40, n_train=30, n_val=30)
+
+
 def test_spirals_forecasting_horizon():
     """train_horizon=200: training spirals have 200 steps; the encoder mask is the observed window only, the
     likelihood mask adds every future step; test spirals are unchanged and their futures never leak."""
@@ -317,7 +343,8 @@ def test_cli_train_and_resume(tmp_path):
         (["--eval-every", "0"], "eval-every must be a positive integer"),
         (["--iters", "-5"], "iters must be a positive integer"),
         (["--n-train", "30", "--n-spirals", "30"], "leaves no test spirals"),
-        (["--batch-size", "900"], "batch_size=900 exceeds the n_train=800 training spirals"),
+        (["--batch-size", "750"], "batch_size=750 exceeds the 700 training spirals"),
+        (["--n-val", "800"], "n_val=800 leaves no training spirals out of n_train=800"),
     ],
 )
 def test_cli_mistakes_are_usage_errors(tmp_path, capsys, argv, message):
@@ -353,6 +380,59 @@ def test_table2_tiny(tmp_path):
     first = (tdir / "rnn-obs5" / "metrics.json").stat().st_mtime_ns
     assert main([*args, "--models", "rnn"]) == 0  # a finished run with the same config is reused
     assert (tdir / "rnn-obs5" / "metrics.json").stat().st_mtime_ns == first
+
+
+def test_weights_are_selected_on_the_validation_split(tmp_path, capsys):
+    """Evaluations during training use the validation split only; best.pt holds the weights of the lowest
+    validation RMSE; the test split is evaluated once, with them; `eval latent` reproduces both."""
+    from neuralode.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "latent", "--obs", "10", "--iters", "6", "--out", str(out), "--rtol", "1e-2", "--lr", "0.05",
+            "--no-plots", *SMALL]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("rmse_extrapolation" not in r and "val_rmse_extrapolation" in r for r in rows)
+    best = min(rows, key=lambda r: r["val_rmse_extrapolation_noisy"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["selected_iter"] == best["iter"] == rows[-1]["selected_iter"]
+    assert m["val_rmse_extrapolation"] == best["val_rmse_extrapolation"]
+    assert json.loads((out / "config.json").read_text())["n_val"] == 2  # n_train // 8
+    capsys.readouterr()
+    for split, prefix in (("test", ""), ("val", "val_")):
+        assert main(["eval", "latent", str(out), "--split", split]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        for key in ("rmse_extrapolation", "rmse_interpolation", "rmse_extrapolation_noisy"):
+            assert printed[key] == pytest.approx(m[prefix + key], rel=1e-6)
+
+
+def test_table2_protocol_selects_on_validation_and_reuses_runs(tmp_path, monkeypatch):
+    """The validation protocol on a tiny grid: the winner is the configuration of the lowest validation
+    RMSE, its tuning run is the first seed's final cell, and a second call trains nothing."""
+    from neuralode.experiments import latent
+
+    grid = {"rnn": {"paper": {"rnn_hidden": 4}, "wide": {"rnn_hidden": 12}}}
+    base = latent.LatentConfig(n_spirals=24, n_train=16, n_val=4, iters=4, eval_every=2, rtol=1e-2,
+                               plots=False, lr=0.05)  # fmt: skip
+    kw = {"obs_list": (5,), "models": ("rnn",), "seeds": (0, 1), "tune_obs": 5, "tune_lrs": (), "grid": grid}
+    res = latent.run_table2_protocol(base, tmp_path / "runs", tmp_path / "out", **kw)
+    scores = {r["config"]: r["val_rmse_extrapolation_noisy"] for r in res["tuning"]}
+    win = res["winners"]["rnn"]["config"]
+    assert win == min(scores, key=scores.get) and len(res["tuning"]) == 2
+    cells = res["final"]["rnn"]["5"]["seeds"]
+    assert cells["0"]["folder"] == f"tune/rnn-{win}-lr0.05-obs5-seed0"
+    assert cells["1"]["folder"] == f"final/rnn-{win}-lr0.05-obs5-seed1"
+    runs = [cells[s]["rmse_extrapolation"] for s in ("0", "1")]
+    assert res["final"]["rnn"]["5"]["mean"]["rmse_extrapolation"] == pytest.approx(sum(runs) / 2)
+    assert res["final"]["rnn"]["5"]["std"]["rmse_extrapolation"] == pytest.approx(
+        abs(runs[0] - runs[1]) / 2**0.5
+    )
+    assert res["reference"]["rnn"]["5"]["seeds"]["0"]["folder"] == "tune/rnn-paper-lr0.05-obs5-seed0"
+    text = (tmp_path / "out" / "table2.md").read_text()
+    assert f"**{win}**" in text and "selected on validation" in text and "paper sizes" in text
+    monkeypatch.setattr(latent, "_train_cell", lambda args: pytest.fail(f"retrained {args[1]}"))
+    again = latent.run_table2_protocol(base, tmp_path / "runs", tmp_path / "out", **kw)
+    assert again["final"] == res["final"]
 
 
 @pytest.mark.slow
