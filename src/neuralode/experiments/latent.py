@@ -894,13 +894,19 @@ def run_table2_protocol(
     tune_cells = {**stage1, **stage2}
     winners = {m: min((k for k in tune_cells if k[0] == m), key=lambda k: _score(tuned[k])) for m in models}
 
+    # Submission order: the final cells (the models interleaved, so that parallel jobs take both), then
+    # the reference row.
     final: dict[tuple, tuple[LatentConfig, Path]] = {}
-    for m in models:
-        _, name, lr = winners[m]
-        final.update({("final", m, n, s): cell(m, name, lr, n, s, "final") for n in obs_list for s in seeds})
-        if "paper" in grid[m]:
-            final.update({("reference", m, n, s): cell(m, "paper", base.lr, n, s, "final") for n in obs_list
-                          for s in ref_seeds})  # fmt: skip
+    for s in seeds:
+        for n in obs_list:
+            for m in models:
+                _, name, lr = winners[m]
+                final[("final", m, n, s)] = cell(m, name, lr, n, s, "final")
+    for s in ref_seeds:
+        for n in obs_list:
+            for m in models:
+                if "paper" in grid[m]:
+                    final[("reference", m, n, s)] = cell(m, "paper", base.lr, n, s, "final")
     for key, (cfg, _) in final.items():  # identical to a tuning run: that run is the cell
         same = [f for c, f in tune_cells.values() if c == cfg]
         if same:
