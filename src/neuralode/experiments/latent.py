@@ -866,7 +866,7 @@ def run_table2_protocol(
        The best run of a model (lowest validation :data:`SELECT_ON`) fixes its configuration.
     2. Final cells: that configuration at every ``obs_list`` × ``seeds`` (mean ± sample std over seeds).
     3. Reference row: the ``"paper"`` configuration at ``base.lr`` at every ``obs_list`` ×
-       ``reference_seeds`` (default ``seeds[:1]``).
+       ``reference_seeds`` (default ``seeds[:1]``; empty: no reference row).
 
     Run folders: ``runs_dir/tune/`` and ``runs_dir/final/``, named ``MODEL-CONFIG-lrLR-obsN-seedS``; a cell
     identical to a tuning run reuses its folder, finished runs are reused, interrupted ones resumed.
@@ -1088,7 +1088,7 @@ def _cmd_table2(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                 base, args.runs_dir, args.out, obs_list=tuple(args.obs_list), models=tuple(args.models),
                 seeds=tuple(args.seeds) if args.seeds else (0, 1, 2), tune_obs=args.tune_obs,
                 tune_lrs=tuple(args.tune_lrs),
-                reference_seeds=tuple(args.reference_seeds) if args.reference_seeds else None,
+                reference_seeds=None if args.reference_seeds is None else tuple(args.reference_seeds),
                 jobs=args.jobs, force=args.force,
             )  # fmt: skip
         else:
@@ -1156,8 +1156,9 @@ def register(commands, train_parsers) -> None:
         help="--tune: learning rates tried for each model's best configuration besides --lr (default: 0.02)",
     )  # fmt: skip
     t.add_argument(
-        "--reference-seeds", type=int, nargs="+", default=None,
-        help="--tune: seeds of the paper-size reference row (default: the first of --seeds)",
+        "--reference-seeds", type=int, nargs="*", default=None,
+        help="--tune: seeds of the paper-size reference row (default: the first of --seeds; the option "
+        "without seeds: no reference row)",
     )  # fmt: skip
     add_config_options(t, LatentConfig, hidden=("model", "obs"))
     t.set_defaults(func=lambda args, _p=t: _cmd_table2(args, _p))
