@@ -2,8 +2,8 @@
 
 The solve is ``odeint``'s (same steps, same statistics); every accepted step keeps its start state and
 stages, and :class:`DenseSolution` evaluates the step's own interpolant (``_dense.dense_eval`` for the
-explicit Runge-Kutta tableaus, the stiff solvers' Hermite interpolant for ``kvaerno*``) at the times it
-is asked for. The values at output times equal ``odeint``'s at the same times.
+explicit Runge-Kutta tableaus, the ``MethodSpec.dense_output`` of the other adaptive methods: the stiff
+solvers' Hermite interpolants) at the times it is asked for. The values at output times equal ``odeint``'s at the same times.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from neuralode._integrate.joint import run
 from neuralode._interpolation import dense_eval
 from neuralode._problem import make_problem
 from neuralode._solvers.explicit import ADAPTIVE_METHODS, TABLEAUS
-from neuralode._solvers.stiff import ESDIRK_TABLEAUS, dense_output
-from neuralode._solvers.stiff import _run as run_esdirk
+from neuralode._solvers.registry import EXTRA_METHODS
 from neuralode._stats import SolveStats, _report_forward
 
 __all__ = ["DenseSolution", "odeint_dense"]
@@ -112,12 +111,12 @@ class DenseSolution:
         if tab is not None:
             # (stages is the step's own list: extra dense-output stages are computed once and kept in it)
             return dense_eval(self._problem.f, tab, t, h, y, stages, thetas, self.stats)
-        ks, f1 = stages
-        return dense_output(ESDIRK_TABLEAUS[self.method], y, ks, f1, h, thetas)
+        return EXTRA_METHODS[self.method].dense_output(y, stages, h, thetas)
 
 
 def _adaptive_methods() -> tuple[str, ...]:
-    return ADAPTIVE_METHODS + tuple(ESDIRK_TABLEAUS)
+    """The explicit adaptive tableaus and the methods with a ``MethodSpec.dense_output``."""
+    return ADAPTIVE_METHODS + tuple(n for n, s in EXTRA_METHODS.items() if s.dense_output is not None)
 
 
 def odeint_dense(
@@ -141,7 +140,8 @@ def odeint_dense(
             ``per_sample`` or ``compile``).
         t0, t1: start and end of the span (floats or 0-d tensors; ``t1 < t0`` integrates backwards).
         method: an adaptive method (default ``"dopri5"``): the explicit embedded Runge-Kutta tableaus
-            (each evaluated with its own dense output) or ``kvaerno3/4/5`` (cubic Hermite).
+            (each evaluated with its own dense output) or the stiff solvers ``kvaerno3/4/5`` and
+            ``ros34pw2`` (cubic Hermite).
 
     Returns:
         A :class:`DenseSolution` ``sol``; ``sol(t)`` is the state at ``t`` (see the class).
@@ -163,18 +163,14 @@ def odeint_dense(
     problem = make_problem(func, y0, t, rtol, atol, name, options)
     stats = SolveStats(n_solves=1, nfe=1)  # the evaluation of func(t0, y0) in make_problem
     steps: list = []
+
+    def record(ts, h, y, stages):
+        steps.append((ts, h, y, stages))
+
     if name in TABLEAUS:
-
-        def record(ts, h, y, k_ext):
-            steps.append((ts, h, y, k_ext))
-
         ys = run(problem, stats, on_accept=record)
     else:
-
-        def record(ts, h, y, ks, f1):
-            steps.append((ts, h, y, (ks, f1)))
-
-        ys = run_esdirk(problem, stats, problem.y0, on_accept=record)
+        ys = EXTRA_METHODS[name].run(problem, stats, problem.y0, on_accept=record)
     _report_forward(stats)
     return DenseSolution(problem, name, steps, problem.t[-1], ys[-1], stats)
 

@@ -1,7 +1,8 @@
 """Dense output: values between the steps, and which output times fall in a step.
 
 Interpolants: the tableau's own continuous extension (:func:`dense_eval`, one value per θ; its
-per-row form :func:`dense_rows` for the per-sample loop), cubic Hermite (:func:`hermite`) and linear
+per-row form :func:`dense_rows` for the per-sample loop; :func:`stage_sum`, the weighted sum of stages
+it is, for the other methods' continuous extensions), cubic Hermite (:func:`hermite`) and linear
 (``torch.lerp``), the fixed grids' choice (:func:`interpolate`). The output plan (:func:`step_outputs`;
 per row, on the device, :func:`row_outputs`) says which output times a step covers. Every loop, the
 event search and checkpoint replay use these, so a solve and its replay produce their outputs the same
@@ -18,7 +19,7 @@ from neuralode._solvers.rk import ROWS, SCALAR
 from neuralode._solvers.tableau import ButcherTableau
 from neuralode._stats import SolveStats
 
-__all__ = ["dense_eval", "dense_rows", "hermite", "interpolate", "row_outputs", "step_outputs"]
+__all__ = ["dense_eval", "dense_rows", "hermite", "interpolate", "row_outputs", "stage_sum", "step_outputs"]
 
 
 def step_outputs(
@@ -72,12 +73,17 @@ def dense_eval(
     _extra_stages(f, tab, t, h, y, k_ext, stats, SCALAR)
     # All outputs of the step in one matrix product: y + (h W) K with W the (len(thetas), stages) dense
     # weights. Three kernels (and three autograd nodes) instead of ~(stages + 1) per output.
-    w = torch.tensor([_dense_weights(tab.dense, th, h) for th in thetas], dtype=y.dtype)
+    return stage_sum(y, [_dense_weights(tab.dense, th, h) for th in thetas], k_ext)
+
+
+def stage_sum(y: torch.Tensor, weights: Sequence[Sequence[float]], stages: Sequence[torch.Tensor]):
+    """``[y + Σ_j w_j stages_j for each row w of weights]`` (host-side weights, one matrix product)."""
+    w = torch.tensor(weights, dtype=y.dtype)
     if w.device != y.device:
         w = w.to(y.device, non_blocking=True)
-    K = torch.stack(k_ext).reshape(len(k_ext), -1)
+    K = torch.stack(list(stages)).reshape(len(stages), -1)
     out = torch.addmm(y.reshape(1, -1), w, K)
-    return list(out.view(len(thetas), *y.shape).unbind(0))
+    return list(out.view(len(weights), *y.shape).unbind(0))
 
 
 def _dense_weights(dense, theta: float, h: float) -> list[float]:

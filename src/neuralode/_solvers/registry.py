@@ -8,12 +8,12 @@ work the same for every method); a method with its own driver (``scipy_solver``)
 
 from __future__ import annotations
 
-from neuralode._solvers import adams, implicit, scipy_ivp, stiff
+from neuralode._solvers import adams, implicit, rosenbrock, scipy_ivp, stiff
 from neuralode._solvers.tableau import MethodSpec
 
 __all__ = ["EXTRA_METHODS"]
 
 #: Every non-tableau method by name.
 EXTRA_METHODS: dict[str, MethodSpec] = {
-    s.name: s for s in (*adams.SPECS, *implicit.SPECS, *scipy_ivp.SPECS, *stiff.SPECS)
+    s.name: s for s in (*adams.SPECS, *implicit.SPECS, *scipy_ivp.SPECS, *stiff.SPECS, *rosenbrock.SPECS)
 }

@@ -249,6 +249,19 @@ def jacobian(f: Callable, t: float, z: torch.Tensor, batch: bool) -> torch.Tenso
     return rows.reshape(n, n)
 
 
+def lu_factor(jac: torch.Tensor, hg: float):
+    """The LU factorisation of ``I − hγ J`` (``jac`` ``(n, n)``, or ``(B, d, d)`` blocks)."""
+    eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
+    return torch.linalg.lu_factor(eye - hg * jac)
+
+
+def lu_apply(lu, r: torch.Tensor, batch: bool) -> torch.Tensor:
+    """``(I − hγ J)⁻¹ r`` from :func:`lu_factor`'s result, ``r`` shaped like the state (differentiable
+    in ``r``)."""
+    rr = r.reshape(r.shape[0], -1, 1) if batch else r.reshape(-1, 1)
+    return torch.linalg.lu_solve(*lu, rr).reshape(r.shape)
+
+
 class _StageGrad(torch.autograd.Function):
     """Value: the converged stage ``Y*``. Gradient by the implicit function theorem for
     ``Y = G(Y) = ψ + hγ f(t, Y)``: the incoming ``g`` becomes ``λ = (I − hγ J(Y*))⁻ᵀ g``, passed to the
@@ -307,9 +320,7 @@ class _Newton:
             self.fresh = True
             self.lu = None
         if self.lu is None or h != self.h_lu:
-            n = self.jac.shape[-1]
-            eye = torch.eye(n, dtype=self.jac.dtype, device=self.jac.device)
-            self.lu = torch.linalg.lu_factor(eye - (h * self.tab.gamma) * self.jac)
+            self.lu = lu_factor(self.jac, h * self.tab.gamma)
             self.h_lu = h
             self.stats.n_lu += 1
 
@@ -327,12 +338,7 @@ class _Newton:
                 return v - hg * (self.f(t, z + e * v) - fz) / e
 
             return gmres(op, r, rtol=1e-3)
-        lu, piv = self.lu
-        if self.mode == "batch":
-            rr = r.reshape(r.shape[0], -1, 1)
-        else:
-            rr = r.reshape(-1, 1)
-        return torch.linalg.lu_solve(lu, piv, rr).reshape(r.shape)
+        return lu_apply(self.lu, r, self.mode == "batch")
 
     def stage(self, t: float, psi: torch.Tensor, z0: torch.Tensor, hg: float, scale, norm):
         """Solve ``Z = ψ + hγ f(t, Z)`` from ``z0`` (all detached). Returns ``Z`` or ``None`` (diverged or
@@ -442,6 +448,11 @@ def dense_output(tab: EsdirkTableau, y: torch.Tensor, ks, f1, h: float, thetas) 
     return list(out.view(len(thetas), *y.shape).unbind(0))
 
 
+def _dense_stages(tab: EsdirkTableau, y: torch.Tensor, stages, h: float, thetas) -> list[torch.Tensor]:
+    """:func:`dense_output` in ``MethodSpec.dense_output``'s form (``stages = (ks, f1)``)."""
+    return dense_output(tab, y, *stages, h, thetas)
+
+
 def _mode(opts: dict, y0: torch.Tensor, shapes) -> str:
     mode = opts.get("jacobian", "auto")
     if mode not in JACOBIANS:
@@ -457,7 +468,7 @@ def _mode(opts: dict, y0: torch.Tensor, shapes) -> str:
 
 
 def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]:
-    """The adaptive ESDIRK loop (``MethodSpec.run``). ``on_accept(t, h, y, stages, f1)``, if given, sees
+    """The adaptive ESDIRK loop (``MethodSpec.run``). ``on_accept(t, h, y, (stages, f1))``, if given, sees
     every accepted step (its start, signed size, start state, stages and ``f`` at its end): what
     :func:`dense_output` needs to evaluate the step anywhere inside."""
     tab = ESDIRK_TABLEAUS[problem.method]
@@ -555,7 +566,7 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
                 inner.append((t_out[j] - t) / h_signed)
                 j += 1
             if on_accept is not None:
-                on_accept(t, h_signed, y, ks, f1)
+                on_accept(t, h_signed, y, (ks, f1))
             if inner:
                 outputs.extend(dense_output(tab, y, ks, f1, h_signed, inner))
             i_out = j
@@ -821,6 +832,7 @@ SPECS = [
         parse=_parse,
         rows=EsdirkRows,
         rows_options=ROW_OPTIONS,
+        dense_output=functools.partial(_dense_stages, t),
     )
     for n, t in ESDIRK_TABLEAUS.items()
 ]

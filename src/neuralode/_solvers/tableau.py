@@ -179,6 +179,9 @@ class MethodSpec:
         rows: per-sample stepping (``odeint_per_sample``): ``rows(problem, stats) -> RowStepper`` (see
             ``_integrate/per_sample.py``), a fresh one per solve; ``None``: not available.
         rows_options: the option names it accepts in per-sample mode.
+        dense_output: adaptive drivers whose ``run`` takes ``on_accept(t, h, y, stages)`` (called on every
+            accepted step): ``dense_output(y, stages, h, thetas) -> [state at t + θh for each θ]``, the
+            step's interpolant (what ``odeint_dense`` evaluates later).
     """
 
     name: str
@@ -191,6 +194,7 @@ class MethodSpec:
     parse: Callable | None = None
     rows: Callable | None = None
     rows_options: frozenset[str] = frozenset()
+    dense_output: Callable | None = None
 
 
 def hermite_dense(b: Sequence[float]) -> tuple[Poly, ...]:
