@@ -362,6 +362,7 @@ FAIL_METHODS = (
     "implicit_adams",
     "gl4",
     "kvaerno3",
+    "ros34pw2",
     "scipy_solver",
 )
 
