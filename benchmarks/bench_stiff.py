@@ -1,4 +1,4 @@
-"""Stiff work-precision: neuralode's ``kvaerno3/4/5`` against SciPy's ``Radau`` and ``BDF``.
+"""Stiff work-precision: neuralode's ``kvaerno3/4/5`` and ``ros34pw2`` against SciPy's ``Radau`` and ``BDF``.
 
 Four classic stiff problems (Hairer and Wanner, "Solving ODEs II"): Robertson's chemical kinetics to
 t = 1e5, Van der Pol with μ = 1000 over [0, 3000] (about two relaxation periods), HIRES (8 species, to
@@ -26,10 +26,13 @@ Last, torchdiffeq's only implicit method, the fixed-grid ``implicit_adams`` (Ada
 with a functional-iteration corrector), on HIRES: the step it needs for the error the adaptive solvers
 reach at rtol 1e-6 (the functional iteration converges only for steps below the stiff time scale).
 
-    python benchmarks/bench_stiff.py                        # everything, ~4 min at one thread
+    python benchmarks/bench_stiff.py                        # everything, ~6 min at one thread
     python benchmarks/bench_stiff.py --problems robertson --repeats 1
     python benchmarks/bench_stiff.py --json out.json --markdown out.md
     python benchmarks/bench_stiff.py --only-batch --repeats 3   # the batch of 1 024 Robertson problems
+    # one solver's rows only, compared at matched error with the rows of an earlier run's JSON
+    python benchmarks/bench_stiff.py --solvers ros34pw2 --rtols 1e-4,1e-5,1e-6,1e-7 --batch 0 --ia-t1 0 \
+        --merge docs/results/stiff/bench_stiff.json
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ except ImportError:  # pragma: no cover
     torchdiffeq = None
 
 F64 = torch.float64
-OURS = ("kvaerno3", "kvaerno4", "kvaerno5")
+OURS = ("kvaerno3", "kvaerno4", "kvaerno5", "ros34pw2")
 SCIPY = ("Radau", "BDF")
 
 
@@ -115,6 +118,7 @@ PROBLEMS = {
 RTOLS = (1e-4, 1e-6, 1e-8)
 SINGLE_ABOVE_S = 1.5  # a solve slower than this (first call) is timed once
 KVAERNO3_MIN_RTOL = 1e-7  # order 3 below this takes ~10^4 steps per problem: left out to keep the run short
+ORDER3 = ("kvaerno3", "ros34pw2")  # the methods KVAERNO3_MIN_RTOL applies to
 
 
 def torch_field(rhs, **kw):
@@ -206,7 +210,7 @@ def timed(fns: dict, repeats: int, record=None, single_above_s: float = math.inf
 # -- work-precision -----------------------------------------------------------------------------------------
 
 
-def work_precision(name: str, rtols, repeats: int) -> dict:
+def work_precision(name: str, rtols, repeats: int, solvers=(*OURS, *SCIPY)) -> dict:
     rhs, y0, t_out, atol_scale = PROBLEMS[name]
     ref = reference(rhs, y0, t_out, atol_scale=atol_scale)
     ref_check = reference(rhs, y0, t_out, rtol=1e-11, atol_scale=atol_scale)
@@ -215,11 +219,12 @@ def work_precision(name: str, rtols, repeats: int) -> dict:
         atol = rtol * atol_scale
         fns = {}
         for m in OURS:
-            if m == "kvaerno3" and rtol < KVAERNO3_MIN_RTOL:
+            if m not in solvers or (m in ORDER3 and rtol < KVAERNO3_MIN_RTOL):
                 continue
             fns[m] = functools.partial(solve_ours, m, rhs, y0, t_out, rtol, atol)
         for m in SCIPY:
-            fns[m] = functools.partial(solve_scipy, m, rhs, y0, t_out, rtol, atol)
+            if m in solvers:
+                fns[m] = functools.partial(solve_scipy, m, rhs, y0, t_out, rtol, atol)
         counts = {}
 
         def record(m, out, counts=counts):
@@ -446,21 +451,31 @@ def _fmt(x, digits=3):
 
 
 def markdown(res: dict) -> str:
-    lines = ["# Stiff work-precision: kvaerno3/4/5 against SciPy Radau and BDF", "", res["header"], ""]
+    lines = [
+        "# Stiff work-precision: kvaerno3/4/5 and ros34pw2 against SciPy Radau and BDF",
+        "",
+        res["header"],
+        "",
+    ]
     for wp in res["work_precision"]:
         lines += [
             f"## {wp['problem']}",
             "",
             f"Reference: SciPy Radau at rtol 1e-12 (its distance to Radau at rtol 1e-11: "
             f"{wp['reference_self_error']:.1e}). Error: at the output times; error at end: at the last "
-            "time only (a step end for every solver, no interpolation).",
+            "time only (a step end for every solver, no interpolation)."
+            + (
+                " Rows marked * come from the merged earlier run (its own timings)."
+                if wp.get("merged")
+                else ""
+            ),
             "",
             "| solver | rtol | error | error at end | NFE | Jacobians | LU | steps | wall ms | CPU ms |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in wp["rows"]:
             lines.append(
-                f"| {r['solver']} | {r['rtol']:.0e} | {r['err']:.1e} | {r['err_end']:.1e} | {r['nfe']} | "
+                f"| {r['solver']}{'*' if r.get('merged') else ''} | {r['rtol']:.0e} | {r['err']:.1e} | {r['err_end']:.1e} | {r['nfe']} | "
                 f"{r['n_jac']} | {r['n_lu']} | {r['n_steps']} | {1e3 * r['wall_s']:.1f} | {1e3 * r['cpu_s']:.1f} |"
             )
         lines.append("")
@@ -555,9 +570,24 @@ def main(argv=None) -> int:
     p.add_argument(
         "--ia-steps", default="0.004,0.002,0.001", help="implicit_adams step sizes to try, in order"
     )
+    p.add_argument("--solvers", default=",".join((*OURS, *SCIPY)), help="comma-separated subset of solvers")
+    p.add_argument(
+        "--merge",
+        help="JSON of an earlier run: its rows of the solvers not run here join the tables and the matched-error "
+        "comparison (counts are deterministic; its times are from that run)",
+    )
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args(argv)
+    solvers = [s for s in args.solvers.split(",") if s]
+    bad = sorted(set(solvers) - {*OURS, *SCIPY})
+    if bad:
+        print(f"error: unknown solver(s) {bad}; valid: {', '.join((*OURS, *SCIPY))}", file=sys.stderr)
+        return 2
+    merged = {}
+    if args.merge:
+        with open(args.merge) as fh:
+            merged = {wp["problem"]: wp for wp in json.load(fh)["work_precision"]}
     names = [s for s in args.problems.split(",") if s]
     unknown = sorted(set(names) - set(PROBLEMS))
     if unknown:
@@ -575,14 +605,26 @@ def main(argv=None) -> int:
             f"(the order rotates; a solve over {SINGLE_ABOVE_S:g} s runs once) of wall and process CPU time. The machine was shared with other jobs while "
             f"this ran: read ratios, not absolute times. torch {torch.__version__}, numpy {np.__version__}. "
             "NFE counts calls of the vector field, not the ones that build Jacobians (neuralode: one batched "
-            "reverse-mode pass per Jacobian; SciPy: n finite-difference calls). kvaerno3 runs at rtol >= "
-            f"{KVAERNO3_MIN_RTOL:g} only (order 3 needs ~10^4 steps below)."
+            "reverse-mode pass per Jacobian; SciPy: n finite-difference calls). kvaerno3 and ros34pw2 run at "
+            f"rtol >= {KVAERNO3_MIN_RTOL:g} only (order 3 needs ~10^4 steps below)."
+            + (
+                f" Rows marked * are from {args.merge} (an earlier run: compare their counts; their times come "
+                "from another load of the machine)."
+                if args.merge
+                else ""
+            )
         ),
         "args": vars(args),
         "work_precision": [],
     }
     for name in names:
-        wp = work_precision(name, rtols, args.repeats)
+        wp = work_precision(name, rtols, args.repeats, solvers)
+        if name in merged:
+            extra = [{**r, "merged": True} for r in merged[name]["rows"] if r["solver"] not in solvers]
+            wp["rows"] = sorted(
+                wp["rows"] + extra, key=lambda r: (-r["rtol"], (*OURS, *SCIPY).index(r["solver"]))
+            )
+            wp["merged"] = True
         wp["matched"] = matched(
             wp["rows"], [s for s in (*OURS, *SCIPY) if any(r["solver"] == s for r in wp["rows"])]
         )

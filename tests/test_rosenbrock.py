@@ -214,9 +214,9 @@ class Decay(torch.nn.Module):
         return torch.stack([-self.k[0] * (y[0] - math.cos(t)), -self.k[1] * y[1] * y[0]])
 
 
-def _loss(func, y0, solve=odeint, options=fixed(0.01), **kw):
+def _loss(func, y0):
     t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
-    ys = solve(func, y0, t, method="ros34pw2", options=options, **kw)
+    ys = odeint(func, y0, t, method="ros34pw2", options=fixed(0.01))
     return (ys[1:] * torch.tensor([1.0, 2.0], dtype=F64)).sum()
 
 
@@ -258,7 +258,7 @@ def test_adjoint_and_direct_gradients_against_the_matrix_exponential():
         a = torch.nn.Parameter(A_SMOOTH.clone())
         y0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
         kw = {"adjoint_params": (a,)} if solve is odeint_adjoint else {}
-        ys = solve(lambda t, y: a @ y, y0, t, method="ros34pw2", rtol=1e-6, atol=1e-8, **kw)
+        ys = solve(lambda t, y, a=a: a @ y, y0, t, method="ros34pw2", rtol=1e-6, atol=1e-8, **kw)
         got = torch.autograd.grad((ys[-1] * w).sum(), (a, y0))
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 

@@ -29,7 +29,8 @@ class SolveStats:
         n_rejected: rejected steps.
         n_solves: how many solves were added up here.
         last_step: size of the last accepted step (time units), ``None`` before any step.
-        n_jac: Jacobian evaluations (the implicit adaptive methods, ``kvaerno*``).
+        n_jac: Jacobian evaluations (the stiff adaptive methods ``kvaerno*``, ``ros34pw2``; SciPy's, with
+            ``scipy_solver``).
         n_lu: LU factorisations of the Newton matrix (the same methods).
         status: how the last solve ended: ``"success"``, ``"max_num_steps"``, ``"underflow"`` (step-size
             underflow), ``"nonfinite"`` (NaN/inf in the state or in ``func``'s values) or, for an event

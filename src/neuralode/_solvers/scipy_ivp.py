@@ -76,6 +76,7 @@ def _run(problem, stats, y0):
     ode = cls(rhs, t[0], y_start, t[-1], rtol=tol(problem.rtol), atol=tol(problem.atol), **kwargs)
     direction = 1.0 if t[-1] > t[0] else -1.0
     ys, i, n_steps, error, failed = [y_start], 1, 0, None, None
+    t_reached = t[-1]
     while i < len(t):
         try:
             message = ode.step()
@@ -84,6 +85,7 @@ def _run(problem, stats, y0):
             ode.status = "failed"
         if ode.status == "failed":
             failed = f"scipy_solver ({solver}) failed: {message}"
+            t_reached = float(ode.t)
             finite = "nan" not in message.lower() and "inf" not in message.lower()
             error = SolverError(
                 "underflow" if finite else "nonfinite",
@@ -95,10 +97,11 @@ def _run(problem, stats, y0):
             break
         n_steps += 1
         if not np.isfinite(ode.y).all():  # SciPy's steppers carry NaN/inf on without complaint
+            t_reached = float(ode.t_old)
             error = SolverError(
                 "nonfinite",
                 f"func returned NaN/inf: the scipy_solver ({solver}) state is not finite after t={ode.t_old:.6g}",
-                t=float(ode.t_old),
+                t=float(ode.t),
                 step_size=float(ode.t - ode.t_old),
                 n_steps=n_steps,
             )
@@ -120,7 +123,7 @@ def _run(problem, stats, y0):
             raise RuntimeError(failed)
         raise error
     stats.status = "success" if error is None else error.reason
-    stats.t_reached = t[-1] if error is None else error.t
+    stats.t_reached = t_reached
     out = torch.as_tensor(np.stack(ys), dtype=dtype).to(device)
     if torch.is_grad_enabled() and y0.requires_grad:
         # The host solve cuts the graph: a gradient asked of it must say so instead of silently being 0.
