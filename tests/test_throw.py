@@ -154,8 +154,6 @@ def test_tuple_state_outputs_after_failure_are_nan():
 def test_bad_throw_option_is_a_type_error():
     with pytest.raises(TypeError, match=r"options\['throw'\] must be True or False, got int"):
         odeint(square, _y0(), T, options={"throw": 0})
-    with pytest.raises(ValueError, match="unknown option"):  # these drivers have no partial result
-        odeint(square, _y0(), T, method="kvaerno3", options={"throw": False})
 
 
 # -- scipy_solver ----------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def odeint(
             be traceable by ``torch.compile``, and the first solve pays the compilation. Other methods
             (``explicit_adams``, ``implicit_adams``, ``scipy_solver``, the implicit Runge-Kutta methods)
             list theirs in ``docs/compatibility.md``.
-            ``throw`` (every method but ``kvaerno*``; default ``True``): ``False``
+            ``throw`` (every method; default ``True``): ``False``
             returns what a failed solve reached instead of raising ``SolverError``: its outputs after
             the time reached are NaN (constants, without gradient), and ``stats.status`` (``"success"``,
             ``"max_num_steps"``, ``"underflow"``, ``"nonfinite"``) and ``stats.t_reached`` say how it
