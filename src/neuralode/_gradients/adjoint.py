@@ -313,7 +313,9 @@ class _Adjoint(torch.autograd.Function):
                     run(
                         problem,
                         stats,
-                        on_accept=lambda t, h, y, ks, f1: steps.append((t, h, y, _stages_matrix([*ks, f1]))),
+                        on_accept=lambda t, h, y, st: steps.append(
+                            (t, h, y, _stages_matrix([*st[0], st[1]]))
+                        ),
                     )
                 )
                 ctx.record = ("dense", steps)
