@@ -100,3 +100,14 @@ def test_bad_input():
         sol(torch.tensor([0.5, 1.5], dtype=F64))
     with pytest.raises(ValueError, match="1-D"):
         sol(torch.zeros(2, 2, dtype=F64))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "kvaerno5", "ros34pw2"])
+def test_multidimensional_state_keeps_its_shape(method):
+    y0 = torch.tensor([[1.0, 0.5], [-0.2, 0.3]], dtype=F64)  # (2, 2): rows are independent problems
+    t = torch.linspace(0.0, 1.0, 5, dtype=F64)
+    tol = {"rtol": 1e-6, "atol": 1e-9}
+    sol = odeint_dense(linear, y0, 0.0, 1.0, method=method, **tol)
+    out = sol(t)
+    assert out.shape == (5, 2, 2) and sol(0.5).shape == (2, 2) and sol(t[:0]).shape == (0, 2, 2)
+    torch.testing.assert_close(out, odeint(linear, y0, t, method=method, **tol), rtol=0, atol=1e-12)

@@ -87,10 +87,11 @@ class DenseSolution:
         return out
 
     def _evaluate(self, times: list[float]) -> torch.Tensor:
-        """``(len(times), n)`` flat states: each step's interpolant once, at all its times together."""
+        """``(len(times), *state.shape)`` states (the engine's state: ``y0``'s shape, or the flat
+        concatenation of a tuple): each step's interpolant once, at all its times together."""
         y0 = self._problem.y0
         if not times:
-            return y0.new_empty((0, y0.numel()))
+            return y0.new_empty((0, *y0.shape))
         groups: dict[int, list[int]] = {}
         values: list[torch.Tensor | None] = [None] * len(times)
         for i, x in enumerate(times):
@@ -104,7 +105,7 @@ class DenseSolution:
             thetas = [(times[i] - t) / h for i in idx]
             for i, v in zip(idx, self._interpolate(t, h, y, stages, thetas)):
                 values[i] = y if times[i] == t else v
-        return torch.stack([v.reshape(-1) for v in values])
+        return torch.stack([v.reshape(y0.shape) for v in values])
 
     def _interpolate(self, t: float, h: float, y: torch.Tensor, stages, thetas: list[float]):
         tab = TABLEAUS.get(self.method)
