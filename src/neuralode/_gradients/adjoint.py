@@ -528,7 +528,7 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
     on_accept = None
     if quadrature and params:
         on_accept = _Quadrature(TABLEAUS[adj.method], aug_f, traj, f_flat, y_shape, params, lay, a_p, stats)
-    if adaptive and adj.method in TABLEAUS:  # one solve across all output times
+    if adaptive and (adj.method in TABLEAUS or adj.method in ESDIRK_TABLEAUS):  # one solve for all t_i
         # Output times whose dL/dy is zero need no jump, so no stop either (one synchronisation).
         nonzero = (grad_ys[1:-1] != 0).any(dim=1).tolist()
         stops = [i for i in range(n_out - 2, 0, -1) if nonzero[i - 1]]

@@ -11,6 +11,8 @@ accept/reject; nothing else in the loop waits for the device.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -58,7 +60,8 @@ def run(
     ``trace`` and ``callbacks`` go to the loop (see ``integrate_adaptive``), after the user's callbacks
     found on ``func`` (``problem.callbacks``); ``event`` (adaptive tableaus only) is the terminal-event
     hook of ``integrate_adaptive``; so is ``jump``, and ``on_accept`` (the adjoint's hooks) is that of
-    ``integrate_adaptive`` or ``integrate_fixed`` (explicit RK tableaus only). ``f0_side``: the side
+    ``integrate_adaptive`` or ``integrate_fixed`` (explicit RK tableaus), or of a method's own driver
+    (``MethodSpec.run``) where its signature names it, as it may ``jump``, ``trace`` and ``callbacks``. ``f0_side``: the side
     ``f0`` was evaluated on at ``t[0]`` (see ``Problem.f0_side``; default: ``problem.f0_side`` for
     ``problem.f0``, 0 for a given ``f0``)."""
     s = problem.settings
@@ -71,25 +74,24 @@ def run(
     if len(problem.t) == 1:
         stats.status, stats.t_reached = "success", problem.t[0]
         return [y0]
-    own_hook = on_accept is not None and tab is None and s.spec.run is not None  # e.g. the ESDIRK driver
-    if (jump is not None and (tab is None or not tab.adaptive)) or (
-        on_accept is not None and tab is None and not own_hook
+    # A method with its own driver (e.g. the ESDIRK one) takes the hooks its signature names.
+    driver_hooks = _driver_hooks(s.spec.run) if tab is None and s.spec.run is not None else frozenset()
+    if (jump is not None and not ((tab is not None and tab.adaptive) or "jump" in driver_hooks)) or (
+        on_accept is not None and tab is None and "on_accept" not in driver_hooks
     ):
         raise ValueError(f"method={problem.method!r} has no jump/on_accept hooks")
     if on_accept is not None and s.compile:
         raise ValueError("on_accept needs the eager step (options['compile'] is set)")
     if tab is None:
-        if trace is not None:
+        if trace is not None and "trace" not in driver_hooks:
             raise ValueError(
                 f"method={problem.method!r} cannot be replayed from a step trace; use gradient='direct' or 'adjoint'"
             )
         if s.spec.run is not None:  # a driver with options["throw"] records how it ended in stats
             stats.status = None
-            ys = (
-                s.spec.run(problem, stats, y0, on_accept=on_accept)
-                if own_hook
-                else s.spec.run(problem, stats, y0)
-            )
+            given = {"on_accept": on_accept, "jump": jump, "trace": trace, "callbacks": callbacks}
+            hooks = {k: v for k, v in given.items() if v is not None and k in driver_hooks}
+            ys = s.spec.run(problem, stats, y0, **hooks)
             if stats.status is None:
                 stats.status, stats.t_reached = "success", problem.t[-1]
             return ys
@@ -105,6 +107,13 @@ def run(
         )
     finally:
         release()
+
+
+@functools.cache
+def _driver_hooks(driver) -> frozenset[str]:
+    """The keyword hooks (``on_accept``, ``jump``, ``trace``, ``callbacks``) a method's own driver takes."""
+    names = inspect.signature(driver).parameters
+    return frozenset(k for k in ("on_accept", "jump", "trace", "callbacks") if k in names)
 
 
 def _run_tableau(

@@ -467,10 +467,20 @@ def _mode(opts: dict, y0: torch.Tensor, shapes) -> str:
     return mode
 
 
-def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]:
+def _run(
+    problem, stats, y0: torch.Tensor, on_accept=None, jump=None, trace=None, callbacks=None
+) -> list[torch.Tensor]:
     """The adaptive ESDIRK loop (``MethodSpec.run``). ``on_accept(t, h, y, (stages, f1))``, if given, sees
     every accepted step (its start, signed size, start state, stages and ``f`` at its end): what
-    :func:`dense_output` needs to evaluate the step anywhere inside."""
+    :func:`dense_output` needs to evaluate the step anywhere inside.
+
+    ``jump(j, y) -> (y, f(t_j, y))`` (the adjoint's hook, as in ``integrate_adaptive``): the inner output
+    times ``t[1:-1]`` become stops that steps end on, and at each the state is replaced by what
+    ``jump`` returns, inside the one solve: the step size, the controller's history, the Jacobian and its
+    LU carry over (the Newton iteration refreshes the Jacobian if the new state makes it converge
+    slowly), and the initial step is selected once. ``trace`` (a list) receives ``(t, h)`` of every
+    accepted step (what :class:`EsdirkReplay` replays). ``callbacks``: replaces ``problem.callbacks``
+    (the engine passes them chained with its own)."""
     tab = ESDIRK_TABLEAUS[problem.method]
     opts, t_out = problem.options, problem.t
     f = problem.f
@@ -500,7 +510,15 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
     min_step, max_step, max_num_steps = settings.min_step, settings.max_step, settings.max_num_steps
     h = min(abs(float(h)), max_step)
     stops = problem.stops()
-    callbacks = problem.callbacks
+    if jump is not None:  # the output times between the ends become stops (merged with the user's)
+        merged = dict.fromkeys(t_out[1:-1], False)
+        for ts, is_jump in stops:
+            merged[ts] = merged.get(ts, False) or is_jump
+        stops = sorted(merged.items(), key=lambda p: direction * p[0])
+        while stops and direction * (stops[0][0] - t_out[0]) <= 0:
+            stops.pop(0)
+    if callbacks is None:
+        callbacks = problem.callbacks
     grad = torch.is_grad_enabled()
     outputs, i_out, n_out, i_stop = [y0], 1, len(t_out), 0
     t, y = t_out[0], y0
@@ -567,11 +585,16 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
                 j += 1
             if on_accept is not None:
                 on_accept(t, h_signed, y, (ks, f1))
+            if trace is not None:
+                trace.append((t, h_signed))
             if inner:
                 outputs.extend(dense_output(tab, y, ks, f1, h_signed, inner))
             i_out = j
+            j_jump = None
             if i_out < n_out and t_out[i_out] == t1:
                 outputs.append(y1)
+                if jump is not None and i_out < n_out - 1:
+                    j_jump = i_out
                 i_out += 1
             if stop is not None:
                 i_stop += 1
@@ -579,6 +602,8 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
                     f1 = f(t1, y1, perturb=int(direction))
                     stats.nfe += 1
                     newton.jac = None
+            if j_jump is not None:
+                y1, f1 = jump(j_jump, y1)
             if callbacks is not None:
                 callbacks.accept(t, y, h_signed)
             t, y, f0 = t1, y1, f1
