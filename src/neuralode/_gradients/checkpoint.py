@@ -25,6 +25,8 @@ from neuralode._interpolation import dense_eval, interpolate, step_outputs
 from neuralode._odeint import _time_shift
 from neuralode._problem import Problem, delta, make_problem
 from neuralode._solvers.rk import rk_step
+from neuralode._solvers.stiff import ESDIRK_TABLEAUS, EsdirkReplay
+from neuralode._solvers.stiff import dense_output as esdirk_dense_output
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 
 __all__ = ["odeint_checkpoint"]
@@ -100,6 +102,13 @@ class _Checkpoint(torch.autograd.Function):
         if stats.status != "success":  # options["throw"] = False: replay only up to the time reached
             t_last, d = stats.t_reached, problem.direction
             trace = [(t, h) for t, h in trace if d * (t - t_last) < 0]
+            # The steps after the last output reached carry no gradient: the replay ends with the step
+            # that reaches it (the last steps before a failure may not replay, e.g. next to a pole).
+            t_out = max((tj for tj in problem.t if d * (tj - t_last) <= 0), key=lambda tj: d * tj)
+            ends = [tr[0] for tr in trace[1:]] + [t_last]
+            n_keep = next((j + 1 for j, e in enumerate(ends) if d * (e - t_out) >= 0), len(trace))
+            if n_keep < len(trace):
+                trace, t_last = trace[:n_keep], ends[n_keep - 1]
             states = {i: y for i, y in states.items() if i < len(trace)}
         ctx.sinks = _report_forward(stats)
         ctx.problem, ctx.trace, ctx.states, ctx.params = problem, trace, states, params
@@ -135,6 +144,8 @@ def _step_outputs(
 
 
 def _backward(problem: Problem, trace, states, params, grad_ys, stats: SolveStats, t_last: float):
+    if problem.method in ESDIRK_TABLEAUS:
+        return _backward_esdirk(problem, trace, states, params, grad_ys, stats, t_last)
     settings = problem.settings
     tab = settings.tab
     adaptive = tab.adaptive
@@ -196,7 +207,66 @@ def _backward(problem: Problem, trace, states, params, grad_ys, stats: SolveStat
         a = grads[0]
         for m, g in enumerate(grads[1:]):
             grad_params[m] = g if grad_params[m] is None else grad_params[m] + g
+    return _finish(a, grad_params, params, grad_ys, stats)
+
+
+def _finish(a, grad_params, params, grad_ys, stats: SolveStats):
+    """``(dL/dy0, dL/dθ)`` from the adjoint at the first checkpoint and the summed parameter gradients."""
     stats.n_solves = 1
     grad_y0 = grad_ys[0] if a is None else a + grad_ys[0]
     grad_params = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grad_params)]
     return grad_y0, grad_params
+
+
+def _backward_esdirk(problem: Problem, trace, states, params, grad_ys, stats: SolveStats, t_last: float):
+    """The backward pass for the stiff ``kvaerno*`` methods: each segment's steps re-taken at their
+    recorded sizes by :class:`~neuralode._solvers.stiff.EsdirkReplay` (Newton to convergence, each stage
+    differentiated by the implicit function theorem, as ``odeint`` does), outputs inside a step from its
+    dense output, then backpropagated through. The replayed stages agree with the forward solve's to the
+    Newton tolerance (the forward Newton history, rejected steps included, is not replayed)."""
+    tab = ESDIRK_TABLEAUS[problem.method]
+    direction = problem.direction
+    jumps = {ts for ts, is_jump in problem.stops() if is_jump}
+    plan = _step_outputs(problem, trace, t_last)
+    starts = sorted(states)
+    ends = [*starts[1:], len(trace)]
+    a = None  # dL/dy at the end of the current segment
+    grad_params = [None] * len(params)
+    for start, end in zip(reversed(starts), reversed(ends)):
+        y_c = states[start].detach().requires_grad_(True)
+        roots, weights = [], []
+        with torch.enable_grad():
+            replay = EsdirkReplay(problem, stats, y_c)
+            y = y_c
+            f0 = problem.f(trace[start][0], y)
+            stats.nfe += 1
+            for j in range(start, end):
+                t, h = trace[j]
+                t1, inner, out_end = plan[j]
+                y1, ks = replay.step(t, h, y, f0)
+                stats.n_steps += 1
+                stats.n_accepted += 1
+                f1 = ks[-1]
+                if inner:
+                    vals = esdirk_dense_output(tab, y, ks, f1, h, [th for _, th in inner])
+                    for (i, _), v in zip(inner, vals):
+                        roots.append(v)
+                        weights.append(grad_ys[i])
+                if out_end is not None:
+                    roots.append(y1)
+                    weights.append(grad_ys[out_end])
+                if t1 in jumps:  # as the forward solve: f past the jump, a fresh Jacobian
+                    f1 = problem.f(t1, y1, int(direction))
+                    stats.nfe += 1
+                    replay.after_jump()
+                y, f0 = y1, f1
+            if a is not None:
+                roots.append(y)
+                weights.append(a)
+            grads = torch.autograd.grad(
+                roots, (y_c, *params), weights, allow_unused=True, materialize_grads=True
+            )
+        a = grads[0]
+        for m, g in enumerate(grads[1:]):
+            grad_params[m] = g if grad_params[m] is None else grad_params[m] + g
+    return _finish(a, grad_params, params, grad_ys, stats)

@@ -637,6 +637,59 @@ def _run(
     return outputs
 
 
+class EsdirkReplay:
+    """Re-takes accepted steps of a joint ESDIRK solve at their recorded sizes, with autograd
+    (``odeint_checkpoint``'s backward pass): :meth:`step` is the step of :func:`_run` at the given ``h``,
+    each stage's Newton iteration to convergence and the converged stage differentiated by the implicit
+    function theorem, as in direct mode. The Newton iteration's Jacobian is kept and refreshed as in the
+    solve, but its history differs from the forward solve's (that also saw rejected steps), so the
+    replayed stages agree with the forward ones to the Newton tolerance, not to rounding."""
+
+    def __init__(self, problem, stats, y0: torch.Tensor) -> None:
+        self.tab = ESDIRK_TABLEAUS[problem.method]
+        self.problem, self.stats = problem, stats
+        mode = _mode(problem.options, y0, problem.shapes)
+        sizes = None if problem.shapes is None else [math.prod(s) for s in problem.shapes]
+        user_norm = problem.settings.user_norm
+        self.norm = (
+            _row_max_norm
+            if mode == "batch" and user_norm is None
+            else make_norm(user_norm, sizes, problem.shapes)
+        )
+        self.newton = _Newton(problem, self.tab, mode, y0, stats)
+
+    def step(self, t: float, h: float, y: torch.Tensor, f0: torch.Tensor):
+        """``(y1, stages)`` of the step from ``(t, y)`` (``f0 = f(t, y)``) of size ``h``; ``stages[-1]`` is
+        ``f`` at its end. Raises :class:`SolverError` if a stage does not converge, even with a fresh
+        Jacobian."""
+        p, newton = self.problem, self.newton
+        yd = y.detach()
+        scale = yd.abs() * p.rtol + p.atol
+        for _ in range(2):
+            newton.prepare(t, yd, h)
+            out = _step(newton, self.tab, t, h, y, f0, scale, self.norm, torch.is_grad_enabled())
+            if out is not None:
+                break
+            newton.jac = None  # a stale Jacobian: retry once with a fresh one
+        else:
+            raise SolverError(
+                "underflow",
+                "replaying an accepted step, its Newton iteration did not converge",
+                t=t,
+                step_size=h,
+                n_steps=0,
+            )
+        if newton.theta > _REUSE_THETA:
+            newton.jac = None
+        newton.fresh = False
+        y1, _, ks = out
+        return y1, ks
+
+    def after_jump(self) -> None:
+        """The step ended on a discontinuity of ``f`` (``jump_t``): the next one needs a fresh Jacobian."""
+        self.newton.jac = None
+
+
 # -- per-sample stepping: every row its own step size, Newton iteration and Jacobian ----------------------
 
 
