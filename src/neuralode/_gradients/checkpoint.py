@@ -7,6 +7,11 @@ calls with the same step sizes — and backpropagates through it. So the gradien
 through the solver (``odeint``) to rounding, including its treatment of step-size selection, which
 neither path differentiates (the controller works on host floats).
 
+The stiff ``kvaerno*`` methods are replayed the same way, step by step at the recorded sizes, each
+implicit stage by Newton to convergence and differentiated by the implicit function theorem (as
+``odeint`` does); their Newton iterations start afresh at each segment, so the gradient equals direct
+backprop to the Newton tolerance rather than to rounding.
+
 Memory: the checkpoints plus one segment's graph. Time: one extra forward solve's worth of
 evaluations during backward, plus one evaluation per segment.
 """

@@ -34,6 +34,8 @@ differentiated by the implicit function theorem, ``dY = (I − hγ J(Y))⁻¹ (d
 exact Jacobian at the converged stage (one linear solve per stage in the backward pass: dense or batched
 solve, or GMRES with vector-Jacobian products in the Krylov mode). This costs one extra evaluation of
 ``f`` per stage in the forward pass when gradients are enabled. Step sizes carry no gradient.
+``odeint_checkpoint`` replays the recorded steps the same way (:class:`EsdirkReplay`); the adjoint's
+backward solve applies its jumps at the output times inside one solve (the driver's ``jump`` hook).
 
 The iterations synchronise with the host (one norm per Newton iteration and the error ratio per step);
 like the other implicit methods these solvers are not sync-free.
