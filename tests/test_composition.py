@@ -1,7 +1,7 @@
 """The composition matrix (see ``tests/composition.py``): no cell may be silently wrong.
 
-The default suite runs the explicit Runge-Kutta methods eagerly in float64 in every mode, gradient method
-and event setting, the Adams and SciPy methods in their baseline cell (joint, direct, no event; the
+The default suite runs ``dopri5``, ``rk4`` and ``bosh3`` eagerly in float64 in every mode, gradient
+method and event setting, the other explicit Runge-Kutta methods in their baseline cell, the Adams and SciPy methods in their baseline cell (joint, direct, no event; the
 implicit and stiff methods have their own test files), and
 float32 and one compiled cell for ``dopri5`` and ``rk4``; ``-m slow`` runs every cell.
 """
@@ -23,8 +23,8 @@ def _default(c: Cell) -> bool:
     baseline = c.mode == "joint" and c.gradient == "direct" and c.event == "none" and c.dtype == "float64"
     if c.execution == "compiled":  # a compile costs seconds: one cell per method here, the rest when slow
         return baseline
-    if c.method in TABLEAUS:
-        return True
+    if c.method in TABLEAUS:  # every mode for a few tableaus, the baseline cell for the others
+        return baseline or c.method in ("dopri5", "rk4", "bosh3")
     # The implicit methods' Newton iterations are the expensive ones; test_methods_extra and
     # test_stiff*.py cover them.
     return baseline and c.method not in IMPLICIT_TABLEAUS and c.method not in ESDIRK_TABLEAUS
