@@ -46,6 +46,16 @@ SLOW_CASES = frozenset(
         "tests/test_cnf.py::test_reference_densities_of_moons_and_circles_are_normalised",
         "tests/test_methods_extra.py::test_adjoint_through_extra_methods_matches_direct[radauIIA5]",
         "tests/test_stiff.py::test_float32",
+        "tests/test_compiled.py::test_compiled_step_equals_eager_values_and_gradients[rk4]",
+        "tests/test_adjoint_higher_order.py::test_hvp_through_adjoint_matches_direct_and_double_finite_differences[rk4]",
+        "tests/test_mnist_train.py::test_resume_in_process_gives_identical_weights",
+        "tests/test_latent.py::test_cli_train_and_resume",
+        "tests/test_func.py::test_gradient_through_vmap_equals_the_loop[rk4]",
+        "tests/test_compiled_adaptive.py::test_a_new_lambda_per_solve_reuses_the_compiled_step",
+        "tests/test_compiled_adaptive.py::test_adjoint_compiles_the_forward_solve_only",
+        "tests/test_throw.py::test_failure_cell[throw-ros34pw2-joint-eager-direct]",
+        "tests/test_per_sample.py::test_gradients_agree_with_per_sample_adjoint_solves",
+        "tests/test_stiff.py::test_gradient_against_finite_differences[krylov]",
     }
 )
 
