@@ -27,3 +27,19 @@ class SolverError(RuntimeError):
         }[reason]
         super().__init__(f"{message} at t={t:.6g} (step size {step_size:.3g}, after {n_steps} steps): {hint}")
         self.reason, self.t, self.step_size, self.n_steps = reason, t, step_size, n_steps
+
+
+def step_limit_error(t: float, h_signed: float, n_steps: int, max_num_steps: int) -> SolverError | None:
+    """The error that ends an adaptive loop before its next step: the step no longer moves ``t``
+    (``"underflow"``) or the step budget is spent (``"max_num_steps"``); ``None`` when it may go on."""
+    if t + h_signed == t:
+        return SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
+    if n_steps >= max_num_steps:
+        return SolverError(
+            "max_num_steps",
+            f"max_num_steps={max_num_steps} exceeded",
+            t=t,
+            step_size=h_signed,
+            n_steps=n_steps,
+        )
+    return None

@@ -184,6 +184,23 @@ def initial_step(
     return without_grad(_initial_step, f, t0, y0, f0, order, rtol, atol, norm, direction, ops)
 
 
+def first_step(problem, stats, y0: torch.Tensor, order: int, norm: Norm, direction: float):
+    """``(f(t0, y0), |h0|)`` for a scalar-step driver: ``problem.f0`` when ``y0`` is the problem's own
+    (else one evaluation), and ``options['first_step']`` or :func:`initial_step` (one evaluation), capped
+    at ``max_step``. Counts the evaluations in ``stats.nfe``."""
+    f, t0, settings = problem.f, problem.t[0], problem.settings
+    if y0 is problem.y0:
+        f0 = problem.f0
+    else:
+        f0 = f(t0, y0)
+        stats.nfe += 1
+    h = settings.first_step
+    if h is None:
+        h = initial_step(f, t0, y0.detach(), f0.detach(), order, problem.rtol, problem.atol, norm, direction)
+        stats.nfe += 1
+    return f0, min(abs(float(h)), settings.max_step)
+
+
 def _initial_step(f, t0, y0, f0, order, rtol, atol, norm, direction, ops):
     like = None if ops is SCALAR else t0
     factor = 1.0  # the host factor of the RMS norms (below)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from neuralode._callbacks import chain_callbacks
-from neuralode._errors import SolverError
+from neuralode._errors import SolverError, step_limit_error
 from neuralode._interpolation import dense_eval, interpolate, step_outputs
 from neuralode._solvers.rk import error_ratio, rk_step, rms_error_ratio, rms_factor, without_grad
 from neuralode._solvers.tableau import ButcherTableau
@@ -302,18 +302,8 @@ def integrate_adaptive(
         if t + h_signed == t or n_steps >= max_num_steps:
             if failed is not None:  # the step shrank because func returned NaN/inf, not for accuracy
                 error = _nonfinite_stage(tab, *failed, n_steps)
-            elif t + h_signed == t:
-                error = SolverError(
-                    "underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps
-                )
             else:
-                error = SolverError(
-                    "max_num_steps",
-                    f"max_num_steps={max_num_steps} exceeded",
-                    t=t,
-                    step_size=h_signed,
-                    n_steps=n_steps,
-                )
+                error = step_limit_error(t, h_signed, n_steps, max_num_steps)
             if throw:
                 raise error
             break

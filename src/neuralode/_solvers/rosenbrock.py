@@ -57,13 +57,13 @@ from collections.abc import Iterator
 import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
-from neuralode._errors import SolverError
+from neuralode._errors import SolverError, step_limit_error
 from neuralode._integrate.joint import _before, _finish
 from neuralode._interpolation import stage_sum, step_outputs
 from neuralode._solvers.stiff import _AUTO_DENSE_MAX, _KEEP_H, _row_max_norm, jacobian, lu_apply, lu_factor
 from neuralode._solvers.stiff import _mode as _jacobian_mode
 from neuralode._solvers.tableau import MethodSpec, _gamma, _size, rooted_trees
-from neuralode._step_size import STEP_SIZE_OPTIONS, initial_step, propose_step
+from neuralode._step_size import STEP_SIZE_OPTIONS, first_step, propose_step
 
 __all__ = ["ROSENBROCK_TABLEAUS", "RosenbrockTableau", "w_trees"]
 
@@ -464,17 +464,8 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
     w = _WMatrix(f, tab.gamma, mode == "batch", stats)
     t_end = t_out[-1]
     direction = 1.0 if t_end > t_out[0] else -1.0
-    if y0 is problem.y0:
-        f0 = problem.f0
-    else:
-        f0 = f(t_out[0], y0)
-        stats.nfe += 1
-    h = settings.first_step
-    if h is None:
-        h = initial_step(f, t_out[0], y0.detach(), f0.detach(), tab.order, rtol, atol, norm, direction)
-        stats.nfe += 1
+    f0, h = first_step(problem, stats, y0, tab.order, norm, direction)
     min_step, max_step, max_num_steps = settings.min_step, settings.max_step, settings.max_num_steps
-    h = min(abs(float(h)), max_step)
     stops, callbacks, throw = problem.stops(), problem.callbacks, settings.throw
     outputs, i_out, n_out, i_stop = [y0], 1, len(t_out), 0
     t, y = t_out[0], y0
@@ -488,18 +479,8 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
                 error = SolverError(
                     "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
                 )
-            elif t + h_signed == t:
-                error = SolverError(
-                    "underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps
-                )
             else:
-                error = SolverError(
-                    "max_num_steps",
-                    f"max_num_steps={max_num_steps} exceeded",
-                    t=t,
-                    step_size=h_signed,
-                    n_steps=n_steps,
-                )
+                error = step_limit_error(t, h_signed, n_steps, max_num_steps)
             if throw:
                 raise error
             break

@@ -59,11 +59,17 @@ import numpy as np
 import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
-from neuralode._errors import SolverError
+from neuralode._errors import SolverError, step_limit_error
 from neuralode._solvers.implicit import ImplicitTableau, _combine, gmres
 from neuralode._solvers.rk import ROWS
 from neuralode._solvers.tableau import MethodSpec, hermite_dense
-from neuralode._step_size import STEP_SIZE_OPTIONS, initial_step, make_norm, propose_step, rms_rows
+from neuralode._step_size import (
+    STEP_SIZE_OPTIONS,
+    first_step,
+    make_norm,
+    propose_step,
+    rms_rows,
+)
 
 __all__ = ["ESDIRK_TABLEAUS", "EsdirkTableau"]
 
@@ -500,17 +506,8 @@ def _run(
     newton = _Newton(problem, tab, mode, y0, stats)
     t_end = t_out[-1]
     direction = 1.0 if t_end > t_out[0] else -1.0
-    if y0 is problem.y0:
-        f0 = problem.f0
-    else:
-        f0 = f(t_out[0], y0)
-        stats.nfe += 1
-    h = settings.first_step
-    if h is None:
-        h = initial_step(f, t_out[0], y0.detach(), f0.detach(), tab.order, rtol, atol, norm, direction)
-        stats.nfe += 1
+    f0, h = first_step(problem, stats, y0, tab.order, norm, direction)
     min_step, max_step, max_num_steps = settings.min_step, settings.max_step, settings.max_num_steps
-    h = min(abs(float(h)), max_step)
     stops = problem.stops()
     if jump is not None:  # the output times between the ends become stops (merged with the user's)
         merged = dict.fromkeys(t_out[1:-1], False)
@@ -528,17 +525,8 @@ def _run(
     error = None  # the SolverError that ended the solve
     while i_out < n_out:
         h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
-        if t + h_signed == t:
-            error = SolverError("underflow", "step size underflow", t=t, step_size=h_signed, n_steps=n_steps)
-            break
-        if n_steps >= max_num_steps:
-            error = SolverError(
-                "max_num_steps",
-                f"max_num_steps={max_num_steps} exceeded",
-                t=t,
-                step_size=h_signed,
-                n_steps=n_steps,
-            )
+        error = step_limit_error(t, h_signed, n_steps, max_num_steps)
+        if error is not None:
             break
         if callbacks is not None:
             callbacks.step(t, y, h_signed)
