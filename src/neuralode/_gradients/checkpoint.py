@@ -163,52 +163,65 @@ def _backward(problem: Problem, trace, states, params, grad_ys, stats: SolveStat
         stats.nfe += 1
         return problem.f(tt, y, perturb)
 
+    def segment(start: int, end: int, y_c: torch.Tensor):
+        roots, weights = [], []
+        y = y_c
+        f0 = None
+        for j in range(start, end):
+            t, h = trace[j]
+            t1, inner, out_end = plan[j]
+            fj = _one_sided(f, t, t1, direction) if perturb else f
+            if f0 is None:
+                f0 = fj(t, y)
+            y1, k = rk_step(fj, tab, t, h, y, f0)
+            stats.n_steps += 1
+            stats.n_accepted += 1
+            f1 = k[-1] if tab.fsal else None
+            if adaptive:
+                if f1 is None:
+                    f1 = f(t1, y1)
+                if inner:
+                    thetas = [th for _, th in inner]
+                    vals = dense_eval(f, tab, t, h, y, [*k, f1], thetas, stats)
+                    for (i, _), v in zip(inner, vals):
+                        roots.append(v)
+                        weights.append(grad_ys[i])
+            elif inner:
+                if interp == "cubic" and f1 is None:
+                    f1 = fj(t1, y1)
+                vals = interpolate(interp, y, y1, k[0], f1, h, [th for _, th in inner])
+                for (i, _), v in zip(inner, vals):
+                    roots.append(v)
+                    weights.append(grad_ys[i])
+            if out_end is not None:
+                roots.append(y1)
+                weights.append(grad_ys[out_end])
+            y = y1
+            f0 = None if perturb else f1
+        return roots, weights, y
+
+    return _backprop_segments(states, trace, params, grad_ys, stats, segment)
+
+
+def _backprop_segments(states, trace, params, grad_ys, stats: SolveStats, segment):
+    """The checkpointed backward pass: the segments between stored states from the last to the first,
+    each replayed with the graph by ``segment(start, end, y_c) -> (roots, weights, y_end)`` (the outputs
+    inside it with their cotangents, and its end state) and backpropagated, the adjoint at its start
+    carried into the segment before."""
     starts = sorted(states)
     ends = [*starts[1:], len(trace)]
     a = None  # dL/dy at the end of the current segment
     grad_params = [None] * len(params)
     for start, end in zip(reversed(starts), reversed(ends)):
         y_c = states[start].detach().requires_grad_(True)
-        roots, weights = [], []
         with torch.enable_grad():
-            y = y_c
-            f0 = None
-            for j in range(start, end):
-                t, h = trace[j]
-                t1, inner, out_end = plan[j]
-                fj = _one_sided(f, t, t1, direction) if perturb else f
-                if f0 is None:
-                    f0 = fj(t, y)
-                y1, k = rk_step(fj, tab, t, h, y, f0)
-                stats.n_steps += 1
-                stats.n_accepted += 1
-                f1 = k[-1] if tab.fsal else None
-                if adaptive:
-                    if f1 is None:
-                        f1 = f(t1, y1)
-                    if inner:
-                        thetas = [th for _, th in inner]
-                        vals = dense_eval(f, tab, t, h, y, [*k, f1], thetas, stats)
-                        for (i, _), v in zip(inner, vals):
-                            roots.append(v)
-                            weights.append(grad_ys[i])
-                elif inner:
-                    if interp == "cubic" and f1 is None:
-                        f1 = fj(t1, y1)
-                    vals = interpolate(interp, y, y1, k[0], f1, h, [th for _, th in inner])
-                    for (i, _), v in zip(inner, vals):
-                        roots.append(v)
-                        weights.append(grad_ys[i])
-                if out_end is not None:
-                    roots.append(y1)
-                    weights.append(grad_ys[out_end])
-                y = y1
-                f0 = None if perturb else f1
+            roots, weights, y = segment(start, end, y_c)
             if a is not None:
                 roots.append(y)
                 weights.append(a)
-            inputs = (y_c, *params)
-            grads = torch.autograd.grad(roots, inputs, weights, allow_unused=True, materialize_grads=True)
+            grads = torch.autograd.grad(
+                roots, (y_c, *params), weights, allow_unused=True, materialize_grads=True
+            )
         a = grads[0]
         for m, g in enumerate(grads[1:]):
             grad_params[m] = g if grad_params[m] is None else grad_params[m] + g
@@ -233,45 +246,33 @@ def _backward_esdirk(problem: Problem, trace, states, params, grad_ys, stats: So
     direction = problem.direction
     jumps = {ts for ts, is_jump in problem.stops() if is_jump}
     plan = _step_outputs(problem, trace, t_last)
-    starts = sorted(states)
-    ends = [*starts[1:], len(trace)]
-    a = None  # dL/dy at the end of the current segment
-    grad_params = [None] * len(params)
-    for start, end in zip(reversed(starts), reversed(ends)):
-        y_c = states[start].detach().requires_grad_(True)
+
+    def segment(start: int, end: int, y_c: torch.Tensor):
         roots, weights = [], []
-        with torch.enable_grad():
-            replay = EsdirkReplay(problem, stats, y_c)
-            y = y_c
-            f0 = problem.f(trace[start][0], y)
-            stats.nfe += 1
-            for j in range(start, end):
-                t, h = trace[j]
-                t1, inner, out_end = plan[j]
-                y1, ks = replay.step(t, h, y, f0)
-                stats.n_steps += 1
-                stats.n_accepted += 1
-                f1 = ks[-1]
-                if inner:
-                    vals = esdirk_dense_output(tab, y, ks, f1, h, [th for _, th in inner])
-                    for (i, _), v in zip(inner, vals):
-                        roots.append(v)
-                        weights.append(grad_ys[i])
-                if out_end is not None:
-                    roots.append(y1)
-                    weights.append(grad_ys[out_end])
-                if t1 in jumps:  # as the forward solve: f past the jump, a fresh Jacobian
-                    f1 = problem.f(t1, y1, int(direction))
-                    stats.nfe += 1
-                    replay.after_jump()
-                y, f0 = y1, f1
-            if a is not None:
-                roots.append(y)
-                weights.append(a)
-            grads = torch.autograd.grad(
-                roots, (y_c, *params), weights, allow_unused=True, materialize_grads=True
-            )
-        a = grads[0]
-        for m, g in enumerate(grads[1:]):
-            grad_params[m] = g if grad_params[m] is None else grad_params[m] + g
-    return _finish(a, grad_params, params, grad_ys, stats)
+        replay = EsdirkReplay(problem, stats, y_c)
+        y = y_c
+        f0 = problem.f(trace[start][0], y)
+        stats.nfe += 1
+        for j in range(start, end):
+            t, h = trace[j]
+            t1, inner, out_end = plan[j]
+            y1, ks = replay.step(t, h, y, f0)
+            stats.n_steps += 1
+            stats.n_accepted += 1
+            f1 = ks[-1]
+            if inner:
+                vals = esdirk_dense_output(tab, y, ks, f1, h, [th for _, th in inner])
+                for (i, _), v in zip(inner, vals):
+                    roots.append(v)
+                    weights.append(grad_ys[i])
+            if out_end is not None:
+                roots.append(y1)
+                weights.append(grad_ys[out_end])
+            if t1 in jumps:  # as the forward solve: f past the jump, a fresh Jacobian
+                f1 = problem.f(t1, y1, int(direction))
+                stats.nfe += 1
+                replay.after_jump()
+            y, f0 = y1, f1
+        return roots, weights, y
+
+    return _backprop_segments(states, trace, params, grad_ys, stats, segment)
