@@ -56,6 +56,11 @@ SLOW_CASES = frozenset(
         "tests/test_throw.py::test_failure_cell[throw-ros34pw2-joint-eager-direct]",
         "tests/test_per_sample.py::test_gradients_agree_with_per_sample_adjoint_solves",
         "tests/test_stiff.py::test_gradient_against_finite_differences[krylov]",
+        "tests/test_cnf.py::test_learned_density_integrates_to_one",
+        "tests/test_compiled_adaptive.py::test_backprop_solution_and_gradients_match_eager[dopri5-options0]",
+        "tests/test_compiled_adaptive.py::test_events_and_jump_t_with_compile",
+        "tests/test_gradients.py::test_adjoint_gradcheck",
+        "tests/test_odeint.py::test_adaptive_matches_reference[dopri5-arenstorf]",
     }
 )
 
