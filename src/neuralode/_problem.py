@@ -13,6 +13,7 @@ typed fields and never look into the dict.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import warnings
@@ -416,6 +417,7 @@ def flat_func(func: Callable, shapes, dtype: torch.dtype, device: torch.device) 
     # last stage and the next step's first) share one tensor, a kernel less each.
     # (Inline in f: a call per evaluation costs more than the check.)
     last: list = [math.nan, None]
+    scalar = time_maker(dtype, device)
 
     if shapes is None:
 
@@ -423,7 +425,7 @@ def flat_func(func: Callable, shapes, dtype: torch.dtype, device: torch.device) 
             if perturb:
                 return func(_time(tt, dtype, device, perturb), y)
             if tt != last[0]:
-                last[0], last[1] = tt, torch.scalar_tensor(tt, dtype=dtype, device=device)
+                last[0], last[1] = tt, scalar(tt)
             return func(last[1], y)
 
         return f
@@ -435,11 +437,17 @@ def flat_func(func: Callable, shapes, dtype: torch.dtype, device: torch.device) 
             out = func(_time(tt, dtype, device, perturb), parts)
         else:
             if tt != last[0]:
-                last[0], last[1] = tt, torch.scalar_tensor(tt, dtype=dtype, device=device)
+                last[0], last[1] = tt, scalar(tt)
             out = func(last[1], parts)
         return torch.cat([o.reshape(-1) for o in out])
 
     return f_tuple
+
+
+def time_maker(dtype: torch.dtype, device: torch.device) -> Callable[[float], torch.Tensor]:
+    """``t -> torch.scalar_tensor(t, dtype=dtype, device=device)``. A partial binds the keywords once:
+    ~0.2 µs less per call than passing them (a time tensor is made for every stage)."""
+    return functools.partial(torch.scalar_tensor, dtype=dtype, device=device)
 
 
 def _time(t: float, dtype: torch.dtype, device: torch.device, perturb: int = 0) -> torch.Tensor:
@@ -489,7 +497,7 @@ def check_y0(y0) -> tuple[torch.Tensor, list[torch.Size] | None]:
 def _all_finite(x: torch.Tensor) -> bool:
     """No NaN or inf in ``x``. A finite sum proves it in one kernel (``isfinite(x).all()`` is five); only
     a non-finite sum (NaN/inf inside, or finite values overflowing the sum) needs the exact check."""
-    return math.isfinite(float(x.detach().sum())) or bool(torch.isfinite(x).all())
+    return math.isfinite(float((x.detach() if x.requires_grad else x).sum())) or bool(torch.isfinite(x).all())
 
 
 def check_t(t, device: torch.device | None = None, min_len: int = 1) -> list[float]:
@@ -498,25 +506,29 @@ def check_t(t, device: torch.device | None = None, min_len: int = 1) -> list[flo
         raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
     if t.dim() != 1:
         raise ValueError(f"t must be 1-D, got shape {tuple(t.shape)}")
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         raise ValueError("t is empty; it needs at least the start time")
-    if t.numel() < min_len:
-        raise ValueError(f"t needs at least {min_len} times, got {t.numel()}")
+    if n < min_len:
+        raise ValueError(f"t needs at least {min_len} times, got {n}")
     if not t.is_floating_point():
         raise TypeError(f"t must be floating point, got dtype {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"t is on {t.device} but y0 is on {device}; put both on the same device")
-    values = [float(x) for x in t.detach().tolist()]  # one synchronisation per solve
-    if not all(math.isfinite(v) for v in values):
+    values = t.tolist()  # host floats (also of a tensor that requires grad): one synchronisation per solve
+    # A finite sum proves every entry finite; only a non-finite one (or an overflow) needs the exact check.
+    if not math.isfinite(sum(values)) and not all(math.isfinite(v) for v in values):
         raise ValueError("t contains NaN or inf values")
-    if len(values) > 1:
+    pairs = itertools.pairwise(values)
+    if n > 1 and not (
+        all(a < b for a, b in pairs) if values[1] > values[0] else all(a > b for a, b in pairs)
+    ):
         d = [b - a for a, b in itertools.pairwise(values)]
-        if not (all(x > 0 for x in d) or all(x < 0 for x in d)):
-            bad = next(i for i, x in enumerate(d) if x == 0 or (x > 0) != (d[0] > 0))
-            raise ValueError(
-                f"t must be strictly increasing or strictly decreasing; t[{bad}]={values[bad]} and "
-                f"t[{bad + 1}]={values[bad + 1]} break that"
-            )
+        bad = next(i for i, x in enumerate(d) if x == 0 or (x > 0) != (d[0] > 0))
+        raise ValueError(
+            f"t must be strictly increasing or strictly decreasing; t[{bad}]={values[bad]} and "
+            f"t[{bad + 1}]={values[bad + 1]} break that"
+        )
     return values
 
 

@@ -174,14 +174,25 @@ def initial_step(
     norm: Norm,
     direction,
     ops=SCALAR,
+    scale: torch.Tensor | None = None,
 ):
     """Hairer, Nørsett & Wanner (1993, II.4) starting step; one evaluation of ``f``. Returns ``|h|``.
 
     :data:`~neuralode._solvers.rk.SCALAR`: ``t0``, ``direction`` floats, ``norm`` over the whole state, a float
     result (two syncs). :data:`~neuralode._solvers.rk.ROWS`: ``t0``, ``direction`` ``(B,)`` in the time dtype,
-    ``norm`` per row of the ``(B, n)`` state, a ``(B,)`` result (no sync). Runs without grad.
+    ``norm`` per row of the ``(B, n)`` state, a ``(B,)`` result (no sync). Runs without grad. ``scale``:
+    :func:`rms_scale`'s ``|y0| + atol/rtol`` when the caller has it (SCALAR, RMS norm, float tolerances).
     """
-    return without_grad(_initial_step, f, t0, y0, f0, order, rtol, atol, norm, direction, ops)
+    return without_grad(_initial_step, f, t0, y0, f0, order, rtol, atol, norm, direction, ops, scale)
+
+
+def rms_scale(y: torch.Tensor, rtol: float, atol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c, |y| + c)``, ``c = atol/rtol`` a 0-d tensor in ``y``'s dtype: the error scale
+    ``atol + rtol·|y|`` over ``rtol``, as the RMS error ratio (:func:`~neuralode._solvers.rk.rms_error_ratio`)
+    and :func:`initial_step` use it, without grad. (A Python scalar operand would cost a hidden copy
+    kernel per use.)"""
+    c = torch.scalar_tensor(atol / rtol, dtype=y.dtype, device=y.device)
+    return c, torch.abs(y.detach()).add_(c)
 
 
 def first_step(problem, stats, y0: torch.Tensor, order: int, norm: Norm, direction: float):
@@ -196,19 +207,19 @@ def first_step(problem, stats, y0: torch.Tensor, order: int, norm: Norm, directi
         stats.nfe += 1
     h = settings.first_step
     if h is None:
-        h = initial_step(f, t0, y0.detach(), f0.detach(), order, problem.rtol, problem.atol, norm, direction)
+        h = initial_step(
+            f, t0, y0, f0, order, problem.rtol, problem.atol, norm, direction
+        )  # runs without grad
         stats.nfe += 1
     return f0, min(abs(float(h)), settings.max_step)
 
 
-def _initial_step(f, t0, y0, f0, order, rtol, atol, norm, direction, ops):
+def _initial_step(f, t0, y0, f0, order, rtol, atol, norm, direction, ops, scale=None):
     like = None if ops is SCALAR else t0
     factor = 1.0  # the host factor of the RMS norms (below)
     if like is None and norm is rms_norm and isinstance(rtol, float) and isinstance(atol, float):
-        # scale / rtol = |y0| + atol/rtol, the constant a 0-d tensor (a Python scalar operand costs a hidden
-        # copy kernel each: 2 kernels instead of 3, ~4 µs), and 1/rtol applied to the norms on the host.
-        c = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device)
-        scale, factor = torch.abs(y0).add_(c), 1.0 / rtol
+        # scale / rtol = |y0| + atol/rtol (2 kernels instead of 3), and 1/rtol applied to the norms on the host.
+        scale, factor = (rms_scale(y0, rtol, atol)[1] if scale is None else scale), 1.0 / rtol
     else:
         scale = y0.abs().mul_(rtol).add_(atol)
     d0, d1 = _norm_values(norm, (y0, f0), scale, like, factor)
@@ -237,7 +248,10 @@ def _norm_values(norm: Norm, xs, scale: torch.Tensor, like: torch.Tensor | None,
         if len(xs) == 1:
             return [float(torch.linalg.vector_norm(torch.div(xs[0], scale))) * inv_sqrt_n]
         both = torch.stack(xs).div_(scale)
-        return [v * inv_sqrt_n for v in torch.linalg.vector_norm(both.view(len(xs), -1), dim=1).tolist()]
+        # The norm over every dimension but the first: no reshape kernel (a 0-d state needs the reshape).
+        d = both.dim()
+        rows = torch.linalg.vector_norm(both if d > 1 else both.view(-1, 1), dim=tuple(range(1, max(d, 2))))
+        return [v * inv_sqrt_n for v in rows.tolist()]
     return [float(v) for v in torch.stack([torch.as_tensor(norm(x / scale)) for x in xs]).tolist()]
 
 
