@@ -48,6 +48,8 @@ def test_bad_arguments(kwargs, exc, match):
         (torch.tensor([], dtype=F64), ValueError, "t is empty"),
         (torch.tensor([0.0, 1.0, 1.0], dtype=F64), ValueError, "strictly increasing or strictly decreasing"),
         (torch.tensor([0.0, 1.0, 0.5], dtype=F64), ValueError, "t\\[1\\]=1.0 and t\\[2\\]=0.5"),
+        (torch.tensor([1.0, 0.0, 0.5], dtype=F64), ValueError, "t\\[1\\]=0.0 and t\\[2\\]=0.5"),
+        (torch.tensor([0.0, 1.0, float("nan")], dtype=F64), ValueError, "NaN or inf"),
         (torch.tensor([0.0, float("nan")], dtype=F64), ValueError, "NaN or inf"),
         (torch.tensor([0.0, float("inf")], dtype=F64), ValueError, "NaN or inf"),
         (torch.tensor([0, 1]), TypeError, "t must be floating point"),
@@ -57,6 +59,14 @@ def test_bad_arguments(kwargs, exc, match):
 def test_bad_t(t, exc, match):
     with pytest.raises(exc, match=match):
         odeint(f, Y0, t)
+
+
+def test_t_near_the_float_limit():
+    # finite times whose sum overflows: the finiteness check falls back to the exact test
+    from neuralode._problem import check_t
+
+    assert check_t(torch.tensor([1e308, 1.7e308], dtype=F64)) == [1e308, 1.7e308]
+    assert check_t(torch.tensor([1.7e308, 1e308], dtype=F64)) == [1.7e308, 1e308]
 
 
 def test_bad_y0():
