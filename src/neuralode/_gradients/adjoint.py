@@ -53,7 +53,7 @@ from neuralode._problem import (
 )
 from neuralode._problem import check_tol as _check_tol
 from neuralode._solvers.explicit import TABLEAUS
-from neuralode._solvers.stiff import ESDIRK_TABLEAUS, EsdirkTableau
+from neuralode._solvers.stiff import ESDIRK_TABLEAUS
 from neuralode._stats import SolveStats, _report_backward, _report_forward
 from neuralode._step_size import make_norm
 
@@ -309,12 +309,13 @@ class _Adjoint(torch.autograd.Function):
                 ys = torch.stack(run(problem, stats))
             elif problem.method in ESDIRK_TABLEAUS:  # the stiff solvers: their whole dense output
                 steps: list = []
+                poly = _DensePoly(ESDIRK_TABLEAUS[problem.method].dense)
                 ys = torch.stack(
                     run(
                         problem,
                         stats,
                         on_accept=lambda t, h, y, st: steps.append(
-                            (t, h, y, _stages_matrix([*st[0], st[1]]))
+                            (t, h, y, poly.coefficients(h, [*st[0], st[1]]))
                         ),
                     )
                 )
@@ -664,14 +665,16 @@ def _check_non_leaf_used(problem: Problem, params, non_leaf: dict[int, int]) -> 
 class _Trajectory:
     """``y(t)`` of the forward solve, read from the tableau's dense output of its steps.
 
-    Either every forward step's stages were kept (``dense``: ``(t, h, y, stages)`` per step, recorded by
-    :class:`_DenseRecorder`), or only checkpoints (``trace`` and ``states``, as ``odeint_checkpoint``
-    records them): then the steps of the segment holding ``t`` are re-solved (no graph, identical
-    arithmetic) from its checkpoint when first needed; two segments stay cached."""
+    Either every forward step's dense output was kept (``dense``: ``(t, h, y, Q)`` per step, ``Q`` the
+    coefficients of :class:`_DensePoly`, recorded by :class:`_DenseRecorder`), or only checkpoints
+    (``trace`` and ``states``, as ``odeint_checkpoint`` records them): then the steps of the segment
+    holding ``t`` are re-solved (no graph, identical arithmetic) from its checkpoint when first needed;
+    two segments stay cached."""
 
     def __init__(self, problem: Problem, ys: torch.Tensor, stats: SolveStats, record: tuple):
         self.f, self.stats = problem.f, stats
-        self.tab = TABLEAUS.get(problem.method) or _EsdirkDense(ESDIRK_TABLEAUS[problem.method])
+        self.tab = TABLEAUS.get(problem.method)
+        self.poly = _DensePoly((self.tab or ESDIRK_TABLEAUS[problem.method]).dense)
         t_out = problem.t
         self.direction = 1.0 if t_out[-1] > t_out[0] else -1.0
         self.cache: collections.OrderedDict = collections.OrderedDict()
@@ -679,7 +682,7 @@ class _Trajectory:
         if kind == "dense":
             (dense,) = data
             ends = [(d[0], d[2]) for d in dense[1:]] + [(t_out[-1], ys[-1].view(problem.y0.shape))]
-            steps = [(t, h, y, w_k, y1, t1) for (t, h, y, w_k), (t1, y1) in zip(dense, ends)]
+            steps = [(t, h, y, q, y1, t1) for (t, h, y, q), (t1, y1) in zip(dense, ends)]
             self.keys = [self.direction * dense[0][0]]
             self.cache[0] = ([self.direction * d[0] for d in dense], steps)
             self.max_cached = 1
@@ -693,17 +696,18 @@ class _Trajectory:
             self.max_cached = 2
 
     def __call__(self, tt: float) -> torch.Tensor:
+        """``y(tt)``; the stored tensor itself at a step's start or end (callers must not modify it)."""
         x = self.direction * tt
         seg = max(bisect.bisect_right(self.keys, x) - 1, 0)
-        keys, steps = self._segment(seg)
-        t, h, y, w_k, y1, t1 = steps[max(bisect.bisect_right(keys, x) - 1, 0)]
+        cached = self.cache.get(seg)
+        keys, steps = cached if cached is not None else self._segment(seg)
+        t, h, y, q, y1, t1 = steps[max(bisect.bisect_right(keys, x) - 1, 0)]
         if tt == t1:
             return y1
         theta = (tt - t) / h
         if theta <= 0.0:
             return y
-        w = torch.tensor([wi * h for wi in self.tab.dense_weights(theta)], dtype=y.dtype)
-        return torch.addmv(y.reshape(-1), w_k, w.to(y.device, non_blocking=True)).view(y.shape)
+        return self.poly.at(theta, y, q)
 
     @torch.no_grad()
     def _segment(self, seg: int):
@@ -728,7 +732,7 @@ class _Trajectory:
             if tab.uses_extra_stages:  # dense_eval appends the extra stages to k_ext
                 dense_eval(self.f, tab, t, h, y, k_ext, [0.5], stats)
             keys.append(self.direction * t)
-            steps.append((t, h, y, _stages_matrix(k_ext), y1, t1))
+            steps.append((t, h, y, self.poly.coefficients(h, k_ext), y1, t1))
             y, f0 = y1, f1
         self.cache[seg] = (keys, steps)
         if len(self.cache) > self.max_cached:
@@ -736,33 +740,50 @@ class _Trajectory:
         return keys, steps
 
 
-@dataclasses.dataclass(frozen=True)
-class _EsdirkDense:
-    """The dense output of an ESDIRK tableau (``stiff.dense_output``'s cubic Hermite weights over its stages
-    and ``f`` at the step's end) in the interface :class:`_Trajectory` reads."""
+class _DensePoly:
+    """A tableau's dense output as a polynomial in θ per step: ``y(t + θh) = y + Σ_k θᵏ q_k`` with
+    ``q_k = h Σ_j P[j][k−1] K_j`` over the extended stages ``K_j`` (``P``: ``tab.dense``, the weights'
+    coefficients of θ¹, θ², …). The coefficients ``Q = (q_1, q_2, …)`` are formed once per step
+    (``(degree, state size)``, fewer rows than stages), so a value costs one matrix-vector product."""
 
-    esdirk: EsdirkTableau
+    def __init__(self, dense: Sequence[Sequence[float]]):
+        self.degree = max(len(p) for p in dense)
+        self.p_t = [[p[k] if k < len(p) else 0.0 for p in dense] for k in range(self.degree)]
+        self.p_t_tensor: dict = {}  # (dtype, device) -> Pᵀ
 
-    def dense_weights(self, theta: float) -> list[float]:
-        return [sum(p * theta ** (k + 1) for k, p in enumerate(poly)) for poly in self.esdirk.dense]
+    def coefficients(self, h: float, k_ext: list[torch.Tensor]) -> torch.Tensor:
+        """``Q`` of a step of size ``h`` with extended stages ``k_ext``: ``(degree, state size)``."""
+        K = torch.stack(k_ext).reshape(len(k_ext), -1)
+        p_t = self.p_t_tensor.get((K.dtype, K.device))
+        if p_t is None:
+            p_t = torch.tensor(self.p_t, dtype=K.dtype, device=K.device)
+            self.p_t_tensor[(K.dtype, K.device)] = p_t
+        return torch.mm(p_t, K).mul_(h)
 
-
-def _stages_matrix(k_ext: list[torch.Tensor]) -> torch.Tensor:
-    """``(state size, stages)``: the matrix whose product with the dense weights is the step's increment."""
-    return torch.stack(k_ext).reshape(len(k_ext), -1).T
+    def at(self, theta: float, y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``y + Σ_k θᵏ q_k``, a new tensor in ``y``'s shape."""
+        powers = [theta]
+        for _ in range(self.degree - 1):
+            powers.append(powers[-1] * theta)
+        w = torch.tensor(powers, dtype=y.dtype)
+        if w.device != y.device:
+            w = w.to(y.device, non_blocking=True)
+        return torch.addmv(y.reshape(-1), q.T, w).view(y.shape)
 
 
 class _DenseRecorder:
-    """``on_accept`` hook of the forward solve that keeps every step's start, size, state and stages."""
+    """``on_accept`` hook of the forward solve that keeps every step's start, size, state and dense-output
+    coefficients (:class:`_DensePoly`)."""
 
     def __init__(self, problem: Problem, stats: SolveStats):
         self.f, self.tab, self.stats = problem.f, TABLEAUS[problem.method], stats
+        self.poly = _DensePoly(self.tab.dense)
         self.steps: list = []
 
     def __call__(self, t: float, h: float, y: torch.Tensor, k_ext: list[torch.Tensor]) -> None:
         if self.tab.uses_extra_stages:  # dense_eval appends the extra stages to k_ext
             dense_eval(self.f, self.tab, t, h, y, k_ext, [0.5], self.stats)
-        self.steps.append((t, h, y, _stages_matrix(k_ext)))
+        self.steps.append((t, h, y, self.poly.coefficients(h, k_ext)))
 
 
 class _Quadrature:
