@@ -383,9 +383,9 @@ def _flat_func(func: Callable, shapes) -> Callable[[torch.Tensor, torch.Tensor],
 _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
 
 
-def _vjp(out, inputs: tuple[torch.Tensor, ...], v) -> tuple[torch.Tensor, ...]:
-    """``torch.autograd.grad(out, inputs, v, allow_unused=True, materialize_grads=True)``; ``out`` and
-    ``v`` a tensor each or equally long tuples.
+def _vjp(out, inputs: tuple[torch.Tensor, ...], v, retain: bool = False) -> tuple[torch.Tensor, ...]:
+    """``torch.autograd.grad(out, inputs, v, retain_graph=retain, allow_unused=True,
+    materialize_grads=True)``; ``out`` and ``v`` a tensor each or equally long tuples.
 
     Calls the autograd engine directly: ``v`` has ``out``'s shape and dtype by construction, so the
     public wrapper's argument normalisation and shape checks are pure overhead, ~30 µs of the ~170 µs
@@ -395,12 +395,24 @@ def _vjp(out, inputs: tuple[torch.Tensor, ...], v) -> tuple[torch.Tensor, ...]:
     vs = v if isinstance(v, tuple) else (v,)
     if _ENGINE is not None:
         try:
-            res = _ENGINE.run_backward(outs, vs, False, False, inputs, True, accumulate_grad=False)
+            res = _ENGINE.run_backward(outs, vs, retain, False, inputs, True, accumulate_grad=False)
         except TypeError:
             pass
         else:
             return tuple(r if r is not None else torch.zeros_like(x) for r, x in zip(res, inputs))
-    return torch.autograd.grad(outs, inputs, vs, allow_unused=True, materialize_grads=True)
+    return torch.autograd.grad(
+        outs, inputs, vs, retain_graph=retain, allow_unused=True, materialize_grads=True
+    )
+
+
+def _flatten(tensors) -> torch.Tensor:
+    """``torch.cat([x.reshape(-1) for x in tensors])`` (same dtype and device) in one call."""
+    if _FLATTEN is not None:
+        return _FLATTEN(list(tensors))
+    return torch.cat([x.reshape(-1) for x in tensors])
+
+
+_FLATTEN = getattr(getattr(torch._C, "_nn", None), "flatten_dense_tensors", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,8 +468,17 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
     traj = None if lay.with_y else _Trajectory(problem, ys, stats, record)
     state_params = () if quadrature else params
     last_fy: list[torch.Tensor | None] = [None]  # f(t, y) of the latest evaluation (for dL/dt_i)
+    # Interpolating and quadrature: y(t) does not depend on the backward state and the dynamics are
+    # linear in a, so the derivative after the jump a += g at t_i is the one before it plus the
+    # vector-Jacobian product of the same graph with −g. The evaluation at the next jump's time is kept
+    # with its graph (``held``: state, result, f(t_i, y(t_i)) with graph, the product's inputs) and
+    # apply_jump reuses it when the step that ended there is the one that made it.
+    linear = not lay.with_y
+    held: list = [None]
+    next_jump = [math.nan]  # the time of the next jump
+    jump_slack = 16 * math.ulp(max(abs(x) for x in problem.t))  # the last stage's time t + 1·h, rounded
 
-    def aug_f(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
+    def aug_f_general(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         # ``s`` requires grad only when an implicit backward method (kvaerno*) takes the Jacobian of these
         # dynamics: then the result must stay differentiable in ``s`` (``y`` kept attached, the
         # vector-Jacobian products built with a graph), or that Jacobian would be zero.
@@ -488,17 +509,50 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
             parts.append(vjps[-1].reshape(1).to(dtype))
         return torch.cat(parts)
 
+    def aug_f(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
+        """``[f?, −aᵀ∂f/∂y, −aᵀ∂f/∂θ, −aᵀ∂f/∂t?]`` at ``(tt, s)``, flat: one evaluation of ``func`` and one
+        vector-Jacobian product (the common case of :func:`aug_f_general`, with fewer tensor operations)."""
+        if cast_params or s.requires_grad:
+            return aug_f_general(tt, s, perturb)
+        y = s[:n] if lay.with_y else traj(tt)
+        tt_ = _time(tt, dtype, device, perturb)
+        if t_grad:
+            tt_.requires_grad_(True)
+        with torch.enable_grad():
+            y_ = y.detach().view(y_shape).requires_grad_(True)
+            fy_g = f_flat(tt_, y_)
+        inputs = (y_, *state_params, tt_) if t_grad else (y_, *state_params)
+        keep = False
+        if not fy_g.requires_grad:  # f does not depend on anything differentiable
+            vjps = tuple(torch.zeros_like(x) for x in inputs)
+        else:
+            keep = linear and not perturb and abs(tt - next_jump[0]) <= jump_slack
+            vjps = _vjp(fy_g, inputs, torch.neg(s[lay.a]).view_as(fy_g), retain=keep)
+        fy = fy_g.detach().reshape(-1)
+        last_fy[0] = fy
+        out = _flatten([fy, *vjps] if lay.with_y else vjps)
+        if keep:
+            held[0] = (s, out, fy_g, fy, inputs)
+        return out
+
     time_vjps = torch.zeros(n_out, dtype=dtype, device=device) if t_grad else None
 
     def apply_jump(i: int, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """At output time t_i: y ← y(t_i) (backsolve), a += dL/dy(t_i), a_t −= dL/dy(t_i)·f(t_i, y(t_i));
-        returns the new state and its derivative (one evaluation)."""
-        s = s.clone()
+        returns the new state and its derivative (one evaluation, or one vector-Jacobian product of the
+        kept evaluation at t_i, see ``held``)."""
+        kept, held[0] = held[0], None
+        s_in, s = s, s.clone()
         if lay.with_y:
             s[:n] = ys[i]
         s[lay.a] += grad_ys[i]
-        ds = aug_f(problem.t[i], s)  # does not depend on a_t
-        stats.nfe += 1
+        if kept is not None and kept[0] is s_in:
+            _, out, fy_g, fy, inputs = kept
+            ds = out + _flatten(_vjp(fy_g, inputs, torch.neg(grad_ys[i]).view_as(fy_g)))
+            last_fy[0] = fy
+        else:
+            ds = aug_f(problem.t[i], s)  # does not depend on a_t
+            stats.nfe += 1
         if t_grad:
             g = torch.dot(last_fy[0], grad_ys[i])
             time_vjps[i] = g
@@ -535,11 +589,18 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
         stops = [i for i in range(n_out - 2, 0, -1) if nonzero[i - 1]]
         aug_problem.t = [problem.t[-1], *(problem.t[i] for i in stops), problem.t[0]]
         stats.n_solves += 1
-        s_0 = run(aug_problem, stats, jump=lambda j, s: apply_jump(stops[j - 1], s), on_accept=on_accept)[-1]
+
+        def jump(j: int, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            next_jump[0] = problem.t[stops[j]] if j < len(stops) else math.nan
+            return apply_jump(stops[j - 1], s)
+
+        next_jump[0] = problem.t[stops[0]] if stops else math.nan
+        s_0 = run(aug_problem, stats, jump=jump, on_accept=on_accept)[-1]
     else:  # fixed grids and the other methods: one solve per output interval, as torchdiffeq
         s, ds = s_n, ds_n
         for i in range(n_out - 1, 0, -1):
             piece = dataclasses.replace(aug_problem, t=[problem.t[i], problem.t[i - 1]])
+            next_jump[0] = problem.t[i - 1] if i > 1 else math.nan
             stats.n_solves += 1
             s = run(piece, stats, y0=s, f0=ds, on_accept=on_accept)[-1]
             if i > 1:
