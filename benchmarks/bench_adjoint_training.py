@@ -17,13 +17,21 @@ forward/backward NFE of the first batch and the gradient's relative difference f
 Usage::
 
     python benchmarks/bench_adjoint_training.py [--problem spiral|mnist] [--rounds 7] [--batches 5]
+
+Before/after a change of the library: ``--baseline DIR`` adds the neuralode rows of the packages
+``neuralode_base`` (and, if present, ``neuralode_base2``, an identical second copy: its difference to the
+first is the noise of the run) found in ``DIR``, timed interleaved with ``neuralode`` in the same process
+(``benchmarks/make_baseline.sh REV DIR`` makes them); ``--only SUBSTR`` keeps the rows whose name contains
+one of the comma-separated substrings (``direct`` is always kept: the ratios refer to it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -41,27 +49,33 @@ class Counted(torch.nn.Module):
         return self.func(t, y)
 
 
-def contenders(func: Counted, tol: dict) -> dict:
-    """name -> solve(y0, t) returning the trajectory ``(len(t), *y0.shape)``."""
+def contenders(func: Counted, tol: dict, lib=neuralode, tag: str = "") -> dict:
+    """name -> solve(y0, t) returning the trajectory ``(len(t), *y0.shape)``; ``lib`` a copy of the
+    package (``--baseline``): its rows only, named with ``tag`` in front."""
     import torchdiffeq
 
     def node(**kw):
-        m = neuralode.NeuralODE(func, **tol, **kw)
+        m = lib.NeuralODE(func, **tol, **kw)
         return lambda y0, t: m(y0, t)
 
     semi = {"norm": "seminorm"}
-    return {
+    ours = {
         "direct": node(gradient="direct"),
         "adjoint backsolve, seminorm (NeuralODE default)": node(gradient="adjoint"),
-        "adjoint backsolve, default norm (odeint_adjoint default)": lambda y0, t: neuralode.odeint_adjoint(
+        "adjoint backsolve, default norm (odeint_adjoint default)": lambda y0, t: lib.odeint_adjoint(
             func, y0, t, **tol
         ),
         "adjoint interpolating, seminorm": node(gradient="adjoint", sensitivity="interpolating"),
         "adjoint quadrature": node(gradient="adjoint", sensitivity="quadrature"),
-        "adjoint interpolating, seminorm, adjoint_method=bosh3": lambda y0, t: neuralode.odeint_adjoint(
+        "adjoint interpolating, seminorm, adjoint_method=bosh3": lambda y0, t: lib.odeint_adjoint(
             func, y0, t, **tol, sensitivity="interpolating", adjoint_method="bosh3", adjoint_options=semi
         ),
         "checkpoint": node(gradient="checkpoint"),
+    }
+    if tag:
+        return {f"{tag} {name}": solve for name, solve in ours.items()}
+    return {
+        **ours,
         "torchdiffeq adjoint, default norm": lambda y0, t: torchdiffeq.odeint_adjoint(func, y0, t, **tol),
         "torchdiffeq adjoint, seminorm": lambda y0, t: torchdiffeq.odeint_adjoint(
             func, y0, t, adjoint_options=semi, **tol
@@ -117,11 +131,25 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 20 spiral, 32 mnist)")
     p.add_argument("--json", default=None)
+    p.add_argument("--baseline", default=None, help="folder holding neuralode_base (and neuralode_base2)")
+    p.add_argument("--only", default=None, help="comma-separated substrings of the row names to keep")
     args = p.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
     torch.set_num_threads(1)
     make = spiral_problem if args.problem == "spiral" else mnist_problem
     func, tol, batches, loss_of, params = make(args.batches, args.batch)
     runs = contenders(func, tol)
+    if args.baseline:
+        sys.path.insert(0, args.baseline)
+        for name in ("neuralode_base", "neuralode_base2"):
+            try:
+                lib = importlib.import_module(name)
+            except ImportError:
+                continue
+            runs.update(contenders(func, tol, lib, f"[{name}]"))
+    if args.only:
+        keys = [k.strip() for k in args.only.split(",") if k.strip()]
+        runs = {n: s for n, s in runs.items() if n == "direct" or any(k in n for k in keys)}
 
     def iteration(solve, batch) -> tuple[int, int]:
         for q in params:
@@ -173,7 +201,9 @@ def main(argv=None) -> int:
         )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"problem": args.problem, "noise": noise, "rows": rows}, fh, indent=1)
+            json.dump(
+                {"problem": args.problem, "noise": noise, "argv": argv_used, "rows": rows}, fh, indent=1
+            )
     return 0
 
 

@@ -335,6 +335,7 @@ class _Adjoint(torch.autograd.Function):
                 ctx.record = ("checkpoints", trace, keeper.states)
         ctx.sinks = _report_forward(stats)
         ctx.stopped = None if stats.status == "success" else (stats.status, stats.t_reached)
+        ctx.last_step = stats.last_step
         ctx.problem, ctx.adjoint = problem, adjoint
         ctx.t_grad = t.requires_grad
         ctx.save_for_backward(t, ys)
@@ -361,7 +362,7 @@ class _Adjoint(torch.autograd.Function):
             return (None, None, None, grad_y0.view(problem.y0.shape), *grad_params)
         stats = SolveStats()
         grad_y0, grad_params, grad_t = _backward(
-            problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record
+            problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record, ctx.last_step
         )
         _report_backward(ctx.sinks, stats)
         return (None, None, grad_t, grad_y0.view(problem.y0.shape), *grad_params)
@@ -449,8 +450,23 @@ class _Layout:
         return torch.cat([tol, tol, rest] if self.with_y else [tol, rest])
 
 
-def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool, stats: SolveStats, record):
-    """Integrate the backward system from ``t_N`` to ``t_0``, jumping ``a`` at every output time."""
+def _backward(
+    problem: Problem,
+    adj: _AdjointSetup,
+    t,
+    ys,
+    grad_ys,
+    t_grad: bool,
+    stats: SolveStats,
+    record,
+    last_step: float | None = None,
+):
+    """Integrate the backward system from ``t_N`` to ``t_0``, jumping ``a`` at every output time.
+
+    ``last_step``: the forward solve's last accepted step size, the first step of an adaptive explicit
+    backward solve (unless its options set ``first_step``): the backward dynamics are the forward ones
+    linearised, at the same tolerance by default, so it is about the right size, and it spares the
+    evaluation and the cautious first steps of :func:`~neuralode._step_size.initial_step`."""
     dtype, device = ys.dtype, ys.device
     n_out = ys.shape[0]
     ys = ys.reshape(n_out, -1)
@@ -567,6 +583,8 @@ def _backward(problem: Problem, adj: _AdjointSetup, t, ys, grad_ys, t_grad: bool
     adaptive = _error_controlled(adj.method)
     if adaptive:
         options["norm"] = _aug_norm(adj, lay, problem.shapes, y_shape)
+        if last_step and adj.method in TABLEAUS and options.get("first_step") is None:
+            options["first_step"] = last_step
     aug_problem = Problem(
         f=aug_f,
         y0=s_n,
