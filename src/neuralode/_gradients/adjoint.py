@@ -409,7 +409,7 @@ def _vjp(out, inputs: tuple[torch.Tensor, ...], v, retain: bool = False) -> tupl
 def _flatten(tensors) -> torch.Tensor:
     """``torch.cat([x.reshape(-1) for x in tensors])`` (same dtype and device) in one call."""
     if _FLATTEN is not None:
-        return _FLATTEN(list(tensors))
+        return _FLATTEN(tensors)
     return torch.cat([x.reshape(-1) for x in tensors])
 
 
@@ -544,9 +544,9 @@ def _backward(
         else:
             keep = linear and not perturb and abs(tt - next_jump[0]) <= jump_slack
             vjps = _vjp(fy_g, inputs, torch.neg(s[lay.a]).view_as(fy_g), retain=keep)
-        fy = fy_g.detach().reshape(-1)
+        fy = fy_g.detach().reshape(-1) if lay.with_y or t_grad else None
         last_fy[0] = fy
-        out = _flatten([fy, *vjps] if lay.with_y else vjps)
+        out = _flatten((fy, *vjps) if lay.with_y else vjps)
         if keep:
             held[0] = (s, out, fy_g, fy, inputs)
         return out
@@ -561,7 +561,7 @@ def _backward(
         s_in, s = s, s.clone()
         if lay.with_y:
             s[:n] = ys[i]
-        s[lay.a] += grad_ys[i]
+        s[lay.a].add_(grad_ys[i])
         if kept is not None and kept[0] is s_in:
             _, out, fy_g, fy, inputs = kept
             ds = out + _flatten(_vjp(fy_g, inputs, torch.neg(grad_ys[i]).view_as(fy_g)))
@@ -775,7 +775,8 @@ class _Trajectory:
             self.max_cached = 2
 
     def __call__(self, tt: float) -> torch.Tensor:
-        """``y(tt)``; the stored tensor itself at a step's start or end (callers must not modify it)."""
+        """``y(tt)``: the stored tensor itself at a step's start or end (callers must not modify it), else a
+        new flat tensor."""
         x = self.direction * tt
         seg = max(bisect.bisect_right(self.keys, x) - 1, 0)
         cached = self.cache.get(seg)
@@ -823,31 +824,30 @@ class _DensePoly:
     """A tableau's dense output as a polynomial in θ per step: ``y(t + θh) = y + Σ_k θᵏ q_k`` with
     ``q_k = h Σ_j P[j][k−1] K_j`` over the extended stages ``K_j`` (``P``: ``tab.dense``, the weights'
     coefficients of θ¹, θ², …). The coefficients ``Q = (q_1, q_2, …)`` are formed once per step
-    (``(degree, state size)``, fewer rows than stages), so a value costs one matrix-vector product."""
+    (``(state size, degree)``, fewer columns than stages), so a value costs one matrix-vector product."""
 
     def __init__(self, dense: Sequence[Sequence[float]]):
         self.degree = max(len(p) for p in dense)
-        self.p_t = [[p[k] if k < len(p) else 0.0 for p in dense] for k in range(self.degree)]
-        self.p_t_tensor: dict = {}  # (dtype, device) -> Pᵀ
+        self.p = [[p[k] if k < len(p) else 0.0 for k in range(self.degree)] for p in dense]
+        self.p_tensor: dict = {}  # (dtype, device) -> P
 
     def coefficients(self, h: float, k_ext: list[torch.Tensor]) -> torch.Tensor:
-        """``Q`` of a step of size ``h`` with extended stages ``k_ext``: ``(degree, state size)``."""
+        """``Q`` of a step of size ``h`` with extended stages ``k_ext``: ``(state size, degree)``."""
         K = torch.stack(k_ext).reshape(len(k_ext), -1)
-        p_t = self.p_t_tensor.get((K.dtype, K.device))
-        if p_t is None:
-            p_t = torch.tensor(self.p_t, dtype=K.dtype, device=K.device)
-            self.p_t_tensor[(K.dtype, K.device)] = p_t
-        return torch.mm(p_t, K).mul_(h)
+        p = self.p_tensor.get((K.dtype, K.device))
+        if p is None:
+            p = self.p_tensor[(K.dtype, K.device)] = torch.tensor(self.p, dtype=K.dtype, device=K.device)
+        return torch.mm(K.T, p).mul_(h)
 
     def at(self, theta: float, y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``y + Σ_k θᵏ q_k``, a new tensor in ``y``'s shape."""
+        """``y + Σ_k θᵏ q_k``, a new flat tensor."""
         powers = [theta]
         for _ in range(self.degree - 1):
             powers.append(powers[-1] * theta)
         w = torch.tensor(powers, dtype=y.dtype)
-        if w.device != y.device:
+        if not y.is_cpu:
             w = w.to(y.device, non_blocking=True)
-        return torch.addmv(y.reshape(-1), q.T, w).view(y.shape)
+        return torch.addmv(y.view(-1), q, w)
 
 
 class _DenseRecorder:
@@ -924,6 +924,8 @@ def _aug_norm(adj: _AdjointSetup, lay: _Layout, shapes, y_shape) -> Callable:
         return user_norm
 
     if adj.seminorm or not lay.n_p:
+        if not lay.with_y and not lay.n_t:  # interpolating, quadrature: the state's adjoint alone
+            return lambda s: state_norm(s[lay.a])
 
         def seminorm(s: torch.Tensor) -> torch.Tensor:
             parts = [state_norm(s[:n])] if lay.with_y else []
