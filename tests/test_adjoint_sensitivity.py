@@ -370,3 +370,37 @@ def test_output_times_without_loss_cost_no_backward_stops():
         nfe[n], grads[n] = st.backward.nfe, func.l1.weight.grad.clone()
     assert nfe[20] == nfe[2]
     assert _rel(grads[20], grads[2]) < 1e-12
+
+
+@pytest.mark.parametrize("sensitivity", ["backsolve", "interpolating"])
+def test_backward_evaluations_per_step_and_jump(sensitivity):
+    """The backward solve costs one evaluation at t_N and the tableau's new stages per attempted step (it
+    starts with the forward's last step size: no initial-step evaluation); a jump costs one more
+    evaluation with backsolve, none with interpolating (the derivative after it is the kept evaluation at
+    t_i plus one vector-Jacobian product). The gradient stays that of direct backprop."""
+    func = _mlp()
+    y0 = torch.tensor([[0.3, -0.5], [1.0, 0.2]], dtype=DT)
+    t = torch.linspace(0.0, 1.0, 7, dtype=DT)
+    calls = [0]
+
+    class Counted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.func = func
+
+        def forward(self, tt, y):
+            calls[0] += 1
+            return self.func(tt, y)
+
+    weights = _weights(odeint(func, y0, t))
+    got = _grads(odeint_adjoint, Counted(), y0, t, weights, sensitivity=sensitivity, **TIGHT)
+    want = _grads(odeint, func, y0, t, weights, **TIGHT)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-6
+    with record_stats() as st:
+        ys = odeint_adjoint(Counted(), y0, t, sensitivity=sensitivity, rtol=1e-6, atol=1e-8)
+    calls[0] = 0
+    _loss(ys, weights).backward()
+    bwd = st.backward
+    jumps = len(t) - 2 if sensitivity == "backsolve" else 0
+    assert bwd.nfe == calls[0] == 1 + 6 * bwd.n_steps + jumps
