@@ -124,6 +124,55 @@ def mnist_problem(n_batches: int, batch: int | None):
     return func, dict(rtol=1e-3, atol=1e-3, method="dopri5"), batches, loss, list(model.parameters())
 
 
+def eval_costs(func, params, y0: torch.Tensor, reps: int, rounds: int) -> dict:
+    """Median process-CPU microseconds of the pieces of one evaluation at ``y0`` (``--costs``): ``func``
+    without a graph (an adjoint forward evaluation), with one (a direct-backprop forward evaluation, and
+    the first half of a backward one), the vector-Jacobian product with respect to ``(y, θ)`` that
+    completes a backward evaluation (the library's own call), and that product alone on a kept graph (a
+    jump of ``"interpolating"``/``"quadrature"``)."""
+    from neuralode._gradients.adjoint import _vjp
+
+    ps = tuple(params)
+    t = torch.scalar_tensor(0.1)
+    v = torch.randn(y0.shape, generator=torch.Generator().manual_seed(0))
+
+    def no_graph():
+        with torch.no_grad():
+            func(t, y0)
+
+    def graph():
+        with torch.enable_grad():
+            func(t, y0.detach().requires_grad_(True))
+
+    def backward_eval():
+        with torch.enable_grad():
+            y_ = y0.detach().requires_grad_(True)
+            fy = func(t, y_)
+        _vjp(fy, (y_, *ps), v)
+
+    with torch.enable_grad():
+        y_kept = y0.detach().requires_grad_(True)
+        fy_kept = func(t, y_kept)
+
+    def kept_vjp():
+        _vjp(fy_kept, (y_kept, *ps), v, retain=True)
+
+    pieces = {
+        "func, no graph": no_graph,
+        "func, with graph": graph,
+        "func with graph + VJP (one backward evaluation)": backward_eval,
+        "VJP alone, kept graph (a jump)": kept_vjp,
+    }
+    out = {name: [] for name in pieces}
+    for _ in range(rounds):
+        for name, piece in pieces.items():
+            c0 = time.process_time()
+            for _ in range(reps):
+                piece()
+            out[name].append(1e6 * (time.process_time() - c0) / reps)
+    return {name: statistics.median(v) for name, v in out.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problem", choices=("spiral", "mnist"), default="spiral")
@@ -133,8 +182,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--baseline", default=None, help="folder holding neuralode_base (and neuralode_base2)")
     p.add_argument("--only", default=None, help="comma-separated substrings of the row names to keep")
+    p.add_argument("--costs", action="store_true", help="spiral: also time the pieces of one evaluation")
     args = p.parse_args(argv)
     argv_used = sys.argv[1:] if argv is None else list(argv)
+    if args.costs and args.problem != "spiral":
+        p.error("--costs times the spiral field only")
     torch.set_num_threads(1)
     make = spiral_problem if args.problem == "spiral" else mnist_problem
     func, tol, batches, loss_of, params = make(args.batches, args.batch)
@@ -151,13 +203,20 @@ def main(argv=None) -> int:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         runs = {n: s for n, s in runs.items() if n == "direct" or any(k in n for k in keys)}
 
-    def iteration(solve, batch) -> tuple[int, int]:
+    split = {name: ([], []) for name in runs}  # per-round medians of forward (with loss), backward CPU
+
+    def iteration(solve, batch, times=None) -> tuple[int, int]:
         for q in params:
             q.grad = None
         func.calls = 0
+        c0 = time.process_time()
         loss = loss_of(solve, batch)
+        c1 = time.process_time()
         fwd = func.calls
         loss.backward()
+        if times is not None:
+            times[0].append(c1 - c0)
+            times[1].append(time.process_time() - c1)
         return fwd, func.calls - fwd
 
     nfe = {name: iteration(solve, batches[0]) for name, solve in runs.items()}  # also the warm-up
@@ -169,27 +228,34 @@ def main(argv=None) -> int:
     cpu = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, solve in runs.items():
-            w, c = [], []
+            w, c, fb = [], [], ([], [])
             for batch in batches:
                 w0, c0 = time.perf_counter(), time.process_time()
-                iteration(solve, batch)
+                iteration(solve, batch, fb)
                 w.append(time.perf_counter() - w0)
                 c.append(time.process_time() - c0)
             wall[name].append(statistics.median(w))
             cpu[name].append(statistics.median(c))
+            split[name][0].append(statistics.median(fb[0]))
+            split[name][1].append(statistics.median(fb[1]))
     ref = statistics.median(cpu["direct"])
     noise = max(cpu["direct"]) / min(cpu["direct"])
     g_ref = grads["direct"]
     rows = []
     print(f"{args.problem}: per-round CPU medians of direct backprop vary {noise:.2f}x (max/min)\n")
-    print("| gradient | wall ms | CPU ms | CPU vs direct | NFE fwd | NFE bwd | grad rel. diff vs direct |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| gradient | wall ms | CPU ms | CPU vs direct | CPU ms fwd / bwd | NFE fwd | NFE bwd "
+        "| grad rel. diff vs direct |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in runs:
         rel = float((grads[name] - g_ref).norm() / g_ref.norm())
         row = {
             "gradient": name,
             "wall_ms": 1e3 * statistics.median(wall[name]),
             "cpu_ms": 1e3 * statistics.median(cpu[name]),
+            "cpu_fwd_ms": 1e3 * statistics.median(split[name][0]),
+            "cpu_bwd_ms": 1e3 * statistics.median(split[name][1]),
             "nfe_fwd": nfe[name][0],
             "nfe_bwd": nfe[name][1],
             "grad_rel_diff": rel,
@@ -197,13 +263,20 @@ def main(argv=None) -> int:
         rows.append(row)
         print(
             f"| {name} | {row['wall_ms']:.1f} | {row['cpu_ms']:.1f} | {row['cpu_ms'] / (1e3 * ref):.2f}x | "
-            f"{row['nfe_fwd']} | {row['nfe_bwd']} | {rel:.1e} |"
+            f"{row['cpu_fwd_ms']:.1f} / {row['cpu_bwd_ms']:.1f} | {row['nfe_fwd']} | {row['nfe_bwd']} | {rel:.1e} |"
         )
+    costs = None
+    if args.costs:
+        costs = eval_costs(
+            func, params, batches[0][0] if args.problem == "spiral" else None, 200, args.rounds
+        )
+        print("\n| piece of one evaluation (CPU µs, median) | µs |\n|---|---:|")
+        for name, us in costs.items():
+            print(f"| {name} | {us:.1f} |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(
-                {"problem": args.problem, "noise": noise, "argv": argv_used, "rows": rows}, fh, indent=1
-            )
+            out = {"problem": args.problem, "noise": noise, "argv": argv_used, "rows": rows, "costs": costs}
+            json.dump(out, fh, indent=1)
     return 0
 
 

@@ -490,6 +490,7 @@ def _backward(
     # with its graph (``held``: state, result, f(t_i, y(t_i)) with graph, the product's inputs) and
     # apply_jump reuses it when the step that ended there is the one that made it.
     linear = not lay.with_y
+    a_slice = lay.a
     held: list = [None]
     next_jump = [math.nan]  # the time of the next jump
     jump_slack = 16 * math.ulp(max(abs(x) for x in problem.t))  # the last stage's time t + 1·h, rounded
@@ -535,7 +536,8 @@ def _backward(
         if t_grad:
             tt_.requires_grad_(True)
         with torch.enable_grad():
-            y_ = y.detach().view(y_shape).requires_grad_(True)
+            # a view is a new leaf: the stored forward states and ``s`` keep requires_grad False
+            y_ = y.view(y_shape).requires_grad_(True)
             fy_g = f_flat(tt_, y_)
         inputs = (y_, *state_params, tt_) if t_grad else (y_, *state_params)
         keep = False
@@ -543,7 +545,7 @@ def _backward(
             vjps = tuple(torch.zeros_like(x) for x in inputs)
         else:
             keep = linear and not perturb and abs(tt - next_jump[0]) <= jump_slack
-            vjps = _vjp(fy_g, inputs, torch.neg(s[lay.a]).view_as(fy_g), retain=keep)
+            vjps = _vjp(fy_g, inputs, torch.neg(s[a_slice]).view_as(fy_g), retain=keep)
         fy = fy_g.detach().reshape(-1) if lay.with_y or t_grad else None
         last_fy[0] = fy
         out = _flatten((fy, *vjps) if lay.with_y else vjps)
