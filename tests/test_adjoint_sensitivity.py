@@ -404,3 +404,27 @@ def test_backward_evaluations_per_step_and_jump(sensitivity):
     bwd = st.backward
     jumps = len(t) - 2 if sensitivity == "backsolve" else 0
     assert bwd.nfe == calls[0] == 1 + 6 * bwd.n_steps + jumps
+
+
+@pytest.mark.parametrize("sensitivity", SENSITIVITIES)
+def test_y0_from_an_encoder_in_adjoint_params(sensitivity):
+    """y0 computed by an encoder whose parameters are listed in ``adjoint_params`` too (func does not use
+    them): the backward reads y(t) near t0 from the forward's first step, which starts at y0 itself; that
+    must not reach into the encoder's graph (it would free it, or count the encoder's gradient twice)."""
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).to(DT)
+    enc = nn.Linear(3, 2).to(DT)
+    x = torch.randn(4, 3, dtype=DT)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=DT)
+    params = (*f.parameters(), *enc.parameters())
+
+    def field(tt, y):
+        return f(y)
+
+    ys = odeint_adjoint(
+        field, torch.tanh(enc(x)), t, sensitivity=sensitivity, adjoint_params=params, rtol=1e-4, atol=1e-6
+    )
+    got = torch.autograd.grad(ys.pow(2).sum(), params)
+    want = torch.autograd.grad(odeint(field, torch.tanh(enc(x)), t, **TIGHT).pow(2).sum(), params)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-5

@@ -536,8 +536,7 @@ def _backward(
         if t_grad:
             tt_.requires_grad_(True)
         with torch.enable_grad():
-            # a view is a new leaf: the stored forward states and ``s`` keep requires_grad False
-            y_ = y.view(y_shape).requires_grad_(True)
+            y_ = y.detach().view(y_shape).requires_grad_(True)  # y(t0) may be y0 itself, with its graph
             fy_g = f_flat(tt_, y_)
         inputs = (y_, *state_params, tt_) if t_grad else (y_, *state_params)
         keep = False
@@ -763,7 +762,8 @@ class _Trajectory:
         if kind == "dense":
             (dense,) = data
             ends = [(d[0], d[2]) for d in dense[1:]] + [(t_out[-1], ys[-1].view(problem.y0.shape))]
-            steps = [(t, h, y, q, y1, t1) for (t, h, y, q), (t1, y1) in zip(dense, ends)]
+            # y0 (the first step's state) may hang on the caller's graph: every value read here is detached
+            steps = [(t, h, y.detach(), q, y1.detach(), t1) for (t, h, y, q), (t1, y1) in zip(dense, ends)]
             self.keys = [self.direction * dense[0][0]]
             self.cache[0] = ([self.direction * d[0] for d in dense], steps)
             self.max_cached = 1
@@ -799,7 +799,7 @@ class _Trajectory:
         tab, stats = self.tab, self.stats
         start = self.starts[seg]
         end = self.starts[seg + 1] if seg + 1 < len(self.starts) else len(self.trace)
-        y = self.states[start]
+        y = self.states[start].detach()  # the first checkpoint is y0, which may hang on the caller's graph
         f0 = self.f(self.trace[start][0], y)
         stats.nfe += 1
         keys, steps = [], []
