@@ -428,3 +428,15 @@ def test_y0_from_an_encoder_in_adjoint_params(sensitivity):
     want = torch.autograd.grad(odeint(field, torch.tanh(enc(x)), t, **TIGHT).pow(2).sum(), params)
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-5
+
+
+def test_step_landing_exactly_on_a_stop_ends_on_it():
+    """A step whose natural end is exactly the next stop (equal output intervals, the backward step as
+    long as one) is reported as ending on it, so the loop moves past the stop instead of proposing a
+    zero step there next."""
+    from neuralode._step_size import propose_step
+
+    stops = [(0.5, False), (0.25, False)]
+    assert propose_step(0.75, 0.25, 0.0, -1.0, stops, 0, 0.0) == (-0.25, False, (0.5, False))
+    assert propose_step(0.75, 0.1, 0.0, -1.0, stops, 0, 0.0)[2] is None
+    assert propose_step(0.75, 0.5, 0.0, -1.0, stops, 0, 0.0) == (-0.25, False, (0.5, False))

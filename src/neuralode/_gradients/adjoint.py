@@ -335,7 +335,7 @@ class _Adjoint(torch.autograd.Function):
                 ctx.record = ("checkpoints", trace, keeper.states)
         ctx.sinks = _report_forward(stats)
         ctx.stopped = None if stats.status == "success" else (stats.status, stats.t_reached)
-        ctx.last_step = stats.last_step
+        ctx.first_step = _first_backward_step(problem.t, stats)
         ctx.problem, ctx.adjoint = problem, adjoint
         ctx.t_grad = t.requires_grad
         ctx.save_for_backward(t, ys)
@@ -362,7 +362,7 @@ class _Adjoint(torch.autograd.Function):
             return (None, None, None, grad_y0.view(problem.y0.shape), *grad_params)
         stats = SolveStats()
         grad_y0, grad_params, grad_t = _backward(
-            problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record, ctx.last_step
+            problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record, ctx.first_step
         )
         _report_backward(ctx.sinks, stats)
         return (None, None, grad_t, grad_y0.view(problem.y0.shape), *grad_params)
@@ -459,14 +459,12 @@ def _backward(
     t_grad: bool,
     stats: SolveStats,
     record,
-    last_step: float | None = None,
+    first_step: float | None = None,
 ):
     """Integrate the backward system from ``t_N`` to ``t_0``, jumping ``a`` at every output time.
 
-    ``last_step``: the forward solve's last accepted step size, the first step of an adaptive explicit
-    backward solve (unless its options set ``first_step``): the backward dynamics are the forward ones
-    linearised, at the same tolerance by default, so it is about the right size, and it spares the
-    evaluation and the cautious first steps of :func:`~neuralode._step_size.initial_step`."""
+    ``first_step``: the first step of an adaptive explicit backward solve unless its options set one
+    (see :func:`_first_backward_step`)."""
     dtype, device = ys.dtype, ys.device
     n_out = ys.shape[0]
     ys = ys.reshape(n_out, -1)
@@ -584,8 +582,8 @@ def _backward(
     adaptive = _error_controlled(adj.method)
     if adaptive:
         options["norm"] = _aug_norm(adj, lay, problem.shapes, y_shape)
-        if last_step and adj.method in TABLEAUS and options.get("first_step") is None:
-            options["first_step"] = last_step
+        if first_step and adj.method in TABLEAUS and options.get("first_step") is None:
+            options["first_step"] = first_step
     aug_problem = Problem(
         f=aug_f,
         y0=s_n,
@@ -631,6 +629,19 @@ def _backward(
     if t_grad:
         time_vjps[0] = s_0[lay.t]
     return a, _split_params(a_p, params, p_numels), None if time_vjps is None else time_vjps.to(t.dtype)
+
+
+def _first_backward_step(t_out: Sequence[float], stats: SolveStats) -> float | None:
+    """The backward solve's first step size from the forward's steps: the larger of its last accepted
+    step and its mean step over the span (the last step may be one cut short to end on ``t_N``).
+
+    The backward dynamics are the forward ones linearised, at the same tolerance by default, so the
+    forward's step sizes near ``t_N`` are about right; this spares the evaluation and the cautious first
+    steps of :func:`~neuralode._step_size.initial_step` (a first step that is too long is rejected and
+    shortened as any other)."""
+    if not stats.n_accepted or stats.last_step is None:
+        return None
+    return max(stats.last_step, abs(t_out[-1] - t_out[0]) / stats.n_accepted)
 
 
 def _check_differentiable(adj: _AdjointSetup, t_grad: bool) -> None:
