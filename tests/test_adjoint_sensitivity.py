@@ -374,10 +374,11 @@ def test_output_times_without_loss_cost_no_backward_stops():
 
 @pytest.mark.parametrize("sensitivity", ["backsolve", "interpolating"])
 def test_backward_evaluations_per_step_and_jump(sensitivity):
-    """The backward solve costs one evaluation at t_N and the tableau's new stages per attempted step (it
-    starts with the forward's last step size: no initial-step evaluation); a jump costs one more
-    evaluation with backsolve, none with interpolating (the derivative after it is the kept evaluation at
-    t_i plus one vector-Jacobian product). The gradient stays that of direct backprop."""
+    """The backward solve costs one evaluation at t_N and the tableau's new stages per attempted step (the
+    forward's steps are longer than the output intervals, so the first backward step is the first
+    interval: no initial-step evaluation); a jump costs one more evaluation with backsolve, none with
+    interpolating (the derivative after it is the kept evaluation at t_i plus one vector-Jacobian
+    product). The gradient stays that of direct backprop."""
     func = _mlp()
     y0 = torch.tensor([[0.3, -0.5], [1.0, 0.2]], dtype=DT)
     t = torch.linspace(0.0, 1.0, 7, dtype=DT)

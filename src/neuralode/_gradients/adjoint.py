@@ -335,7 +335,7 @@ class _Adjoint(torch.autograd.Function):
                 ctx.record = ("checkpoints", trace, keeper.states)
         ctx.sinks = _report_forward(stats)
         ctx.stopped = None if stats.status == "success" else (stats.status, stats.t_reached)
-        ctx.first_step = _first_backward_step(problem.t, stats)
+        ctx.fwd_step = _forward_step_size(problem.t, stats)
         ctx.problem, ctx.adjoint = problem, adjoint
         ctx.t_grad = t.requires_grad
         ctx.save_for_backward(t, ys)
@@ -362,7 +362,7 @@ class _Adjoint(torch.autograd.Function):
             return (None, None, None, grad_y0.view(problem.y0.shape), *grad_params)
         stats = SolveStats()
         grad_y0, grad_params, grad_t = _backward(
-            problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record, ctx.first_step
+            problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record, ctx.fwd_step
         )
         _report_backward(ctx.sinks, stats)
         return (None, None, grad_t, grad_y0.view(problem.y0.shape), *grad_params)
@@ -459,12 +459,17 @@ def _backward(
     t_grad: bool,
     stats: SolveStats,
     record,
-    first_step: float | None = None,
+    fwd_step: float | None = None,
 ):
     """Integrate the backward system from ``t_N`` to ``t_0``, jumping ``a`` at every output time.
 
-    ``first_step``: the first step of an adaptive explicit backward solve unless its options set one
-    (see :func:`_first_backward_step`)."""
+    ``fwd_step``: the forward's step size near ``t_N`` (:func:`_forward_step_size`). Where it reaches the
+    first output time the backward stops at, an adaptive explicit backward solve takes that whole
+    interval as its first step (unless its options set ``first_step``): the backward dynamics are the
+    forward ones linearised, at the same tolerance by default, so the step is about as long as the
+    forward could take, and it spares the evaluation and the cautious first steps of
+    :func:`~neuralode._step_size.initial_step` (a first step that is too long is rejected and shortened
+    as any other). Elsewhere the first step is chosen as for any solve."""
     dtype, device = ys.dtype, ys.device
     n_out = ys.shape[0]
     ys = ys.reshape(n_out, -1)
@@ -580,10 +585,18 @@ def _backward(
     s_n, ds_n = apply_jump(n_out - 1, torch.zeros(lay.total, dtype=dtype, device=device))
     options = dict(adj.options)
     adaptive = _error_controlled(adj.method)
+    one_solve = adaptive and (adj.method in TABLEAUS or adj.method in ESDIRK_TABLEAUS)
+    stops: list[int] = []
+    if one_solve:
+        # Output times whose dL/dy is zero need no jump, so no stop either (one synchronisation).
+        nonzero = (grad_ys[1:-1] != 0).any(dim=1).tolist()
+        stops = [i for i in range(n_out - 2, 0, -1) if nonzero[i - 1]]
     if adaptive:
         options["norm"] = _aug_norm(adj, lay, problem.shapes, y_shape)
-        if first_step and adj.method in TABLEAUS and options.get("first_step") is None:
-            options["first_step"] = first_step
+        if stops and fwd_step and adj.method in TABLEAUS and options.get("first_step") is None:
+            gap = abs(problem.t[-1] - problem.t[stops[0]])
+            if fwd_step >= gap:  # the first stop cuts the first step short anyway
+                options["first_step"] = gap
     aug_problem = Problem(
         f=aug_f,
         y0=s_n,
@@ -600,10 +613,7 @@ def _backward(
     on_accept = None
     if quadrature and params:
         on_accept = _Quadrature(TABLEAUS[adj.method], aug_f, traj, f_flat, y_shape, params, lay, a_p, stats)
-    if adaptive and (adj.method in TABLEAUS or adj.method in ESDIRK_TABLEAUS):  # one solve for all t_i
-        # Output times whose dL/dy is zero need no jump, so no stop either (one synchronisation).
-        nonzero = (grad_ys[1:-1] != 0).any(dim=1).tolist()
-        stops = [i for i in range(n_out - 2, 0, -1) if nonzero[i - 1]]
+    if one_solve:  # one solve for all t_i
         aug_problem.t = [problem.t[-1], *(problem.t[i] for i in stops), problem.t[0]]
         stats.n_solves += 1
 
@@ -631,14 +641,9 @@ def _backward(
     return a, _split_params(a_p, params, p_numels), None if time_vjps is None else time_vjps.to(t.dtype)
 
 
-def _first_backward_step(t_out: Sequence[float], stats: SolveStats) -> float | None:
-    """The backward solve's first step size from the forward's steps: the larger of its last accepted
-    step and its mean step over the span (the last step may be one cut short to end on ``t_N``).
-
-    The backward dynamics are the forward ones linearised, at the same tolerance by default, so the
-    forward's step sizes near ``t_N`` are about right; this spares the evaluation and the cautious first
-    steps of :func:`~neuralode._step_size.initial_step` (a first step that is too long is rejected and
-    shortened as any other)."""
+def _forward_step_size(t_out: Sequence[float], stats: SolveStats) -> float | None:
+    """The forward solve's step size near ``t_N``: the larger of its last accepted step and its mean step
+    over the span (the last step may be one cut short to end on ``t_N``); ``None`` without steps."""
     if not stats.n_accepted or stats.last_step is None:
         return None
     return max(stats.last_step, abs(t_out[-1] - t_out[0]) / stats.n_accepted)
