@@ -184,7 +184,6 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated substrings of the row names to keep")
     p.add_argument("--costs", action="store_true", help="spiral: also time the pieces of one evaluation")
     args = p.parse_args(argv)
-    argv_used = sys.argv[1:] if argv is None else list(argv)
     if args.costs and args.problem != "spiral":
         p.error("--costs times the spiral field only")
     torch.set_num_threads(1)
@@ -275,7 +274,7 @@ def main(argv=None) -> int:
             print(f"| {name} | {us:.1f} |")
     if args.json:
         with open(args.json, "w") as fh:
-            out = {"problem": args.problem, "noise": noise, "argv": argv_used, "rows": rows, "costs": costs}
+            out = {"problem": args.problem, "noise": noise, "rows": rows, "costs": costs}
             json.dump(out, fh, indent=1)
     return 0
 

@@ -7,7 +7,9 @@ The forward solve keeps no autograd graph. With ``a = dL/dy`` the adjoint, the b
 
 from ``t_N`` to ``t_0`` (the three vector-Jacobian products from one autograd call per evaluation), as
 *one* adaptive solve with the output times as stops: at each ``t_i`` the jump ``a += dL/dy(t_i)`` is
-applied and only the first stage is re-evaluated; the step size and the controller history carry over.
+applied and only the first stage is re-evaluated (``"interpolating"``/``"quadrature"``: not even that,
+the dynamics being linear in ``a``, it is the last stage plus one vector-Jacobian product of its kept
+graph); the step size and the controller history carry over.
 Where ``y(t)`` comes from is what the sensitivities differ in:
 
 - ``"backsolve"`` (torchdiffeq's): ``y`` is solved backwards together with the adjoint, in the state
