@@ -1,7 +1,10 @@
-"""The joint integration loops (one step size for the whole state): adaptive and fixed-grid.
+"""The joint integration (one step size for the whole state) of explicit Runge-Kutta tableaus, and the engine's entry.
 
-Both step with the Runge-Kutta core of ``_solvers/rk.py`` (its ``SCALAR`` strategy), take their step sizes
-from a :class:`~neuralode._step_size.Controller` and their outputs from ``_interpolation.py``.
+:func:`run` dispatches a validated problem: explicit adaptive tableaus to the adaptive loop of
+``_integrate/adaptive.py`` with the :class:`RKStep` strategy (here), fixed grids to
+:func:`integrate_fixed`, methods with their own driver to ``MethodSpec.run``. The strategy and the
+fixed-grid loop step with the Runge-Kutta core of ``_solvers/rk.py`` (its ``SCALAR`` strategy) and take
+their outputs from ``_interpolation.py``.
 
 Conventions: times are Python floats (float64) on the host; the state ``y`` is one tensor of any shape
 (tuple states are flattened by the front door). ``f(t, y)`` is the vector field with ``t`` a float.
@@ -21,16 +24,16 @@ import torch
 
 from neuralode._callbacks import chain_callbacks
 from neuralode._errors import SolverError, step_limit_error
+from neuralode._integrate.adaptive import finish, solve
 from neuralode._interpolation import dense_eval, interpolate, step_outputs
 from neuralode._solvers.rk import error_ratio, rk_step, rms_error_ratio, rms_factor, without_grad
 from neuralode._solvers.tableau import ButcherTableau
 from neuralode._stats import SolveStats
-from neuralode._step_size import Controller, Norm, initial_step, propose_step, rms_norm
+from neuralode._step_size import Norm, initial_step, rms_norm
 
 __all__ = [
     "compiled_stepper",
     "dense_eval",
-    "integrate_adaptive",
     "integrate_fixed",
     "last_finite_grid_time",
     "outputs_reached",
@@ -57,10 +60,10 @@ def run(
     """Run the engine on a validated :class:`~neuralode._problem.Problem`; returns the list of flat
     states at ``problem.t``.
 
-    ``trace`` and ``callbacks`` go to the loop (see ``integrate_adaptive``), after the user's callbacks
-    found on ``func`` (``problem.callbacks``); ``event`` (adaptive tableaus only) is the terminal-event
-    hook of ``integrate_adaptive``; so is ``jump``, and ``on_accept`` (the adjoint's hooks) is that of
-    ``integrate_adaptive`` or ``integrate_fixed`` (explicit RK tableaus), or of a method's own driver
+    ``trace`` and ``callbacks`` go to the loop (see ``_integrate/adaptive.adaptive_loop``), after the
+    user's callbacks found on ``func`` (``problem.callbacks``); ``event`` (adaptive tableaus only) is the
+    terminal-event hook of ``adaptive_loop``; so is ``jump``, and ``on_accept`` (the adjoint's hooks) is
+    that of ``adaptive_loop`` or ``integrate_fixed`` (explicit RK tableaus), or of a method's own driver
     (``MethodSpec.run``) where its signature names it, as it may ``jump``, ``trace`` and ``callbacks``. ``f0_side``: the side
     ``f0`` was evaluated on at ``t[0]`` (see ``Problem.f0_side``; default: ``problem.f0_side`` for
     ``problem.f0``, 0 for a given ``f0``)."""
@@ -137,29 +140,19 @@ def _run_tableau(
                 problem.direction,
             )
             stats.nfe += 1
-        return integrate_adaptive(
-            problem.f,
-            tab,
+        step = RKStep(problem.f, tab, y0, problem.rtol, problem.atol, problem.norm, compiled, stats)
+        return solve(
+            step,
+            problem,
+            stats,
             y0,
             f0,
-            problem.t,
-            rtol=problem.rtol,
-            atol=problem.atol,
-            norm=problem.norm,
-            controller=s.controller,
-            h0=float(h0),
-            min_step=s.min_step,
-            max_step=s.max_step,
-            max_num_steps=s.max_num_steps,
-            stats=stats,
+            float(h0),
             trace=trace,
             callbacks=callbacks,
-            stops=problem.stops(),
             event=event,
-            compiled=compiled,
             jump=jump,
             on_accept=on_accept,
-            throw=s.throw,
         )
     stepper = None if compiled is None else compiled_stepper(tab, compiled)
     return _run_fixed(problem, stats, trace, y0, f0, f0_side, callbacks, stepper, on_accept)
@@ -215,203 +208,83 @@ def _compiled(problem, y0: torch.Tensor):
     return run_step, release
 
 
-def _rms_norm2(tab: ButcherTableau, k, y1: torch.Tensor, c: torch.Tensor, y_abs_c: torch.Tensor):
-    """The joint loop's reduction of :func:`rms_error_ratio`, without grad: ``(‖x‖₂, |y1| + c)`` (one
-    norm kernel, no reshape); the ratio is the first times ``|h|·rms_factor`` (on the host, after the
-    sync)."""
-    grad = torch.is_grad_enabled()  # the raw switch, as in without_grad (one call layer less)
-    if grad:
-        torch._C._set_grad_enabled(False)
-    try:
-        x, y1_abs_c = rms_error_ratio(tab, k, y1, c, y_abs_c)
-        return torch.linalg.vector_norm(x), y1_abs_c
-    finally:
+class RKStep:
+    """The explicit Runge-Kutta step strategy of :func:`~neuralode._integrate.adaptive.adaptive_loop`:
+    the step of the RK core (or the compiled step), FSAL when the tableau has it, and with the default
+    RMS norm and scalar tolerances the cheaper error ratio that reuses ``|y1| + atol/rtol`` of a step's
+    end as the next step's ``|y| + atol/rtol`` (its ``aux``)."""
+
+    keep_lu = None
+    accepted = None
+    aux_of = None
+
+    def __init__(
+        self, f: Func, tab: ButcherTableau, y0: torch.Tensor, rtol, atol, norm: Norm, compiled, stats
+    ):
+        self.f, self.tab, self.rtol, self.atol, self.norm = f, tab, rtol, atol, norm
+        self.compiled, self.stats = compiled, stats  # (the stats: dense output's extra stages)
+        self.fsal = tab.fsal
+        self.evals = tab.stages - 1  # per step (the first stage is f0)
+        fast = compiled is None and (
+            norm is rms_norm
+            and tab.b_error_aux is None
+            and isinstance(rtol, float)
+            and isinstance(atol, float)
+        )
+        self.rms_factor = None
+        if fast:  # the RMS ratio up to the host-side factor |h| * rms_factor
+            self.c_tol = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device)
+            self.rms_factor = rms_factor(tab, rtol, y0.numel())
+            self.attempt, self.aux_of = self._attempt_rms, self._abs_c
+
+    def _abs_c(self, y: torch.Tensor) -> torch.Tensor:
+        """``|y| + atol/rtol``, the fast ratio's ``aux``."""
+        return torch.abs(y.detach()).add_(self.c_tol)
+
+    def attempt(self, f: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, aux):
+        if self.compiled is not None and f is self.f:
+            y1, k, ratio = self.compiled(t, h, y, f0)
+            return y1, ratio, k, None
+        tab = self.tab
+        y1, k = rk_step(f, tab, t, h, y, f0)
+        return y1, without_grad(error_ratio, tab, k, h, y, y1, self.rtol, self.atol, self.norm), k, None
+
+    def _attempt_rms(self, f: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, y_abs):
+        """:meth:`attempt` with :func:`rms_error_ratio`'s reduction, without grad: the ratio up to the
+        host factor is ``‖x‖₂`` (one norm kernel, no reshape); ``y_abs = |y| + atol/rtol``."""
+        tab = self.tab
+        y1, k = rk_step(f, tab, t, h, y, f0)
+        grad = torch.is_grad_enabled()  # the raw switch, as in without_grad (one call layer less)
         if grad:
-            torch._C._set_grad_enabled(True)
+            torch._C._set_grad_enabled(False)
+        try:
+            x, y1_abs = rms_error_ratio(tab, k, y1, self.c_tol, y_abs)
+            return y1, torch.linalg.vector_norm(x), k, y1_abs
+        finally:
+            if grad:
+                torch._C._set_grad_enabled(True)
 
+    def limit_error(self, t: float, h: float, n_steps: int, max_num_steps: int, failed) -> SolverError | None:
+        error = step_limit_error(t, h, n_steps, max_num_steps)
+        if error is not None and failed is not None:  # the step shrank because func returned NaN/inf
+            return _nonfinite_stage(self.tab, *failed, n_steps)
+        return error
 
-def integrate_adaptive(
-    f: Func,
-    tab: ButcherTableau,
-    y0: torch.Tensor,
-    f0: torch.Tensor,
-    t_out: Sequence[float],
-    *,
-    rtol,
-    atol,
-    norm: Norm,
-    controller: Controller,
-    h0: float,
-    min_step: float = 0.0,
-    max_step: float = math.inf,
-    max_num_steps: int = 1_000_000,
-    stats: SolveStats,
-    trace: list | None = None,
-    callbacks=None,
-    stops: Sequence[tuple[float, bool]] = (),
-    event=None,
-    compiled=None,
-    jump=None,
-    on_accept=None,
-    throw: bool = True,
-) -> list[torch.Tensor]:
-    """Adaptive solve through the times ``t_out`` (monotonic; ``t_out[0]`` is the start).
+    def nonfinite(
+        self, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, n_steps: int
+    ) -> SolverError | None:
+        if not bool(torch.isfinite(y).all()):
+            return SolverError("nonfinite", "non-finite state", t=t, step_size=h, n_steps=n_steps)
+        # f(t, y) itself non-finite: no smaller step can help (and the initial step size is NaN then).
+        if not bool(torch.isfinite(f0).all()) or math.isnan(h):
+            return SolverError("nonfinite", "func returned NaN/inf", t=t, step_size=h, n_steps=n_steps)
+        return None
 
-    Output times never shorten a step: values between steps come from the dense output. Only the last
-    step is clipped to end exactly at ``t_out[-1]``. ``trace`` (if given) receives ``(t, h)`` of every
-    accepted step, which is all it takes to replay the solve (checkpointing).
+    def stages(self, k, f1):
+        return [*k, f1]
 
-    ``stops``: ``(time, is_jump)`` pairs in the direction of integration (options ``step_t``/``jump_t``):
-    a step that would cross one is shortened to end on it; after a jump, ``f`` is re-evaluated as the
-    one-sided limit past it (FSAL does not hold across a discontinuity).
-    ``event`` (terminal events, see ``_events.py``): ``event.crossed(t1, y1)`` returns a 0-d tensor fetched
-    in the same synchronisation as the error ratio; on an accepted step where it is non-zero the loop
-    calls ``event.found(t, h, y, k_ext, t1, y1)`` (the step's start, size, state, extended stages for
-    ``dense_eval`` and end) and stops. ``t_out[-1]`` may then be ±inf.
-    """
-    t_end = t_out[-1]
-    direction = 1.0 if t_end > t_out[0] else -1.0
-    n_out = len(t_out)
-    outputs = [y0]
-    i_out = 1
-    t, y = t_out[0], y0
-    h = min(abs(h0), max_step)
-    prev_ratio = 1.0
-    n_steps = 0
-    i_stop = 0
-    failed = None  # (t, h, stages) of the last attempt when its error estimate was not finite
-    if jump is not None:
-        merged = dict.fromkeys(t_out[1:-1], False)
-        for ts, is_jump in stops:
-            merged[ts] = merged.get(ts, False) or is_jump
-        stops = sorted(merged.items(), key=lambda p: direction * p[0])
-    while i_stop < len(stops) and direction * (stops[i_stop][0] - t) <= 0:
-        i_stop += 1
-    # Default RMS norm with scalar tolerances: the cheaper error ratio that reuses |y1| as the next |y|.
-    fast_norm = compiled is None and (
-        norm is rms_norm and tab.b_error_aux is None and isinstance(rtol, float) and isinstance(atol, float)
-    )
-    if fast_norm:
-        c_tol = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device)
-        y_abs = torch.abs(y0.detach()).add_(c_tol)
-        rms_host = rms_factor(tab, rtol, y0.numel())
-    error = None  # the SolverError that ended the solve (throw=False)
-    new_stages = tab.stages - 1  # evaluations per step
-    while i_out < n_out:
-        h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
-        if t + h_signed == t or n_steps >= max_num_steps:
-            if failed is not None:  # the step shrank because func returned NaN/inf, not for accuracy
-                error = _nonfinite_stage(tab, *failed, n_steps)
-            else:
-                error = step_limit_error(t, h_signed, n_steps, max_num_steps)
-            if throw:
-                raise error
-            break
-        if callbacks is not None:
-            callbacks.step(t, y, h_signed)
-        # A step onto a jump evaluates its end-time stages as the one-sided limit before the jump.
-        f_step = f if stop is None or not stop[1] else _before(f, stop[0], direction)
-        stats.nfe += new_stages
-        n_steps += 1
-        if compiled is not None and f_step is f:
-            y1, k, ratio_t = compiled(t, h_signed, y, f0)
-        else:
-            y1, k = rk_step(f_step, tab, t, h_signed, y, f0)
-            if fast_norm:  # the RMS ratio up to a host-side factor
-                ratio_t, y1_abs = _rms_norm2(tab, k, y1, c_tol, y_abs)
-            else:
-                ratio_t = without_grad(error_ratio, tab, k, h_signed, y, y1, rtol, atol, norm)
-        if event is None:
-            ratio = float(ratio_t)  # the one sync per step
-        else:  # the event's sign check rides on the same sync
-            t1_try = stop[0] if stop is not None else t + h_signed
-            pair = torch.stack([ratio_t.to(torch.float64), event.crossed(t1_try, y1).to(torch.float64)])
-            ratio, crossed = pair.tolist()
-        if fast_norm:
-            ratio = ratio * abs(h_signed) * rms_host
-        accepted = ratio <= 1.0 or abs(h_signed) <= min_step
-        if not math.isfinite(ratio):
-            accepted = False
-            if not bool(torch.isfinite(y).all()):
-                error = SolverError("nonfinite", "non-finite state", t=t, step_size=h_signed, n_steps=n_steps)
-            # f(t, y) itself non-finite: no smaller step can help (and the initial step size is NaN then).
-            elif not bool(torch.isfinite(f0).all()) or math.isnan(h_signed):
-                error = SolverError(
-                    "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
-                )
-            if error is not None:
-                if throw:
-                    raise error
-                stats.n_rejected += 1
-                break
-            failed = (t, h_signed, k)
-        else:
-            failed = None
-        if accepted:
-            t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
-            j_jump = i_out if jump is not None and i_out < n_out - 1 and t_out[i_out] == t1 else None
-            if j_jump is not None and not tab.fsal and on_accept is None:
-                f1 = None  # replaced by the jump's own evaluation
-            elif stop is not None and stop[1]:
-                f1 = f(t1, y1, perturb=int(direction))  # one-sided limit past the jump
-                stats.nfe += 1
-            elif tab.fsal:
-                f1 = k[-1]
-            else:
-                f1 = f(t1, y1)
-                stats.nfe += 1
-            if stop is not None:
-                i_stop += 1
-            if callbacks is not None:
-                callbacks.accept(t, y, h_signed)
-            if trace is not None:
-                trace.append((t, h_signed))
-            if on_accept is not None:
-                on_accept(t, h_signed, y, [*k, f1])
-            # Outputs inside (t, t1]: exact at t1, dense output strictly inside.
-            if direction * (t_out[i_out] - t1) <= 0:  # (the common step reaches no output)
-                inner, i_out, at_end = step_outputs(t_out, i_out, t, h_signed, t1, direction)
-                if inner:
-                    outputs.extend(dense_eval(f, tab, t, h_signed, y, [*k, f1], inner, stats))
-                if at_end:
-                    outputs.append(y1)
-                    i_out += 1
-            stop_now = event is not None and bool(crossed)
-            if stop_now:
-                event.found(t, h_signed, y, [*k, f1], t1, y1)
-            if j_jump is not None:
-                y1, f1 = jump(j_jump, y1)
-                if fast_norm:
-                    y1_abs = torch.abs(y1.detach()).add_(c_tol)
-            t, y, f0 = t1, y1, f1
-            if fast_norm:
-                y_abs = y1_abs
-            stats.n_accepted += 1
-            stats.last_step = abs(h_signed)
-            if stop_now:
-                break
-        else:
-            stats.n_rejected += 1
-            if callbacks is not None:
-                callbacks.reject(t, y, h_signed)
-        h = min(abs(h_signed) * controller.factor(ratio, prev_ratio, accepted), max_step)
-        if accepted:  # the PI controller's memory: the last accepted ratio before this step's
-            prev_ratio = ratio
-    stats.n_steps += n_steps
-    _finish(stats, error, t, outputs, n_out, y0)
-    if error is not None and event is not None:
-        event.stopped(t, y)
-    return outputs
-
-
-def _finish(stats: SolveStats, error: SolverError | None, t_reached: float, outputs: list, n_out: int, like):
-    """Record how a joint solve ended in ``stats``; with a failure (``throw=False``) the outputs it never
-    reached are NaN (constants, outside the autograd graph)."""
-    stats.status = "success" if error is None else error.reason
-    stats.t_reached = t_reached
-    if len(outputs) < n_out:
-        nan = torch.full_like(like, math.nan)
-        outputs.extend([nan] * (n_out - len(outputs)))
+    def dense(self, t: float, h: float, y: torch.Tensor, k, f1, thetas) -> list[torch.Tensor]:
+        return dense_eval(self.f, self.tab, t, h, y, [*k, f1], thetas, self.stats)
 
 
 def integrate_fixed(
@@ -437,7 +310,7 @@ def integrate_fixed(
 
     ``stepper(f, t, h, y, f0, stats) -> (y1, f1 or None)`` replaces the explicit RK step of ``tab`` (used
     by the implicit and Adams methods; ``f1`` is ``f(t + h, y1)`` when the step has it for free).
-    ``on_accept(t, h, y, k_ext)`` as for ``integrate_adaptive`` (explicit RK steps of ``tab`` only).
+    ``on_accept(t, h, y, k_ext)`` as for the adaptive loop with :class:`RKStep` (explicit RK steps of ``tab`` only).
     With ``perturb``, ``f`` is evaluated at the one-sided limits inside each step, never at a grid point;
     ``f0`` is then reused for the first step only if it was evaluated that way (``f0_side`` equal to the
     direction of integration).
@@ -509,7 +382,7 @@ def integrate_fixed(
     if error is not None:
         t_reached = last_finite_grid_time(grid, torch.stack(finite) if finite else None)
         outputs = outputs[: outputs_reached(t_out, t_reached)]
-    _finish(stats, error, t_reached, outputs, len(t_out), y0)
+    finish(stats, error, t_reached, outputs, len(t_out), y0)
     return outputs
 
 
@@ -549,18 +422,6 @@ def _nonfinite_stage(tab, t: float, h: float, k, n_steps: int) -> SolverError:
                 "nonfinite", f"func returned {what}", t=t + tab.c[i] * h, step_size=h, n_steps=n_steps
             )
     return SolverError("nonfinite", "non-finite error estimate (overflow)", t=t, step_size=h, n_steps=n_steps)
-
-
-def _before(f, t_jump: float, direction: float):
-    """``f`` with evaluations at ``t_jump`` (to rounding) moved one ulp back, before the jump."""
-    slack = 4 * math.ulp(max(1.0, abs(t_jump)))
-
-    def fb(t: float, y: torch.Tensor) -> torch.Tensor:
-        if abs(t - t_jump) <= slack:
-            return f(t_jump, y, perturb=-int(direction))
-        return f(t, y)
-
-    return fb
 
 
 def compiled_stepper(tab: ButcherTableau, compiled):

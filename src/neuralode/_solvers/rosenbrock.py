@@ -58,12 +58,12 @@ import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
 from neuralode._errors import SolverError, step_limit_error
-from neuralode._integrate.joint import _before, _finish
-from neuralode._interpolation import stage_sum, step_outputs
-from neuralode._solvers.stiff import _AUTO_DENSE_MAX, _KEEP_H, _row_max_norm, jacobian, lu_apply, lu_factor
+from neuralode._integrate.adaptive import solve
+from neuralode._interpolation import stage_sum
+from neuralode._solvers.stiff import _AUTO_DENSE_MAX, _row_max_norm, jacobian, lu_apply, lu_factor
 from neuralode._solvers.stiff import _mode as _jacobian_mode
 from neuralode._solvers.tableau import MethodSpec, _gamma, _size, rooted_trees
-from neuralode._step_size import STEP_SIZE_OPTIONS, first_step, propose_step
+from neuralode._step_size import STEP_SIZE_OPTIONS, first_step
 
 __all__ = ["ROSENBROCK_TABLEAUS", "RosenbrockTableau", "w_trees"]
 
@@ -453,96 +453,69 @@ def dense_output(tab: RosenbrockTableau, y: torch.Tensor, us, h: float, thetas) 
 
 
 def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]:
-    """The adaptive loop (``MethodSpec.run``). ``on_accept(t, h, y, us)``, if given, sees every accepted step
-    (start, signed size, start state, transformed stages): what :func:`dense_output` needs to evaluate it
-    anywhere inside."""
+    """The adaptive solve (``MethodSpec.run``): the shared adaptive loop with the :class:`_RosenbrockStep`
+    strategy. ``on_accept(t, h, y, us)``, if given, sees every accepted step (start, signed size, start
+    state, transformed stages): what :func:`dense_output` needs to evaluate it anywhere inside."""
     tab = ROSENBROCK_TABLEAUS[problem.method]
-    t_out, f, settings = problem.t, problem.f, problem.settings
+    settings = problem.settings
     mode = _mode(problem.options, y0, problem.shapes, problem.method)
     norm = _row_max_norm if mode == "batch" and settings.user_norm is None else problem.norm
-    controller, rtol, atol = settings.controller, problem.rtol, problem.atol
-    w = _WMatrix(f, tab.gamma, mode == "batch", stats)
-    t_end = t_out[-1]
-    direction = 1.0 if t_end > t_out[0] else -1.0
-    f0, h = first_step(problem, stats, y0, tab.order, norm, direction)
-    min_step, max_step, max_num_steps = settings.min_step, settings.max_step, settings.max_num_steps
-    stops, callbacks, throw = problem.stops(), problem.callbacks, settings.throw
-    outputs, i_out, n_out, i_stop = [y0], 1, len(t_out), 0
-    t, y = t_out[0], y0
-    prev_ratio, n_steps = 1.0, 0
-    error = None  # the SolverError that ended the solve (throw=False)
-    nonfinite_stage = False  # the last attempt failed on a NaN/inf stage (f0 finite)
-    while i_out < n_out:
-        h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
-        if t + h_signed == t or n_steps >= max_num_steps or not math.isfinite(h_signed):
-            if nonfinite_stage or not math.isfinite(h_signed):
-                error = SolverError(
-                    "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
-                )
-            else:
-                error = step_limit_error(t, h_signed, n_steps, max_num_steps)
-            if throw:
-                raise error
-            break
-        if callbacks is not None:
-            callbacks.step(t, y, h_signed)
-        n_steps += 1
+    step = _RosenbrockStep(problem, tab, mode == "batch", norm, stats)
+    f0, h = first_step(problem, stats, y0, tab.order, norm, problem.direction)
+    return solve(step, problem, stats, y0, f0, h, callbacks=problem.callbacks, on_accept=on_accept)
+
+
+class _RosenbrockStep:
+    """The Rosenbrock-W step strategy of the shared adaptive loop: :func:`_step` with the
+    :class:`_WMatrix` kept across steps (a fresh Jacobian after a jump), the error ratio of the embedded
+    solution (synchronised here), ``f(t1, y1)`` evaluated by the loop, dense output from the stages; the
+    step size is kept while that keeps the LU."""
+
+    fsal = False
+    rms_factor = None
+    aux_of = None
+
+    def __init__(self, problem, tab: RosenbrockTableau, batch: bool, norm, stats) -> None:
+        self.tab, self.norm = tab, norm
+        self.evals = tab.stages - 1  # per try: the stages after the first (f(t1, y1) is the loop's)
+        self.rtol, self.atol = problem.rtol, problem.atol
+        self.w = _WMatrix(problem.f, tab.gamma, batch, stats)
+
+    def attempt(self, f, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, aux):
+        tab = self.tab
         yd = y.detach()
-        w.prepare(t, yd, h_signed)
-        f_step = f if stop is None or not stop[1] else _before(f, stop[0], direction)
-        y1, err, us = _step(f_step, tab, w, t, h_signed, y, f0)
-        stats.nfe += tab.stages - 1
+        self.w.prepare(t, yd, h)
+        y1, err, us = _step(f, tab, self.w, t, h, y, f0)
         with torch.no_grad():
-            err_scale = torch.maximum(yd.abs(), y1.detach().abs()) * rtol + atol
-            ratio = float(norm(err / err_scale))  # the one synchronisation per step
-        accepted = ratio <= 1.0 or abs(h_signed) <= min_step
-        nonfinite_stage = False
-        if not math.isfinite(ratio):
-            accepted = False
-            if not bool(torch.isfinite(yd).all()) or not bool(torch.isfinite(f0).all()):
-                error = SolverError(
-                    "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
-                )
-                if throw:
-                    raise error
-                stats.n_rejected += 1
-                break
-            nonfinite_stage = True
-        if accepted:
-            t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
-            jump = stop is not None and stop[1]
-            f1 = f(t1, y1, perturb=int(direction)) if jump else f(t1, y1)
-            stats.nfe += 1
-            if on_accept is not None:
-                on_accept(t, h_signed, y, us)
-            inner, i_out, at_end = step_outputs(t_out, i_out, t, h_signed, t1, direction)
-            if inner:
-                outputs.extend(dense_output(tab, y, us, h_signed, inner))
-            if at_end:
-                outputs.append(y1)
-                i_out += 1
-            if stop is not None:
-                i_stop += 1
-            if callbacks is not None:
-                callbacks.accept(t, y, h_signed)
-            t, y, f0 = t1, y1, f1
-            stats.n_accepted += 1
-            stats.last_step = abs(h_signed)
-            prev_ratio = ratio
-            w.fresh = False
-            if jump:  # f is discontinuous there: a Jacobian from before the jump is no guide after it
-                w.jac = None
-        else:
-            stats.n_rejected += 1
-            if callbacks is not None:
-                callbacks.reject(t, y, h_signed)
-        factor = controller.factor(ratio, prev_ratio, accepted)
-        if accepted and w.jac is not None and _KEEP_H[0] <= factor <= _KEEP_H[1]:
-            factor = 1.0  # keep the LU factorisation
-        h = min(abs(h_signed) * factor, max_step)
-    stats.n_steps += n_steps
-    _finish(stats, error, t, outputs, n_out, y0)
-    return outputs
+            err_scale = torch.maximum(yd.abs(), y1.detach().abs()) * self.rtol + self.atol
+            ratio = float(self.norm(err / err_scale))  # the one synchronisation per step
+        return y1, ratio, us, None
+
+    def limit_error(self, t: float, h: float, n_steps: int, max_num_steps: int, failed) -> SolverError | None:
+        if failed is not None or not math.isfinite(h):  # the last try failed on a NaN/inf stage
+            return SolverError("nonfinite", "func returned NaN/inf", t=t, step_size=h, n_steps=n_steps)
+        return step_limit_error(t, h, n_steps, max_num_steps)
+
+    def nonfinite(
+        self, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, n_steps: int
+    ) -> SolverError | None:
+        if not bool(torch.isfinite(y).all()) or not bool(torch.isfinite(f0).all()):
+            return SolverError("nonfinite", "func returned NaN/inf", t=t, step_size=h, n_steps=n_steps)
+        return None
+
+    def stages(self, us, f1):
+        return us
+
+    def dense(self, t: float, h: float, y: torch.Tensor, us, f1, thetas) -> list[torch.Tensor]:
+        return dense_output(self.tab, y, us, h, thetas)
+
+    def accepted(self, onto_jump: bool) -> None:
+        self.w.fresh = False
+        if onto_jump:  # f is discontinuous there: a Jacobian from before the jump is no guide after it
+            self.w.jac = None
+
+    def keep_lu(self) -> bool:
+        return self.w.jac is not None
 
 
 SPECS = [

@@ -60,6 +60,7 @@ import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
 from neuralode._errors import SolverError, step_limit_error
+from neuralode._integrate.adaptive import KEEP_H, solve
 from neuralode._solvers.implicit import ImplicitTableau, _combine, gmres
 from neuralode._solvers.rk import ROWS
 from neuralode._solvers.tableau import MethodSpec, hermite_dense
@@ -67,7 +68,6 @@ from neuralode._step_size import (
     STEP_SIZE_OPTIONS,
     first_step,
     make_norm,
-    propose_step,
     rms_rows,
 )
 
@@ -222,7 +222,6 @@ JACOBIANS = ("auto", "dense", "batch", "krylov")
 _AUTO_DENSE_MAX = 256  # "auto": dense Jacobian up to this many state elements, Krylov above
 _REUSE_THETA = 1e-3  # keep the Jacobian for the next step when Newton contracted at least this fast
 _KAPPA = 0.03  # Newton stops when its estimated error is this fraction of the tolerance
-_KEEP_H = (1.0, 1.2)  # keep h (and the LU) when the controller proposes a factor in this range
 
 
 # -- Jacobians and linear solves -------------------------------------------------------------------------
@@ -478,11 +477,12 @@ def _mode(opts: dict, y0: torch.Tensor, shapes) -> str:
 def _run(
     problem, stats, y0: torch.Tensor, on_accept=None, jump=None, trace=None, callbacks=None
 ) -> list[torch.Tensor]:
-    """The adaptive ESDIRK loop (``MethodSpec.run``). ``on_accept(t, h, y, (stages, f1))``, if given, sees
-    every accepted step (its start, signed size, start state, stages and ``f`` at its end): what
-    :func:`dense_output` needs to evaluate the step anywhere inside.
+    """The adaptive ESDIRK solve (``MethodSpec.run``): the shared adaptive loop with the
+    :class:`_EsdirkStep` strategy. ``on_accept(t, h, y, (stages, f1))``, if given, sees every accepted
+    step (its start, signed size, start state, stages and ``f`` at its end): what :func:`dense_output`
+    needs to evaluate the step anywhere inside.
 
-    ``jump(j, y) -> (y, f(t_j, y))`` (the adjoint's hook, as in ``integrate_adaptive``): the inner output
+    ``jump(j, y) -> (y, f(t_j, y))`` (the adjoint's hook of ``_integrate/adaptive.py``): the inner output
     times ``t[1:-1]`` become stops that steps end on, and at each the state is replaced by what
     ``jump`` returns, inside the one solve: the step size, the controller's history, the Jacobian and its
     LU carry over (the Newton iteration refreshes the Jacobian if the new state makes it converge
@@ -490,141 +490,96 @@ def _run(
     accepted step (what :class:`EsdirkReplay` replays). ``callbacks``: replaces ``problem.callbacks``
     (the engine passes them chained with its own)."""
     tab = ESDIRK_TABLEAUS[problem.method]
-    opts, t_out = problem.options, problem.t
-    f = problem.f
-    mode = _mode(opts, y0, problem.shapes)
-    sizes = None if problem.shapes is None else [math.prod(s) for s in problem.shapes]
-    settings = problem.settings
-    user_norm = settings.user_norm
-    norm = (
-        _row_max_norm
-        if mode == "batch" and user_norm is None
-        else make_norm(user_norm, sizes, problem.shapes)
+    mode = _mode(problem.options, y0, problem.shapes)
+    norm = _esdirk_norm(problem, mode)
+    step = _EsdirkStep(problem, tab, mode, y0, norm, stats)
+    f0, h = first_step(problem, stats, y0, tab.order, norm, problem.direction)
+    return solve(
+        step,
+        problem,
+        stats,
+        y0,
+        f0,
+        h,
+        trace=trace,
+        callbacks=problem.callbacks if callbacks is None else callbacks,
+        jump=jump,
+        on_accept=on_accept,
     )
-    controller = settings.controller
-    rtol, atol = problem.rtol, problem.atol
-    newton = _Newton(problem, tab, mode, y0, stats)
-    t_end = t_out[-1]
-    direction = 1.0 if t_end > t_out[0] else -1.0
-    f0, h = first_step(problem, stats, y0, tab.order, norm, direction)
-    min_step, max_step, max_num_steps = settings.min_step, settings.max_step, settings.max_num_steps
-    stops = problem.stops()
-    if jump is not None:  # the output times between the ends become stops (merged with the user's)
-        merged = dict.fromkeys(t_out[1:-1], False)
-        for ts, is_jump in stops:
-            merged[ts] = merged.get(ts, False) or is_jump
-        stops = sorted(merged.items(), key=lambda p: direction * p[0])
-        while stops and direction * (stops[0][0] - t_out[0]) <= 0:
-            stops.pop(0)
-    if callbacks is None:
-        callbacks = problem.callbacks
-    grad = torch.is_grad_enabled()
-    outputs, i_out, n_out, i_stop = [y0], 1, len(t_out), 0
-    t, y = t_out[0], y0
-    prev_ratio, n_steps = 1.0, 0
-    error = None  # the SolverError that ended the solve
-    while i_out < n_out:
-        h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
-        error = step_limit_error(t, h_signed, n_steps, max_num_steps)
-        if error is not None:
-            break
-        if callbacks is not None:
-            callbacks.step(t, y, h_signed)
-        n_steps += 1
+
+
+def _esdirk_norm(problem, mode: str):
+    """The error norm: the worst row's RMS with ``jacobian="batch"`` (unless ``options['norm']``)."""
+    user_norm = problem.settings.user_norm
+    if mode == "batch" and user_norm is None:
+        return _row_max_norm
+    sizes = None if problem.shapes is None else [math.prod(s) for s in problem.shapes]
+    return make_norm(user_norm, sizes, problem.shapes)
+
+
+class _EsdirkStep:
+    """The ESDIRK step strategy of the shared adaptive loop: each implicit stage by the simplified Newton
+    iteration of :class:`_Newton` (the stages use ``problem.f`` throughout, also on a step onto a jump),
+    the error ratio of the embedded solution (synchronised here), FSAL (the last stage is ``f(t1, y1)``).
+    A stage that does not converge fails the try: ``h`` times Hairer's factor, a stale Jacobian
+    refreshed. The Jacobian is kept across accepted steps while Newton converges fast, refreshed after
+    a jump; the step size is kept while that keeps the LU."""
+
+    fsal = True
+    rms_factor = None
+    aux_of = None
+    evals = 0  # (the Newton iterations count their own)
+    attempt_failure = "the Newton iteration did not converge at the minimum step size (options['min_step'])"
+
+    def __init__(self, problem, tab: EsdirkTableau, mode: str, y0: torch.Tensor, norm, stats) -> None:
+        self.tab, self.norm = tab, norm
+        self.rtol, self.atol = problem.rtol, problem.atol
+        self.newton = _Newton(problem, tab, mode, y0, stats)
+        self.grad = torch.is_grad_enabled()
+
+    def attempt(self, f, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, aux):
+        newton, rtol, atol = self.newton, self.rtol, self.atol
         yd = y.detach()
         scale = yd.abs() * rtol + atol
-        newton.prepare(t, yd, h_signed)
-        out = _step(newton, tab, t, h_signed, y, f0, scale, norm, grad)
-        if out is None:  # Newton failed: a rejected step with h halved (and a fresh Jacobian)
-            if abs(h_signed) <= min_step:
-                error = SolverError(
-                    "underflow",
-                    "the Newton iteration did not converge at the minimum step size (options['min_step'])",
-                    t=t,
-                    step_size=h_signed,
-                    n_steps=n_steps,
-                )
-                break
-            stats.n_rejected += 1
-            if callbacks is not None:
-                callbacks.reject(t, y, h_signed)
+        newton.prepare(t, yd, h)
+        out = _step(newton, self.tab, t, h, y, f0, scale, self.norm, self.grad)
+        if out is None:  # Newton failed: a rejected step with h reduced (and a fresh Jacobian)
             if not newton.fresh:
                 newton.jac = None
-            h = abs(h_signed) * newton.fail_factor
-            continue
+            return None
         y1, y_emb, ks = out
         with torch.no_grad():
             y1d = y1.detach()
             err_scale = torch.maximum(yd.abs(), y1d.abs()) * rtol + atol
-            ratio = float(norm((y1d - y_emb.detach()) / err_scale))
-        accepted = ratio <= 1.0 or abs(h_signed) <= min_step
-        if not math.isfinite(ratio):
-            accepted = False
-            if not bool(torch.isfinite(f0).all()):
-                error = SolverError(
-                    "nonfinite", "func returned NaN/inf", t=t, step_size=h_signed, n_steps=n_steps
-                )
-                break
-        if accepted:
-            t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
-            f1 = ks[-1]
-            inner = []
-            j = i_out
-            while j < n_out and direction * (t_out[j] - t1) < 0:
-                inner.append((t_out[j] - t) / h_signed)
-                j += 1
-            if on_accept is not None:
-                on_accept(t, h_signed, y, (ks, f1))
-            if trace is not None:
-                trace.append((t, h_signed))
-            if inner:
-                outputs.extend(dense_output(tab, y, ks, f1, h_signed, inner))
-            i_out = j
-            j_jump = None
-            if i_out < n_out and t_out[i_out] == t1:
-                outputs.append(y1)
-                if jump is not None and i_out < n_out - 1:
-                    j_jump = i_out
-                i_out += 1
-            if stop is not None:
-                i_stop += 1
-                if stop[1]:  # past a jump: f at the one-sided limit, a fresh Jacobian
-                    f1 = f(t1, y1, perturb=int(direction))
-                    stats.nfe += 1
-                    newton.jac = None
-            if j_jump is not None:
-                y1, f1 = jump(j_jump, y1)
-            if callbacks is not None:
-                callbacks.accept(t, y, h_signed)
-            t, y, f0 = t1, y1, f1
-            stats.n_accepted += 1
-            stats.last_step = abs(h_signed)
-            prev_ratio = ratio
-            if newton.theta > _REUSE_THETA:
-                newton.jac = None
-            newton.fresh = False
-        else:
-            stats.n_rejected += 1
-            if callbacks is not None:
-                callbacks.reject(t, y, h_signed)
-        factor = controller.factor(ratio, prev_ratio, accepted)
-        if (
-            accepted
-            and newton.lu is not None
-            and newton.jac is not None
-            and _KEEP_H[0] <= factor <= _KEEP_H[1]
-        ):
-            factor = 1.0  # keep the LU factorisation
-        h = min(abs(h_signed) * factor, max_step)
-    stats.n_steps += n_steps
-    if error is not None:
-        if settings.throw:
-            raise error
-        # options["throw"] = False: what was reached, NaN (constants) at the outputs after it
-        outputs.extend([torch.full_like(y0, math.nan)] * (n_out - len(outputs)))
-    stats.status = "success" if error is None else error.reason
-    stats.t_reached = t_end if error is None else t
-    return outputs
+            ratio = float(self.norm((y1d - y_emb.detach()) / err_scale))
+        return y1, ratio, ks, None
+
+    @property
+    def retry_factor(self) -> float:
+        return self.newton.fail_factor
+
+    def limit_error(self, t: float, h: float, n_steps: int, max_num_steps: int, failed) -> SolverError | None:
+        return step_limit_error(t, h, n_steps, max_num_steps)
+
+    def nonfinite(self, t: float, h: float, y, f0: torch.Tensor, n_steps: int) -> SolverError | None:
+        if not bool(torch.isfinite(f0).all()):
+            return SolverError("nonfinite", "func returned NaN/inf", t=t, step_size=h, n_steps=n_steps)
+        return None
+
+    def stages(self, ks, f1):
+        return ks, ks[-1]
+
+    def dense(self, t: float, h: float, y: torch.Tensor, ks, f1, thetas) -> list[torch.Tensor]:
+        return dense_output(self.tab, y, ks, ks[-1], h, thetas)
+
+    def accepted(self, onto_jump: bool) -> None:
+        newton = self.newton
+        if onto_jump or newton.theta > _REUSE_THETA:  # past a jump, or Newton slow: a fresh Jacobian
+            newton.jac = None
+        newton.fresh = False
+
+    def keep_lu(self) -> bool:
+        return self.newton.lu is not None and self.newton.jac is not None
 
 
 class EsdirkReplay:
@@ -639,13 +594,7 @@ class EsdirkReplay:
         self.tab = ESDIRK_TABLEAUS[problem.method]
         self.problem, self.stats = problem, stats
         mode = _mode(problem.options, y0, problem.shapes)
-        sizes = None if problem.shapes is None else [math.prod(s) for s in problem.shapes]
-        user_norm = problem.settings.user_norm
-        self.norm = (
-            _row_max_norm
-            if mode == "batch" and user_norm is None
-            else make_norm(user_norm, sizes, problem.shapes)
-        )
+        self.norm = _esdirk_norm(problem, mode)
         self.newton = _Newton(problem, self.tab, mode, y0, stats)
 
     def step(self, t: float, h: float, y: torch.Tensor, f0: torch.Tensor):
@@ -885,7 +834,7 @@ class EsdirkRows:
         fac = torch.where(self.failed, fail_factor, fac)
         self.stale = self.stale | (accept & slow) | (self.failed & ~self.fresh)
         self.fresh = self.fresh & ~accept
-        keep = accept & ~self.stale & (fac >= _KEEP_H[0]) & (fac <= _KEEP_H[1])
+        keep = accept & ~self.stale & (fac >= KEEP_H[0]) & (fac <= KEEP_H[1])
         return torch.where(keep, 1.0, fac)  # 1: keep the LU factorisation
 
 
