@@ -24,9 +24,9 @@ import torch
 from neuralode._errors import SolverError
 from neuralode._interpolation import step_outputs
 from neuralode._stats import SolveStats
-from neuralode._step_size import Controller, propose_step
+from neuralode._step_size import propose_step
 
-__all__ = ["KEEP_H", "StepStrategy", "adaptive_loop", "before_jump", "finish", "solve"]
+__all__ = ["KEEP_H", "StepStrategy", "adaptive_loop", "before_jump", "finish"]
 
 #: Keep ``h`` (and the LU factorisation built for it) when the controller proposes a factor in this range.
 KEEP_H = (1.0, 1.2)
@@ -53,6 +53,10 @@ class StepStrategy(Protocol):
     accepted: Callable[[bool], None] | None
     #: ``None``, or ``aux_of(y)``: the ``aux`` of a state the strategy has not stepped to (see ``attempt``).
     aux_of: Callable[[torch.Tensor], Any] | None
+    #: Only for an ``attempt`` that may fail (return ``None``): the factor of ``h`` for the next try, and
+    #: the message of the ``"underflow"`` error when a try at the minimum step size fails.
+    retry_factor: float
+    attempt_failure: str
 
     def attempt(
         self, f: Callable, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, aux
@@ -95,28 +99,22 @@ class StepStrategy(Protocol):
 
 def adaptive_loop(
     step: StepStrategy,
-    f: Callable,
+    problem,
+    stats: SolveStats,
     y0: torch.Tensor,
     f0: torch.Tensor,
-    t_out: Sequence[float],
     h0: float,
     *,
-    controller: Controller,
-    min_step: float,
-    max_step: float,
-    max_num_steps: int,
-    stats: SolveStats,
-    stops: Sequence[tuple[float, bool]] = (),
     trace: list | None = None,
     callbacks=None,
     event=None,
     jump=None,
     on_accept=None,
-    throw: bool = True,
 ) -> list[torch.Tensor]:
-    """Adaptive solve with ``step`` through the times ``t_out`` (monotonic; ``t_out[0]`` is the start, where
-    ``y0`` is given and ``f0 = f(t_out[0], y0)``), from the step size ``h0``; returns the states at
-    ``t_out``.
+    """Adaptive solve of a :class:`~neuralode._problem.Problem` with ``step``: its ``f``, output times
+    ``t_out = problem.t`` (monotonic; ``t_out[0]`` is the start, where ``y0`` is given and
+    ``f0 = f(t_out[0], y0)``), controller, step limits, stops and ``throw``, from the step size ``h0``;
+    returns the states at ``t_out``.
 
     Output times never shorten a step: values between steps come from the dense output. Only the last
     step is clipped to end exactly at ``t_out[-1]``. ``trace`` (if given) receives ``(t, h)`` of every
@@ -137,6 +135,9 @@ def adaptive_loop(
     A failure raises :class:`SolverError`; with ``throw=False`` the solve returns what it reached, NaN
     after it, with ``stats.status`` and ``stats.t_reached`` saying so.
     """
+    s = problem.settings
+    f, t_out, stops, controller = problem.f, problem.t, problem.stops(), s.controller
+    min_step, max_step, max_num_steps, throw = s.min_step, s.max_step, s.max_num_steps, s.throw
     t_end = t_out[-1]
     direction = 1.0 if t_end > t_out[0] else -1.0
     n_out = len(t_out)
@@ -266,45 +267,6 @@ def adaptive_loop(
     if error is not None and event is not None:
         event.stopped(t, y)
     return outputs
-
-
-def solve(
-    step: StepStrategy,
-    problem,
-    stats: SolveStats,
-    y0: torch.Tensor,
-    f0: torch.Tensor,
-    h0: float,
-    *,
-    trace: list | None = None,
-    callbacks=None,
-    event=None,
-    jump=None,
-    on_accept=None,
-) -> list[torch.Tensor]:
-    """:func:`adaptive_loop` on a :class:`~neuralode._problem.Problem`: its ``f``, output times,
-    controller, step limits, stops and ``throw``, from ``(y0, f0)`` with the step size ``h0``."""
-    s = problem.settings
-    return adaptive_loop(
-        step,
-        problem.f,
-        y0,
-        f0,
-        problem.t,
-        h0,
-        controller=s.controller,
-        min_step=s.min_step,
-        max_step=s.max_step,
-        max_num_steps=s.max_num_steps,
-        stats=stats,
-        stops=problem.stops(),
-        trace=trace,
-        callbacks=callbacks,
-        event=event,
-        jump=jump,
-        on_accept=on_accept,
-        throw=s.throw,
-    )
 
 
 def finish(stats: SolveStats, error: SolverError | None, t_reached: float, outputs: list, n_out: int, like):

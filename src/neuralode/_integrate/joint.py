@@ -24,7 +24,7 @@ import torch
 
 from neuralode._callbacks import chain_callbacks
 from neuralode._errors import SolverError, step_limit_error
-from neuralode._integrate.adaptive import finish, solve
+from neuralode._integrate.adaptive import adaptive_loop, finish
 from neuralode._interpolation import dense_eval, interpolate, step_outputs
 from neuralode._solvers.rk import error_ratio, rk_step, rms_error_ratio, rms_factor, without_grad
 from neuralode._solvers.tableau import ButcherTableau
@@ -140,8 +140,8 @@ def _run_tableau(
                 problem.direction,
             )
             stats.nfe += 1
-        step = RKStep(problem.f, tab, y0, problem.rtol, problem.atol, problem.norm, compiled, stats)
-        return solve(
+        step = rk_strategy(problem.f, tab, y0, problem.rtol, problem.atol, problem.norm, compiled, stats)
+        return adaptive_loop(
             step,
             problem,
             stats,
@@ -209,37 +209,20 @@ def _compiled(problem, y0: torch.Tensor):
 
 
 class RKStep:
-    """The explicit Runge-Kutta step strategy of :func:`~neuralode._integrate.adaptive.adaptive_loop`:
-    the step of the RK core (or the compiled step), FSAL when the tableau has it, and with the default
-    RMS norm and scalar tolerances the cheaper error ratio that reuses ``|y1| + atol/rtol`` of a step's
-    end as the next step's ``|y| + atol/rtol`` (its ``aux``)."""
+    """The explicit Runge-Kutta step strategy of :func:`~neuralode._integrate.adaptive.adaptive_loop`: the
+    step of the RK core (or the compiled step, ``options['compile']``), FSAL when the tableau has it.
+    :func:`rk_strategy` picks :class:`RKStepRMS` where it applies."""
 
     keep_lu = None
     accepted = None
     aux_of = None
+    rms_factor = None
 
-    def __init__(
-        self, f: Func, tab: ButcherTableau, y0: torch.Tensor, rtol, atol, norm: Norm, compiled, stats
-    ):
+    def __init__(self, f: Func, tab: ButcherTableau, rtol, atol, norm: Norm, compiled, stats):
         self.f, self.tab, self.rtol, self.atol, self.norm = f, tab, rtol, atol, norm
         self.compiled, self.stats = compiled, stats  # (the stats: dense output's extra stages)
         self.fsal = tab.fsal
         self.evals = tab.stages - 1  # per step (the first stage is f0)
-        fast = compiled is None and (
-            norm is rms_norm
-            and tab.b_error_aux is None
-            and isinstance(rtol, float)
-            and isinstance(atol, float)
-        )
-        self.rms_factor = None
-        if fast:  # the RMS ratio up to the host-side factor |h| * rms_factor
-            self.c_tol = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device)
-            self.rms_factor = rms_factor(tab, rtol, y0.numel())
-            self.attempt, self.aux_of = self._attempt_rms, self._abs_c
-
-    def _abs_c(self, y: torch.Tensor) -> torch.Tensor:
-        """``|y| + atol/rtol``, the fast ratio's ``aux``."""
-        return torch.abs(y.detach()).add_(self.c_tol)
 
     def attempt(self, f: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, aux):
         if self.compiled is not None and f is self.f:
@@ -248,21 +231,6 @@ class RKStep:
         tab = self.tab
         y1, k = rk_step(f, tab, t, h, y, f0)
         return y1, without_grad(error_ratio, tab, k, h, y, y1, self.rtol, self.atol, self.norm), k, None
-
-    def _attempt_rms(self, f: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, y_abs):
-        """:meth:`attempt` with :func:`rms_error_ratio`'s reduction, without grad: the ratio up to the
-        host factor is ``‖x‖₂`` (one norm kernel, no reshape); ``y_abs = |y| + atol/rtol``."""
-        tab = self.tab
-        y1, k = rk_step(f, tab, t, h, y, f0)
-        grad = torch.is_grad_enabled()  # the raw switch, as in without_grad (one call layer less)
-        if grad:
-            torch._C._set_grad_enabled(False)
-        try:
-            x, y1_abs = rms_error_ratio(tab, k, y1, self.c_tol, y_abs)
-            return y1, torch.linalg.vector_norm(x), k, y1_abs
-        finally:
-            if grad:
-                torch._C._set_grad_enabled(True)
 
     def limit_error(self, t: float, h: float, n_steps: int, max_num_steps: int, failed) -> SolverError | None:
         error = step_limit_error(t, h, n_steps, max_num_steps)
@@ -285,6 +253,52 @@ class RKStep:
 
     def dense(self, t: float, h: float, y: torch.Tensor, k, f1, thetas) -> list[torch.Tensor]:
         return dense_eval(self.f, self.tab, t, h, y, [*k, f1], thetas, self.stats)
+
+
+class RKStepRMS(RKStep):
+    """:class:`RKStep` with the default RMS norm and scalar tolerances: the cheaper error ratio of
+    :func:`rms_error_ratio`, which reuses ``|y1| + atol/rtol`` of a step's end as the next step's
+    ``|y| + atol/rtol`` (the loop's ``aux``), up to the host factor ``|h| · rms_factor``."""
+
+    def __init__(self, f: Func, tab: ButcherTableau, rtol: float, atol: float, y0: torch.Tensor, stats):
+        super().__init__(f, tab, rtol, atol, rms_norm, None, stats)
+        self.c_tol = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device)
+        self.rms_factor = rms_factor(tab, rtol, y0.numel())
+
+    def aux_of(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.abs(y.detach()).add_(self.c_tol)
+
+    def attempt(self, f: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, y_abs):
+        """The step and ``‖x‖₂`` of :func:`rms_error_ratio`'s ``x``, without grad (one norm kernel, no
+        reshape); ``y_abs = |y| + atol/rtol``."""
+        tab = self.tab
+        y1, k = rk_step(f, tab, t, h, y, f0)
+        grad = torch.is_grad_enabled()  # the raw switch, as in without_grad (one call layer less)
+        if grad:
+            torch._C._set_grad_enabled(False)
+        try:
+            x, y1_abs = rms_error_ratio(tab, k, y1, self.c_tol, y_abs)
+            return y1, torch.linalg.vector_norm(x), k, y1_abs
+        finally:
+            if grad:
+                torch._C._set_grad_enabled(True)
+
+
+def rk_strategy(
+    f: Func, tab: ButcherTableau, y0: torch.Tensor, rtol, atol, norm: Norm, compiled, stats
+) -> RKStep:
+    """The step strategy of the explicit tableau ``tab``: :class:`RKStepRMS` for the default RMS norm with
+    scalar tolerances and an eager step (and a tableau without auxiliary error weights), else
+    :class:`RKStep`."""
+    if (
+        compiled is None
+        and norm is rms_norm
+        and tab.b_error_aux is None
+        and isinstance(rtol, float)
+        and isinstance(atol, float)
+    ):
+        return RKStepRMS(f, tab, rtol, atol, y0, stats)
+    return RKStep(f, tab, rtol, atol, norm, compiled, stats)
 
 
 def integrate_fixed(

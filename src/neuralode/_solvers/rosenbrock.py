@@ -58,7 +58,7 @@ import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
 from neuralode._errors import SolverError, step_limit_error
-from neuralode._integrate.adaptive import solve
+from neuralode._integrate.adaptive import adaptive_loop
 from neuralode._interpolation import stage_sum
 from neuralode._solvers.stiff import _AUTO_DENSE_MAX, _row_max_norm, jacobian, lu_apply, lu_factor
 from neuralode._solvers.stiff import _mode as _jacobian_mode
@@ -462,7 +462,7 @@ def _run(problem, stats, y0: torch.Tensor, on_accept=None) -> list[torch.Tensor]
     norm = _row_max_norm if mode == "batch" and settings.user_norm is None else problem.norm
     step = _RosenbrockStep(problem, tab, mode == "batch", norm, stats)
     f0, h = first_step(problem, stats, y0, tab.order, norm, problem.direction)
-    return solve(step, problem, stats, y0, f0, h, callbacks=problem.callbacks, on_accept=on_accept)
+    return adaptive_loop(step, problem, stats, y0, f0, h, callbacks=problem.callbacks, on_accept=on_accept)
 
 
 class _RosenbrockStep:

@@ -60,7 +60,7 @@ import torch
 
 from neuralode._callbacks import ADAPTIVE_CALLBACKS
 from neuralode._errors import SolverError, step_limit_error
-from neuralode._integrate.adaptive import KEEP_H, solve
+from neuralode._integrate.adaptive import KEEP_H, adaptive_loop
 from neuralode._solvers.implicit import ImplicitTableau, _combine, gmres
 from neuralode._solvers.rk import ROWS
 from neuralode._solvers.tableau import MethodSpec, hermite_dense
@@ -494,7 +494,7 @@ def _run(
     norm = _esdirk_norm(problem, mode)
     step = _EsdirkStep(problem, tab, mode, y0, norm, stats)
     f0, h = first_step(problem, stats, y0, tab.order, norm, problem.direction)
-    return solve(
+    return adaptive_loop(
         step,
         problem,
         stats,
