@@ -160,109 +160,121 @@ def adaptive_loop(
     fsal, evals = step.fsal, step.evals
     aux_of = step.aux_of
     aux = None if aux_of is None else aux_of(y0)  # the strategy's data on the state y (see attempt)
+    isfinite = math.isfinite
+    # The loop's own counts, added to stats once (the strategies and the dense output add theirs).
+    n_evals = n_accepted = n_rejected = 0
+    last_step = None
     error = None  # the SolverError that ended the solve (throw=False)
-    while i_out < n_out:
-        h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
-        if t + h_signed == t or n_steps >= max_num_steps or h_signed - h_signed != 0.0:  # (the last: NaN/inf)
-            error = step.limit_error(t, h_signed, n_steps, max_num_steps, failed)
-            if error is not None:
-                if throw:
-                    raise error
-                break
-        if callbacks is not None:
-            callbacks.step(t, y, h_signed)
-        # A step onto a jump evaluates its end-time stages as the one-sided limit before the jump.
-        onto_jump = stop is not None and stop[1]
-        stats.nfe += evals
-        n_steps += 1
-        tried = attempt(before_jump(f, stop[0], direction) if onto_jump else f, t, h_signed, y, f0, aux)
-        if tried is None:  # no error estimate: rejected, retried smaller
-            if abs(h_signed) <= min_step:
-                error = SolverError(
-                    "underflow", step.attempt_failure, t=t, step_size=h_signed, n_steps=n_steps
-                )
-                if throw:
-                    raise error
-                break
-            stats.n_rejected += 1
+    try:
+        while i_out < n_out:
+            h_signed, last, stop = propose_step(t, h, t_end, direction, stops, i_stop, min_step)
+            if t + h_signed == t or n_steps >= max_num_steps or h_signed - h_signed != 0.0:  # (last: NaN/inf)
+                error = step.limit_error(t, h_signed, n_steps, max_num_steps, failed)
+                if error is not None:
+                    if throw:
+                        raise error
+                    break
             if callbacks is not None:
-                callbacks.reject(t, y, h_signed)
-            h = abs(h_signed) * step.retry_factor
-            continue
-        y1, ratio_t, k, aux1 = tried
-        if event is None:
-            ratio = float(ratio_t)  # the one sync per step
-        else:  # the event's sign check rides on the same sync
-            t1_try = stop[0] if stop is not None else t + h_signed
-            pair = torch.stack([ratio_t.to(torch.float64), event.crossed(t1_try, y1).to(torch.float64)])
-            ratio, crossed = pair.tolist()
-        if rms_host is not None:
-            ratio = ratio * abs(h_signed) * rms_host
-        accepted = ratio <= 1.0 or abs(h_signed) <= min_step
-        if not math.isfinite(ratio):
-            accepted = False
-            error = step.nonfinite(t, h_signed, y, f0, n_steps)
-            if error is not None:
-                if throw:
-                    raise error
-                stats.n_rejected += 1
-                break
-            failed = (t, h_signed, k)
-        else:
-            failed = None
-        if accepted:
-            t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
-            j_jump = i_out if jump is not None and i_out < n_out - 1 and t_out[i_out] == t1 else None
-            if j_jump is not None and not fsal and on_accept is None:
-                f1 = None  # replaced by the jump's own evaluation
-            elif onto_jump:
-                f1 = f(t1, y1, perturb=int(direction))  # one-sided limit past the jump
-                stats.nfe += 1
-            elif fsal:
-                f1 = k[-1]
+                callbacks.step(t, y, h_signed)
+            h_abs = abs(h_signed)
+            # A step onto a jump evaluates its end-time stages as the one-sided limit before the jump.
+            onto_jump = stop is not None and stop[1]
+            n_evals += evals
+            n_steps += 1
+            tried = attempt(before_jump(f, stop[0], direction) if onto_jump else f, t, h_signed, y, f0, aux)
+            if tried is None:  # no error estimate: rejected, retried smaller
+                if h_abs <= min_step:
+                    error = SolverError(
+                        "underflow", step.attempt_failure, t=t, step_size=h_signed, n_steps=n_steps
+                    )
+                    if throw:
+                        raise error
+                    break
+                n_rejected += 1
+                if callbacks is not None:
+                    callbacks.reject(t, y, h_signed)
+                h = h_abs * step.retry_factor
+                continue
+            y1, ratio_t, k, aux1 = tried
+            if event is None:
+                ratio = float(ratio_t)  # the one sync per step
+            else:  # the event's sign check rides on the same sync
+                t1_try = stop[0] if stop is not None else t + h_signed
+                pair = torch.stack([ratio_t.to(torch.float64), event.crossed(t1_try, y1).to(torch.float64)])
+                ratio, crossed = pair.tolist()
+            if rms_host is not None:
+                ratio = ratio * h_abs * rms_host
+            accepted = ratio <= 1.0 or h_abs <= min_step
+            if not isfinite(ratio):
+                accepted = False
+                error = step.nonfinite(t, h_signed, y, f0, n_steps)
+                if error is not None:
+                    if throw:
+                        raise error
+                    n_rejected += 1
+                    break
+                failed = (t, h_signed, k)
             else:
-                f1 = f(t1, y1)
-                stats.nfe += 1
-            if stop is not None:
-                i_stop += 1
-            if callbacks is not None:
-                callbacks.accept(t, y, h_signed)
-            if trace is not None:
-                trace.append((t, h_signed))
-            if on_accept is not None:
-                on_accept(t, h_signed, y, step.stages(k, f1))
-            # Outputs inside (t, t1]: exact at t1, dense output strictly inside.
-            if direction * (t_out[i_out] - t1) <= 0:  # (the common step reaches no output)
-                inner, i_out, at_end = step_outputs(t_out, i_out, t, h_signed, t1, direction)
-                if inner:
-                    outputs.extend(step.dense(t, h_signed, y, k, f1, inner))
-                if at_end:
-                    outputs.append(y1)
-                    i_out += 1
-            stop_now = event is not None and bool(crossed)
-            if stop_now:
-                event.found(t, h_signed, y, step.stages(k, f1), t1, y1)
-            if j_jump is not None:
-                y1, f1 = jump(j_jump, y1)
-                aux1 = None if aux_of is None else aux_of(y1)
-            if after_accept is not None:
-                after_accept(onto_jump)
-            t, y, f0, aux = t1, y1, f1, aux1
-            stats.n_accepted += 1
-            stats.last_step = abs(h_signed)
-            if stop_now:
-                break
-        else:
-            stats.n_rejected += 1
-            if callbacks is not None:
-                callbacks.reject(t, y, h_signed)
-        factor = controller.factor(ratio, prev_ratio, accepted)
-        if accepted:  # the PI controller's memory: the last accepted ratio before this step's
-            prev_ratio = ratio
-            if keep_lu is not None and KEEP_H[0] <= factor <= KEEP_H[1] and keep_lu():
-                factor = 1.0  # keep the step size, and with it the LU factorisation
-        h = min(abs(h_signed) * factor, max_step)
-    stats.n_steps += n_steps
+                failed = None
+            if accepted:
+                t1 = t_end if last else (stop[0] if stop is not None else t + h_signed)
+                j_jump = i_out if jump is not None and i_out < n_out - 1 and t_out[i_out] == t1 else None
+                if j_jump is not None and not fsal and on_accept is None:
+                    f1 = None  # replaced by the jump's own evaluation
+                elif onto_jump:
+                    f1 = f(t1, y1, perturb=int(direction))  # one-sided limit past the jump
+                    n_evals += 1
+                elif fsal:
+                    f1 = k[-1]
+                else:
+                    f1 = f(t1, y1)
+                    n_evals += 1
+                if stop is not None:
+                    i_stop += 1
+                if callbacks is not None:
+                    callbacks.accept(t, y, h_signed)
+                if trace is not None:
+                    trace.append((t, h_signed))
+                if on_accept is not None:
+                    on_accept(t, h_signed, y, step.stages(k, f1))
+                # Outputs inside (t, t1]: exact at t1, dense output strictly inside.
+                if direction * (t_out[i_out] - t1) <= 0:  # (the common step reaches no output)
+                    inner, i_out, at_end = step_outputs(t_out, i_out, t, h_signed, t1, direction)
+                    if inner:
+                        outputs.extend(step.dense(t, h_signed, y, k, f1, inner))
+                    if at_end:
+                        outputs.append(y1)
+                        i_out += 1
+                stop_now = event is not None and bool(crossed)
+                if stop_now:
+                    event.found(t, h_signed, y, step.stages(k, f1), t1, y1)
+                if j_jump is not None:
+                    y1, f1 = jump(j_jump, y1)
+                    aux1 = None if aux_of is None else aux_of(y1)
+                if after_accept is not None:
+                    after_accept(onto_jump)
+                t, y, f0, aux = t1, y1, f1, aux1
+                n_accepted += 1
+                last_step = h_abs
+                if stop_now:
+                    break
+            else:
+                n_rejected += 1
+                if callbacks is not None:
+                    callbacks.reject(t, y, h_signed)
+            factor = controller.factor(ratio, prev_ratio, accepted)
+            if accepted:  # the PI controller's memory: the last accepted ratio before this step's
+                prev_ratio = ratio
+                if keep_lu is not None and KEEP_H[0] <= factor <= KEEP_H[1] and keep_lu():
+                    factor = 1.0  # keep the step size, and with it the LU factorisation
+            h = min(h_abs * factor, max_step)
+    finally:
+        stats.nfe += n_evals
+        stats.n_steps += n_steps
+        stats.n_accepted += n_accepted
+        stats.n_rejected += n_rejected
+        if last_step is not None:
+            stats.last_step = last_step
     finish(stats, error, t, outputs, n_out, y0)
     if error is not None and event is not None:
         event.stopped(t, y)
