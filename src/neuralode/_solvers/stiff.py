@@ -567,7 +567,7 @@ class _EsdirkStep:
         return None
 
     def stages(self, ks, f1):
-        return ks, ks[-1]
+        return ks, ks[-1]  # (f at t1 from the step's side, also when f1 is the limit past a jump)
 
     def dense(self, t: float, h: float, y: torch.Tensor, ks, f1, thetas) -> list[torch.Tensor]:
         return dense_output(self.tab, y, ks, ks[-1], h, thetas)
