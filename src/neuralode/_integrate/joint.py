@@ -29,7 +29,7 @@ from neuralode._interpolation import dense_eval, interpolate, step_outputs
 from neuralode._solvers.rk import error_ratio, rk_step, rms_error_ratio, rms_factor, without_grad
 from neuralode._solvers.tableau import ButcherTableau
 from neuralode._stats import SolveStats
-from neuralode._step_size import Norm, initial_step, rms_norm
+from neuralode._step_size import Norm, initial_step, rms_norm, rms_scale
 
 __all__ = [
     "compiled_stepper",
@@ -126,6 +126,7 @@ def _run_tableau(
     s = problem.settings
     tab = s.tab
     if tab.adaptive:
+        step = rk_strategy(problem.f, tab, y0, problem.rtol, problem.atol, problem.norm, compiled, stats)
         h0 = s.first_step
         if h0 is None:
             h0 = initial_step(
@@ -138,9 +139,9 @@ def _run_tableau(
                 problem.atol,
                 problem.norm,
                 problem.direction,
+                scale=step.y0_abs,
             )
             stats.nfe += 1
-        step = rk_strategy(problem.f, tab, y0, problem.rtol, problem.atol, problem.norm, compiled, stats)
         return adaptive_loop(
             step,
             problem,
@@ -217,6 +218,7 @@ class RKStep:
     accepted = None
     aux_of = None
     rms_factor = None
+    y0_abs = None  # (RKStepRMS: |y0| + atol/rtol, shared with Hairer's initial step)
 
     def __init__(self, f: Func, tab: ButcherTableau, rtol, atol, norm: Norm, compiled, stats):
         self.f, self.tab, self.rtol, self.atol, self.norm = f, tab, rtol, atol, norm
@@ -262,11 +264,12 @@ class RKStepRMS(RKStep):
 
     def __init__(self, f: Func, tab: ButcherTableau, rtol: float, atol: float, y0: torch.Tensor, stats):
         super().__init__(f, tab, rtol, atol, rms_norm, None, stats)
-        self.c_tol = torch.scalar_tensor(atol / rtol, dtype=y0.dtype, device=y0.device)
+        self.y0 = y0
+        self.c_tol, self.y0_abs = rms_scale(y0, rtol, atol)
         self.rms_factor = rms_factor(tab, rtol, y0.numel())
 
     def aux_of(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.abs(y.detach()).add_(self.c_tol)
+        return self.y0_abs if y is self.y0 else torch.abs(y.detach()).add_(self.c_tol)
 
     def attempt(self, f: Func, t: float, h: float, y: torch.Tensor, f0: torch.Tensor, y_abs):
         """The step and ``‖x‖₂`` of :func:`rms_error_ratio`'s ``x``, without grad (one norm kernel, no
