@@ -494,18 +494,9 @@ def _run(
     norm = _esdirk_norm(problem, mode)
     step = _EsdirkStep(problem, tab, mode, y0, norm, stats)
     f0, h = first_step(problem, stats, y0, tab.order, norm, problem.direction)
-    return adaptive_loop(
-        step,
-        problem,
-        stats,
-        y0,
-        f0,
-        h,
-        trace=trace,
-        callbacks=problem.callbacks if callbacks is None else callbacks,
-        jump=jump,
-        on_accept=on_accept,
-    )
+    hooks = {"trace": trace, "jump": jump, "on_accept": on_accept}
+    callbacks = problem.callbacks if callbacks is None else callbacks
+    return adaptive_loop(step, problem, stats, y0, f0, h, callbacks=callbacks, **hooks)
 
 
 def _esdirk_norm(problem, mode: str):
