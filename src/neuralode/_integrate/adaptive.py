@@ -122,8 +122,8 @@ def adaptive_loop(
     ``.step/.accept/.reject(t, y, h)`` (see ``_callbacks.py``). ``on_accept(t, h, y, stages)`` sees every
     accepted step (its start, signed size, start state and ``step.stages``).
 
-    ``stops``: ``(time, is_jump)`` pairs in the direction of integration (options ``step_t``/``jump_t``):
-    a step that would cross one is shortened to end on it; a step onto a jump is tried with ``f`` as the
+    Stops (``problem.stops()``, options ``step_t``/``jump_t``): a step that would cross one is shortened
+    to end on it; a step onto a jump is tried with ``f`` as the
     one-sided limit before it, and after it ``f`` is re-evaluated as the one-sided limit past it.
     ``jump(j, y) -> (y, f(t_j, y))`` (the adjoint's hook): the inner output times become stops, and at
     each the state is replaced by what ``jump`` returns, inside the one solve.
