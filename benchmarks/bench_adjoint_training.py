@@ -18,6 +18,11 @@ Usage::
 
     python benchmarks/bench_adjoint_training.py [--problem spiral|mnist] [--rounds 7] [--batches 5]
 
+``adjoint_options={"compile": True}`` rows (the backward evaluation compiled, ``...compiled``) are
+included unless ``--no-compile``; their first iteration (after ``torch._dynamo.reset()``) pays the
+compilation, reported as ``first call CPU s`` (Inductor's on-disk cache as the machine has it), and is
+left out of the timed rounds like every row's warm-up.
+
 Before/after a change of the library: ``--baseline DIR`` adds the neuralode rows of the packages
 ``neuralode_base`` (and, if present, ``neuralode_base2``, an identical second copy: its difference to the
 first is the noise of the run) found in ``DIR``, timed interleaved with ``neuralode`` in the same process
@@ -49,9 +54,10 @@ class Counted(torch.nn.Module):
         return self.func(t, y)
 
 
-def contenders(func: Counted, tol: dict, lib=neuralode, tag: str = "") -> dict:
+def contenders(func: Counted, tol: dict, lib=neuralode, tag: str = "", compiled: bool = False) -> dict:
     """name -> solve(y0, t) returning the trajectory ``(len(t), *y0.shape)``; ``lib`` a copy of the
-    package (``--baseline``): its rows only, named with ``tag`` in front."""
+    package (``--baseline``): its rows only, named with ``tag`` in front; ``compiled``: with the rows of
+    ``adjoint_options={"compile": True}``."""
     import torchdiffeq
 
     def node(**kw):
@@ -59,6 +65,7 @@ def contenders(func: Counted, tol: dict, lib=neuralode, tag: str = "") -> dict:
         return lambda y0, t: m(y0, t)
 
     semi = {"norm": "seminorm"}
+    semi_c = {"norm": "seminorm", "compile": True}
     ours = {
         "direct": node(gradient="direct"),
         "adjoint backsolve, seminorm (NeuralODE default)": node(gradient="adjoint"),
@@ -72,6 +79,26 @@ def contenders(func: Counted, tol: dict, lib=neuralode, tag: str = "") -> dict:
         ),
         "checkpoint": node(gradient="checkpoint"),
     }
+    if compiled:
+        ours.update(
+            {
+                "adjoint backsolve, seminorm, compiled": node(gradient="adjoint", adjoint_options=semi_c),
+                "adjoint interpolating, seminorm, compiled": node(
+                    gradient="adjoint", sensitivity="interpolating", adjoint_options=semi_c
+                ),
+                "adjoint interpolating, seminorm, adjoint_method=bosh3, compiled": lambda y0, t: (
+                    lib.odeint_adjoint(
+                        func,
+                        y0,
+                        t,
+                        **tol,
+                        sensitivity="interpolating",
+                        adjoint_method="bosh3",
+                        adjoint_options=semi_c,
+                    )
+                ),
+            }
+        )
     if tag:
         return {f"{tag} {name}": solve for name, solve in ours.items()}
     return {
@@ -124,12 +151,13 @@ def mnist_problem(n_batches: int, batch: int | None):
     return func, dict(rtol=1e-3, atol=1e-3, method="dopri5"), batches, loss, list(model.parameters())
 
 
-def eval_costs(func, params, y0: torch.Tensor, reps: int, rounds: int) -> dict:
+def eval_costs(func, params, y0: torch.Tensor, reps: int, rounds: int, compiled: bool) -> dict:
     """Median process-CPU microseconds of the pieces of one evaluation at ``y0`` (``--costs``): ``func``
     without a graph (an adjoint forward evaluation), with one (a direct-backprop forward evaluation, and
     the first half of a backward one), the vector-Jacobian product with respect to ``(y, θ)`` that
     completes a backward evaluation (the library's own call), and that product alone on a kept graph (a
-    jump of ``"interpolating"``/``"quadrature"``)."""
+    jump of ``"interpolating"``/``"quadrature"``), and with ``compiled`` the compiled backward evaluation
+    (``adjoint_options={"compile": True}``: ``func`` and the product in one graph)."""
     from neuralode._gradients.adjoint import _vjp
 
     ps = tuple(params)
@@ -163,13 +191,27 @@ def eval_costs(func, params, y0: torch.Tensor, reps: int, rounds: int) -> dict:
         "func with graph + VJP (one backward evaluation)": backward_eval,
         "VJP alone, kept graph (a jump)": kept_vjp,
     }
+    if compiled:
+        from neuralode._gradients.compiled_eval import compiled_backward_eval, tracing_settings
+
+        evaluate, _ = compiled_backward_eval(func, None, y0.shape, False, False, len(ps), {})
+        y_flat, v_flat = y0.reshape(-1), v.reshape(-1)
+
+        def compiled_eval():
+            with tracing_settings():
+                evaluate(t, y_flat, v_flat, *ps)
+
+        with torch.no_grad():
+            compiled_eval()  # compiles
+        pieces["compiled backward evaluation (adjoint_options['compile'])"] = compiled_eval
     out = {name: [] for name in pieces}
-    for _ in range(rounds):
-        for name, piece in pieces.items():
-            c0 = time.process_time()
-            for _ in range(reps):
-                piece()
-            out[name].append(1e6 * (time.process_time() - c0) / reps)
+    with torch.no_grad():  # as in a backward pass
+        for _ in range(rounds):
+            for name, piece in pieces.items():
+                c0 = time.process_time()
+                for _ in range(reps):
+                    piece()
+                out[name].append(1e6 * (time.process_time() - c0) / reps)
     return {name: statistics.median(v) for name, v in out.items()}
 
 
@@ -183,13 +225,14 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default=None, help="folder holding neuralode_base (and neuralode_base2)")
     p.add_argument("--only", default=None, help="comma-separated substrings of the row names to keep")
     p.add_argument("--costs", action="store_true", help="spiral: also time the pieces of one evaluation")
+    p.add_argument("--no-compile", action="store_true", help="leave out the compiled-backward rows")
     args = p.parse_args(argv)
     if args.costs and args.problem != "spiral":
         p.error("--costs times the spiral field only")
     torch.set_num_threads(1)
     make = spiral_problem if args.problem == "spiral" else mnist_problem
     func, tol, batches, loss_of, params = make(args.batches, args.batch)
-    runs = contenders(func, tol)
+    runs = contenders(func, tol, compiled=not args.no_compile)
     if args.baseline:
         sys.path.insert(0, args.baseline)
         for name in ("neuralode_base", "neuralode_base2"):
@@ -218,7 +261,13 @@ def main(argv=None) -> int:
             times[1].append(time.process_time() - c1)
         return fwd, func.calls - fwd
 
-    nfe = {name: iteration(solve, batches[0]) for name, solve in runs.items()}  # also the warm-up
+    nfe, first = {}, {}  # also the warm-up; a compiled row's first iteration compiles (dynamo reset first)
+    for name, solve in runs.items():
+        if name.endswith("compiled"):
+            torch._dynamo.reset()
+        c0 = time.process_time()
+        nfe[name] = iteration(solve, batches[0])
+        first[name] = time.process_time() - c0
     grads = {}
     for name, solve in runs.items():
         iteration(solve, batches[0])
@@ -244,9 +293,9 @@ def main(argv=None) -> int:
     print(f"{args.problem}: per-round CPU medians of direct backprop vary {noise:.2f}x (max/min)\n")
     print(
         "| gradient | wall ms | CPU ms | CPU vs direct | CPU ms fwd / bwd | NFE fwd | NFE bwd "
-        "| grad rel. diff vs direct |"
+        "| grad rel. diff vs direct | first call CPU s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in runs:
         rel = float((grads[name] - g_ref).norm() / g_ref.norm())
         row = {
@@ -258,17 +307,16 @@ def main(argv=None) -> int:
             "nfe_fwd": nfe[name][0],
             "nfe_bwd": nfe[name][1],
             "grad_rel_diff": rel,
+            "first_call_cpu_s": first[name],
         }
         rows.append(row)
         print(
             f"| {name} | {row['wall_ms']:.1f} | {row['cpu_ms']:.1f} | {row['cpu_ms'] / (1e3 * ref):.2f}x | "
-            f"{row['cpu_fwd_ms']:.1f} / {row['cpu_bwd_ms']:.1f} | {row['nfe_fwd']} | {row['nfe_bwd']} | {rel:.1e} |"
+            f"{row['cpu_fwd_ms']:.1f} / {row['cpu_bwd_ms']:.1f} | {row['nfe_fwd']} | {row['nfe_bwd']} | {rel:.1e} | {first[name]:.2f} |"
         )
     costs = None
     if args.costs:
-        costs = eval_costs(
-            func, params, batches[0][0] if args.problem == "spiral" else None, 200, args.rounds
-        )
+        costs = eval_costs(func, params, batches[0][0], 200, args.rounds, not args.no_compile)
         print("\n| piece of one evaluation (CPU µs, median) | µs |\n|---|---:|")
         for name, us in costs.items():
             print(f"| {name} | {us:.1f} |")

@@ -52,7 +52,7 @@ SLOW_CASES = frozenset(
         "tests/test_latent.py::test_cli_train_and_resume",
         "tests/test_func.py::test_gradient_through_vmap_equals_the_loop[rk4]",
         "tests/test_compiled_adaptive.py::test_a_new_lambda_per_solve_reuses_the_compiled_step",
-        "tests/test_compiled_adaptive.py::test_adjoint_compiles_the_forward_solve_only",
+        "tests/test_compiled_adaptive.py::test_adjoint_with_a_compiled_forward_solve",
         "tests/test_throw.py::test_failure_cell[throw-ros34pw2-joint-eager-direct]",
         "tests/test_per_sample.py::test_gradients_agree_with_per_sample_adjoint_solves",
         "tests/test_stiff.py::test_gradient_against_finite_differences[krylov]",

@@ -134,7 +134,7 @@ def test_events_and_jump_t_with_compile():
     assert abs(float(event_t) - 1.0) < 1e-9
 
 
-def test_adjoint_compiles_the_forward_solve_only():
+def test_adjoint_with_a_compiled_forward_solve():
     torch.manual_seed(2)
     f = Field()
     y0 = torch.randn(4, 2, dtype=torch.float64)
@@ -146,8 +146,6 @@ def test_adjoint_compiles_the_forward_solve_only():
         grads.append(torch.autograd.grad(out.square().sum(), list(f.parameters())))
     for g_ref, g in zip(*grads):
         torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
-    with pytest.raises(ValueError, match="adjoint_options\\['compile'\\]"):
-        odeint_adjoint(f, y0, t, adjoint_options={"compile": True})
 
 
 def test_bad_compile_option_values():

@@ -172,8 +172,9 @@ def _parse_settings(method: str, options: dict[str, Any]) -> Settings:
 
 def inherited_options(fwd_options: dict[str, Any] | None, method: str) -> dict[str, Any]:
     """The adjoint's backward solve's default options: the forward ones that ``method`` takes, without
-    ``norm`` (the backward state is another), ``compile`` (the backward dynamics run the autograd engine,
-    which torch.compile cannot trace) and ``throw`` (a failed backward solve has no partial gradient)."""
+    ``norm`` (the backward state is another), ``compile`` (the backward evaluation is another function,
+    compiled only when ``adjoint_options`` asks for it) and ``throw`` (a failed backward solve has no partial
+    gradient)."""
     valid = method_options(method)[0]
     drop = ("norm", "compile", "throw")
     return {k: v for k, v in (fwd_options or {}).items() if k not in drop and k in valid}
@@ -184,9 +185,9 @@ def adjoint_settings(
 ) -> tuple[str, dict[str, Any], Any]:
     """``odeint_adjoint``'s ``adjoint_method`` and ``adjoint_options``, checked, for a forward solve with
     ``method`` (validated) and ``fwd_options``: ``(method, options, norm)`` with the backward solve's
-    method, its options (step-size options normalised as :func:`check_step_options` does; default: the
-    forward ones it takes, see :func:`inherited_options`) and the backward norm (``"seminorm"``, a
-    callable, or ``None``)."""
+    method, its options (step-size options normalised as :func:`check_step_options` does, ``compile`` as
+    :func:`check_compile_option` does; default: the forward ones it takes, see :func:`inherited_options`)
+    and the backward norm (``"seminorm"``, a callable, or ``None``)."""
     adjoint_method = method if adjoint_method is None else adjoint_method
     if not isinstance(adjoint_method, str) or adjoint_method not in SOLVERS:
         raise ValueError(
@@ -199,6 +200,11 @@ def adjoint_settings(
         raise TypeError(f"adjoint_options must be a dict, got {type(adjoint_options).__name__}")
     else:
         options = dict(adjoint_options)
+        if options.get("compile") and adjoint_method not in TABLEAUS:
+            raise ValueError(
+                f"adjoint_options['compile'] compiles the backward evaluation of an explicit Runge-Kutta "
+                f"adjoint_method, not {adjoint_method!r}; valid methods: {', '.join(TABLEAUS)}"
+            )
         valid = valid | {"norm"}
         unknown = sorted(set(options) - valid)
         if unknown:
@@ -206,12 +212,8 @@ def adjoint_settings(
                 f"unknown adjoint_options {unknown} for adjoint_method {adjoint_method!r}; valid options: "
                 f"{', '.join(sorted(valid))}"
             )
-    if options.get("compile"):
-        raise ValueError(
-            "adjoint_options['compile'] is not supported: the backward dynamics run the autograd engine, "
-            "which torch.compile cannot trace (options['compile'] still compiles the forward solve)"
-        )
-    options.pop("compile", None)
+    if "compile" in options:
+        options["compile"] = check_compile_option(options["compile"], "adjoint_options")
     norm = options.pop("norm", None)
     if norm is not None and not adaptive and adjoint_method not in ESDIRK_TABLEAUS:
         raise ValueError(

@@ -242,6 +242,7 @@ class _AdjointSetup:
     sensitivity: str = "backsolve"
     checkpoints: int | None = None
     non_leaf: dict[int, int] = dataclasses.field(default_factory=dict)  # params index -> adjoint_params index
+    compile: dict | None = None  # adjoint_options["compile"]: torch.compile keyword arguments
 
 
 def _check_params(
@@ -275,6 +276,9 @@ def _check_params(
 
 def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, fwd_options) -> _AdjointSetup:
     method, options, norm = adjoint_settings(method, options, problem.method, fwd_options)
+    compile_kwargs = options.pop("compile", None)
+    if compile_kwargs is not None:
+        _check_compile(params)
     sizes = None if problem.shapes is None else [math.prod(s) for s in problem.shapes]
     return _AdjointSetup(
         func=func,
@@ -286,7 +290,25 @@ def _adjoint_setup(func, problem: Problem, params, rtol, atol, method, options, 
         seminorm=norm == "seminorm",
         user_norm=norm if callable(norm) else None,
         state_norm=make_norm((fwd_options or {}).get("norm"), sizes, problem.shapes),
+        compile=compile_kwargs,
     )
+
+
+def _check_compile(params) -> None:
+    """``adjoint_options["compile"]``: what the compiled backward evaluation cannot do, as errors."""
+    from neuralode._gradients.compiled_eval import compiled_available
+
+    if not compiled_available():
+        raise ValueError(
+            f"adjoint_options['compile'] needs torch.compile to trace torch.autograd.grad "
+            f"(torch._dynamo.config.trace_autograd_ops), which torch {torch.__version__} lacks; drop it"
+        )
+    if any(not p.is_leaf for p in params):
+        raise ValueError(
+            "adjoint_options['compile'] needs leaf tensors in adjoint_params (the compiled graph cannot "
+            "reach into the graph that computed one); drop adjoint_options['compile'], or compute the "
+            "tensor inside func"
+        )
 
 
 def _aug_tol(tol, name: str, problem: Problem):
@@ -463,6 +485,41 @@ def _backward(
     record,
     fwd_step: float | None = None,
 ):
+    """:func:`_backward_solve`, with the compiled backward evaluation of ``adjoint_options["compile"]``."""
+    args = (problem, adj, t, ys, grad_ys, t_grad, stats, record, fwd_step)
+    if adj.compile is None:
+        return _backward_solve(*args)
+    from neuralode._gradients.compiled_eval import compiled_backward_eval, tracing_settings
+
+    n = ys[0].numel()
+    compiled, release = compiled_backward_eval(
+        adj.func,
+        problem.shapes,
+        problem.y0.shape if problem.shapes is None else (n,),
+        adj.sensitivity == "backsolve",
+        t_grad,
+        0 if adj.sensitivity == "quadrature" else len(adj.params),
+        adj.compile,
+    )
+    try:
+        with tracing_settings():
+            return _backward_solve(*args, compiled)
+    finally:
+        release()
+
+
+def _backward_solve(
+    problem: Problem,
+    adj: _AdjointSetup,
+    t,
+    ys,
+    grad_ys,
+    t_grad: bool,
+    stats: SolveStats,
+    record,
+    fwd_step: float | None = None,
+    compiled: Callable | None = None,
+):
     """Integrate the backward system from ``t_N`` to ``t_0``, jumping ``a`` at every output time.
 
     ``fwd_step``: the forward's step size near ``t_N`` (:func:`_forward_step_size`). Where it reaches the
@@ -471,7 +528,8 @@ def _backward(
     forward ones linearised, at the same tolerance by default, so the step is about as long as the
     forward could take, and it spares the evaluation and the cautious first steps of
     :func:`~neuralode._step_size.initial_step` (a first step that is too long is rejected and shortened
-    as any other). Elsewhere the first step is chosen as for any solve."""
+    as any other). Elsewhere the first step is chosen as for any solve. ``compiled``: the backward
+    evaluation as one compiled graph (``compiled_eval.py``), or None (eager)."""
     dtype, device = ys.dtype, ys.device
     n_out = ys.shape[0]
     ys = ys.reshape(n_out, -1)
@@ -531,9 +589,18 @@ def _backward(
             parts.append(vjps[-1].reshape(1).to(dtype))
         return torch.cat(parts)
 
+    def aug_f_compiled(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
+        # adjoint_options["compile"]: the evaluation is one compiled graph (``compiled_eval.py``); no
+        # graph is kept for a jump, which evaluates afresh.
+        y = s[:n] if lay.with_y else traj(tt)
+        out, last_fy[0] = compiled(_time(tt, dtype, device, perturb), y, s[a_slice], *state_params)
+        return out
+
     def aug_f(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         """``[f?, −aᵀ∂f/∂y, −aᵀ∂f/∂θ, −aᵀ∂f/∂t?]`` at ``(tt, s)``, flat: one evaluation of ``func`` and one
         vector-Jacobian product (the common case of :func:`aug_f_general`, with fewer tensor operations)."""
+        if compiled is not None:
+            return aug_f_compiled(tt, s, perturb)
         if cast_params or s.requires_grad:
             return aug_f_general(tt, s, perturb)
         y = s[:n] if lay.with_y else traj(tt)

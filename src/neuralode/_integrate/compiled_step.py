@@ -37,26 +37,27 @@ from neuralode._solvers.rk import ROWS, coefficients, error_ratio, rk_step
 from neuralode._solvers.tableau import ButcherTableau
 from neuralode._step_size import make_norm, rms_rows
 
-__all__ = ["check_compile_option", "compiled_step"]
+__all__ = ["check_compile_option", "compiled_step", "dynamo_flags", "holder", "own_code"]
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DEFAULTS = {"fullgraph": False, "dynamic": None}
 
 
-def check_compile_option(value: Any) -> dict | None:
-    """``options["compile"]``: ``False``/``None`` (off), ``True`` (Inductor defaults) or a dict of
-    ``torch.compile`` keyword arguments (e.g. ``{"backend": "aot_eager"}``, ``{"mode": "max-autotune"}``).
-    Returns the keyword arguments, or ``None`` when off."""
+def check_compile_option(value: Any, what: str = "options") -> dict | None:
+    """``options["compile"]`` (``what``: the name of the dict, for the error messages): ``False``/``None``
+    (off), ``True`` (Inductor defaults) or a dict of ``torch.compile`` keyword arguments (e.g.
+    ``{"backend": "aot_eager"}``, ``{"mode": "max-autotune"}``). Returns the keyword arguments, or
+    ``None`` when off."""
     if value is None or value is False:
         return None
     if value is True:
         return dict(_DEFAULTS)
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
-            raise TypeError("options['compile'] as a dict must have torch.compile keyword names as keys")
+            raise TypeError(f"{what}['compile'] as a dict must have torch.compile keyword names as keys")
         return {**_DEFAULTS, **value}
     raise TypeError(
-        f"options['compile'] must be a bool or a dict of torch.compile keyword arguments, "
+        f"{what}['compile'] must be a bool or a dict of torch.compile keyword arguments, "
         f"got {type(value).__name__}"
     )
 
@@ -114,10 +115,14 @@ def _make_step(
             r = error_ratio(co, ks, hp, y.detach(), y1.detach(), rtol, atol, norm, ROWS)
         return y1, k, r
 
-    # A code object of its own: torch.compile keeps its cache, and its recompile limit, per code object.
-    name = f"neuralode_{tab.name}_{'rows_' if rows is not None else ''}step"
-    code = step.__code__.replace(co_name=name)
-    return types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
+    return own_code(step, f"neuralode_{tab.name}_{'rows_' if rows is not None else ''}step")
+
+
+def own_code(fn: types.FunctionType, name: str) -> types.FunctionType:
+    """``fn`` with a code object of its own, named ``name``: ``torch.compile`` keeps its cache, and its
+    recompile limit, per code object, so each cache entry gets both to itself."""
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 class _FunctionSlot:
@@ -154,7 +159,7 @@ class _FunctionSlot:
 _SLOTS: dict = {}  # code object -> _FunctionSlot
 
 
-def _holder(func: Callable) -> tuple[dict, Callable[[], Callable], Callable[[], None]] | None:
+def holder(func: Callable) -> tuple[dict, Callable[[], Callable], Callable[[], None]] | None:
     """``(steps, get_func, release)``: the cache of compiled steps for ``func``, a closure returning the
     callable the step calls, and what to call when the solve ends. Plain functions go through a
     :class:`_FunctionSlot`; a bound method is held weakly through its instance (the method object is
@@ -219,37 +224,41 @@ def compiled_step(
     def make(get_func):
         return _make_step(get_func, tab, shapes, user_norm, rtol_c, atol_c, rows)
 
-    held = _holder(func)
+    held = holder(func)
     if held is None:  # e.g. a builtin: compiled afresh for this solve
-        return _unspec_module_ints(torch.compile(make(lambda: func), **compile_kwargs)), _noop
+        return dynamo_flags(torch.compile(make(lambda: func), **compile_kwargs)), _noop
     steps, get_func, release = held
     fn = steps.get(key)
     if fn is None:
-        fn = steps[key] = _unspec_module_ints(torch.compile(make(get_func), **compile_kwargs))
+        fn = steps[key] = dynamo_flags(torch.compile(make(get_func), **compile_kwargs))
     return fn, release
 
 
-def _unspec_module_ints(fn: Callable) -> Callable:
-    """``fn`` traced with integer attributes of modules as dynamic values.
+def dynamo_flags(fn: Callable, *extra: str) -> Callable:
+    """``fn`` traced with integer attributes of modules as dynamic values (and the dynamo settings named
+    in ``extra`` switched on).
 
     Vector fields often count their own evaluations (``self.nfe += 1``, as in torchdiffeq's examples). By
     default dynamo specialises on such an integer, so every call fails the guard and recompiles, until the
-    recompile limit drops the step to eager. The setting is read while tracing, which can happen on any
-    call (a new shape, dtype or grad mode), so it is switched on around every call (~4 µs) rather than
-    changed for the whole process.
+    recompile limit drops the step to eager. The settings are read while tracing, which can happen on any
+    call (a new shape, dtype or grad mode), so they are switched on around every call (~4 µs) rather than
+    changed for the whole process. Settings this torch does not have are left out.
     """
     cfg = torch._dynamo.config
-    name = "allow_unspec_int_on_nn_module"
-    if not hasattr(cfg, name):  # older torch
+    names = [n for n in ("allow_unspec_int_on_nn_module", *extra) if hasattr(cfg, n)]
+    if not names:  # older torch
         return fn
 
     def call(*args):
-        if getattr(cfg, name):
+        off = [n for n in names if not getattr(cfg, n)]
+        if not off:
             return fn(*args)
-        setattr(cfg, name, True)
+        for n in off:
+            setattr(cfg, n, True)
         try:
             return fn(*args)
         finally:
-            setattr(cfg, name, False)
+            for n in off:
+                setattr(cfg, n, False)
 
     return call
