@@ -109,7 +109,12 @@ def odeint_adjoint(
             ``a_t`` 0-d, each ``y``/``a_y`` part in the shape of its part of ``y0`` and each ``a_θ`` in its
             parameter's shape (``"interpolating"``: no ``y``; ``"quadrature"``: only ``(a_t, *a_y)``). The
             default norm is the max over the RMS of ``y`` and of ``a`` (each measured with the forward
-            norm), of every parameter's adjoint, and ``|a_t|``.
+            norm), of every parameter's adjoint, and ``|a_t|``. ``{"compile": True}`` (or a dict of
+            ``torch.compile`` arguments, as ``options["compile"]``; never inherited from ``options``)
+            runs each backward evaluation, ``func`` and its vector-Jacobian products, as one compiled
+            graph, cached per ``func``: same gradients to rounding, the first backward pass pays the
+            compilation. It needs an explicit Runge-Kutta ``adjoint_method``, leaf ``adjoint_params`` and
+            a ``func`` that ``torch.compile`` can trace; ``create_graph=True`` runs eagerly.
         adjoint_params: the tensors to compute gradients for; default ``tuple(func.parameters())`` when
             ``func`` is an ``nn.Module``. Tensors that ``func`` uses but that are not listed here get
             no gradient. Listed leaf tensors that ``func`` does not use get zeros. A listed tensor that
@@ -492,18 +497,21 @@ def _backward(
     from neuralode._gradients.compiled_eval import compiled_backward_eval, tracing_settings
 
     n = ys[0].numel()
-    compiled, release = compiled_backward_eval(
-        adj.func,
+    with_y = adj.sensitivity == "backsolve"
+    layout = (
         problem.shapes,
         problem.y0.shape if problem.shapes is None else (n,),
-        adj.sensitivity == "backsolve",
+        with_y,
         t_grad,
         0 if adj.sensitivity == "quadrature" else len(adj.params),
         adj.compile,
     )
+    compiled, release = compiled_backward_eval(adj.func, *layout)
+    # interpolating/quadrature: the evaluation at the next jump's time with the jump's too, in one graph
+    compiled_jump = None if with_y else compiled_backward_eval(adj.func, *layout, jump=True)[0]
     try:
         with tracing_settings():
-            return _backward_solve(*args, compiled)
+            return _backward_solve(*args, (compiled, compiled_jump))
     finally:
         release()
 
@@ -518,7 +526,7 @@ def _backward_solve(
     stats: SolveStats,
     record,
     fwd_step: float | None = None,
-    compiled: Callable | None = None,
+    compiled: tuple[Callable, Callable | None] | None = None,
 ):
     """Integrate the backward system from ``t_N`` to ``t_0``, jumping ``a`` at every output time.
 
@@ -529,7 +537,7 @@ def _backward_solve(
     forward could take, and it spares the evaluation and the cautious first steps of
     :func:`~neuralode._step_size.initial_step` (a first step that is too long is rejected and shortened
     as any other). Elsewhere the first step is chosen as for any solve. ``compiled``: the backward
-    evaluation as one compiled graph (``compiled_eval.py``), or None (eager)."""
+    evaluation as one compiled graph and its variant at a jump (``compiled_eval.py``), or None (eager)."""
     dtype, device = ys.dtype, ys.device
     n_out = ys.shape[0]
     ys = ys.reshape(n_out, -1)
@@ -555,7 +563,7 @@ def _backward_solve(
     linear = not lay.with_y
     a_slice = lay.a
     held: list = [None]
-    next_jump = [math.nan]  # the time of the next jump
+    next_jump = [math.nan, None]  # the time of the next jump and dL/dy there
     jump_slack = 16 * math.ulp(max(abs(x) for x in problem.t))  # the last stage's time t + 1·h, rounded
 
     def aug_f_general(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
@@ -590,10 +598,16 @@ def _backward_solve(
         return torch.cat(parts)
 
     def aug_f_compiled(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
-        # adjoint_options["compile"]: the evaluation is one compiled graph (``compiled_eval.py``); no
-        # graph is kept for a jump, which evaluates afresh.
+        # adjoint_options["compile"]: the evaluation is one compiled graph (``compiled_eval.py``). At the
+        # next jump's time (as ``keep`` below) it also returns the evaluation after the jump, kept in ``held``.
         y = s[:n] if lay.with_y else traj(tt)
-        out, last_fy[0] = compiled(_time(tt, dtype, device, perturb), y, s[a_slice], *state_params)
+        tt_ = _time(tt, dtype, device, perturb)
+        if linear and not perturb and abs(tt - next_jump[0]) <= jump_slack:
+            out, fy, out_jump = compiled[1](tt_, y, s[a_slice], next_jump[1], *state_params)
+            held[0] = (s, out_jump, fy)
+        else:
+            out, fy, _ = compiled[0](tt_, y, s[a_slice], *state_params)
+        last_fy[0] = fy
         return out
 
     def aug_f(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
@@ -635,7 +649,9 @@ def _backward_solve(
         if lay.with_y:
             s[:n] = ys[i]
         s[lay.a].add_(grad_ys[i])
-        if kept is not None and kept[0] is s_in:
+        if kept is not None and kept[0] is s_in and compiled is not None:
+            _, ds, last_fy[0] = kept
+        elif kept is not None and kept[0] is s_in:
             _, out, fy_g, fy, inputs = kept
             ds = out + _flatten(_vjp(fy_g, inputs, torch.neg(grad_ys[i]).view_as(fy_g)))
             last_fy[0] = fy
@@ -687,16 +703,16 @@ def _backward_solve(
         stats.n_solves += 1
 
         def jump(j: int, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            next_jump[0] = problem.t[stops[j]] if j < len(stops) else math.nan
+            next_jump[:] = (problem.t[stops[j]], grad_ys[stops[j]]) if j < len(stops) else (math.nan, None)
             return apply_jump(stops[j - 1], s)
 
-        next_jump[0] = problem.t[stops[0]] if stops else math.nan
+        next_jump[:] = (problem.t[stops[0]], grad_ys[stops[0]]) if stops else (math.nan, None)
         s_0 = run(aug_problem, stats, jump=jump, on_accept=on_accept)[-1]
     else:  # fixed grids and the other methods: one solve per output interval, as torchdiffeq
         s, ds = s_n, ds_n
         for i in range(n_out - 1, 0, -1):
             piece = dataclasses.replace(aug_problem, t=[problem.t[i], problem.t[i - 1]])
-            next_jump[0] = problem.t[i - 1] if i > 1 else math.nan
+            next_jump[:] = (problem.t[i - 1], grad_ys[i - 1]) if i > 1 else (math.nan, None)
             stats.n_solves += 1
             s = run(piece, stats, y0=s, f0=ds, on_accept=on_accept)[-1]
             if i > 1:

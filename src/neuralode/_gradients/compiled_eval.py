@@ -56,15 +56,18 @@ def tracing_settings() -> Iterator[None]:
 
 
 def _make_eval(
-    get_func: Callable[[], Callable], shapes, y_shape, with_y: bool, t_grad: bool, n_params: int
+    get_func: Callable[[], Callable], shapes, y_shape, with_y: bool, t_grad: bool, n_params: int, jump: bool
 ) -> Callable:
     sizes = None if shapes is None else [math.prod(s) for s in shapes]
 
-    def backward_eval(tt, y, a, *params):
-        """``(out, f)``: ``out = [f?, −aᵀ∂f/∂y, −aᵀ∂f/∂θ, −aᵀ∂f/∂t?]`` flat in ``a``'s dtype (``f`` first
-        for backsolve), ``f = func(tt, y)`` flat when ``t_grad`` (for the jumps' ``dL/dt_i``), else None.
-        ``tt`` 0-d, ``y`` and ``a`` flat."""
+    def backward_eval(tt, y, a, *args):
+        """``(out, f, out_jump)``: ``out = [f?, −aᵀ∂f/∂y, −aᵀ∂f/∂θ, −aᵀ∂f/∂t?]`` flat in ``a``'s dtype
+        (``f`` first for backsolve), ``f = func(tt, y)`` flat when ``t_grad`` (for the jumps' ``dL/dt_i``),
+        else None. ``tt`` 0-d, ``y`` and ``a`` flat; ``args`` the parameters, after the jump ``g`` (flat)
+        when ``jump``: then ``out_jump`` is ``out`` at ``a + g``, as ``out`` plus the products with ``−g``
+        of the same graph (the dynamics are linear in ``a``), else None."""
         func = get_func()
+        g_jump, params = (args[0], args[1:]) if jump else (None, args)
         with torch.enable_grad():
             y_ = y.detach().reshape(y_shape).requires_grad_(True)
             tt_ = tt.detach().requires_grad_(True) if t_grad else tt
@@ -75,29 +78,45 @@ def _make_eval(
                 fy = torch.cat([o.reshape(-1) for o in func(tt_, parts)])
             inputs = (y_, *params, tt_) if t_grad else (y_, *params)
             if fy.requires_grad:
-                grads = torch.autograd.grad(fy, inputs, -a.view_as(fy), allow_unused=True)
+                grads = torch.autograd.grad(fy, inputs, -a.view_as(fy), allow_unused=True, retain_graph=jump)
+                if jump:
+                    extra = torch.autograd.grad(fy, inputs, -g_jump.view_as(fy), allow_unused=True)
             else:  # f depends on nothing differentiable
-                grads = (None,) * len(inputs)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-        dtype = a.dtype
+                grads = extra = (None,) * len(inputs)
         fy = fy.detach().reshape(-1)
-        out = [fy] if with_y else []
+        out = flat([fy] if with_y else [], grads, inputs, a.dtype)
+        return out, fy if t_grad else None, out + flat([], extra, inputs, a.dtype) if jump else None
+
+    def flat(out, grads, inputs, dtype):
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
         out.extend(g.reshape(-1).to(dtype) for g in grads[: 1 + n_params])
         if t_grad:
             out.append(grads[-1].reshape(1).to(dtype))
-        return torch.cat(out), fy if t_grad else None
+        return torch.cat(out)
 
-    return own_code(backward_eval, f"neuralode_adjoint_{'backsolve' if with_y else 'state'}_eval")
+    name = f"neuralode_adjoint_{'backsolve' if with_y else 'state'}_{'jump_' if jump else ''}eval"
+    return own_code(backward_eval, name)
 
 
 def compiled_backward_eval(
-    func: Callable, shapes, y_shape, with_y: bool, t_grad: bool, n_params: int, compile_kwargs: dict
+    func: Callable,
+    shapes,
+    y_shape,
+    with_y: bool,
+    t_grad: bool,
+    n_params: int,
+    compile_kwargs: dict,
+    jump: bool = False,
 ) -> tuple[Callable, Callable[[], None]]:
-    """``(evaluate, release)``: the compiled ``evaluate(t, y, a, *θ) -> (out, f or None)`` of the
+    """``(evaluate, release)``: the compiled ``evaluate(t, y, a, *θ) -> (out, f or None, None)`` of the
     backward dynamics of ``func`` (see ``backward_eval`` above; ``shapes``: a tuple state's part shapes or
     None, ``y_shape`` the shape ``func`` sees a plain state in, ``with_y``: backsolve's layout with ``f``
     first, ``t_grad``: the product with respect to ``t`` too, ``n_params``: how many ``θ``), and the
-    function to call when the backward solve is over. Call ``evaluate`` inside :func:`tracing_settings`."""
+    function to call when the backward solve is over. ``jump`` (not with ``with_y``): ``evaluate(t, y, a,
+    g, *θ) -> (out, f or None, out at a + g)``, for an evaluation at an output time where ``a`` jumps by
+    ``g``. Call ``evaluate`` inside :func:`tracing_settings`."""
+    if jump and with_y:
+        raise ValueError("the jump evaluation needs dynamics linear in the state (not backsolve's)")
     key = (
         "adjoint",
         getattr(func, "__func__", None),
@@ -107,10 +126,11 @@ def compiled_backward_eval(
         t_grad,
         n_params,
         tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items())),
+        jump,
     )
 
     def make(get_func):
-        fn = _make_eval(get_func, shapes, y_shape, with_y, t_grad, n_params)
+        fn = _make_eval(get_func, shapes, y_shape, with_y, t_grad, n_params, jump)
         return torch.compile(fn, **compile_kwargs)
 
     held = holder(func)
