@@ -84,18 +84,31 @@ def test_compiled_backward_equals_eager_adjoint_and_direct():
         torch.testing.assert_close(g, d, rtol=1e-6, atol=1e-8)
 
 
-def test_compile_option_errors():
-    f = Field()
+W = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"adjoint_options": {"compile": "yes"}}, TypeError, "adjoint_options\\['compile'\\] must be a bool"),
+        (
+            {"adjoint_method": "kvaerno3", "adjoint_options": {"compile": True}},
+            ValueError,
+            "explicit Runge-Kutta adjoint_method, not 'kvaerno3'",
+        ),
+        (  # a non-leaf tensor
+            {"adjoint_params": (W * 2,), "adjoint_options": {"compile": True}},
+            ValueError,
+            "needs leaf tensors in adjoint_params",
+        ),
+    ],
+)
+def test_compile_option_errors(kwargs, error, match):
     y0 = torch.randn(2, 2, dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    with pytest.raises(TypeError, match="adjoint_options\\['compile'\\] must be a bool"):
-        odeint_adjoint(f, y0, t, adjoint_options={"compile": "yes"})
-    with pytest.raises(ValueError, match="explicit Runge-Kutta adjoint_method, not 'kvaerno3'"):
-        odeint_adjoint(f, y0, t, adjoint_method="kvaerno3", adjoint_options={"compile": True})
-    w = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
-    w2 = w * 2  # not a leaf
-    with pytest.raises(ValueError, match="needs leaf tensors in adjoint_params"):
-        odeint_adjoint(lambda t, y: y @ w2, y0, t, adjoint_params=(w2,), adjoint_options={"compile": True})
+    params = kwargs.get("adjoint_params", (W,))
+    with pytest.raises(error, match=match):
+        odeint_adjoint(lambda t, y: y @ params[0], y0, t, **{"adjoint_params": params, **kwargs})
 
 
 @pytest.mark.slow

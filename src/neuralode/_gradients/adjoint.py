@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -390,9 +391,10 @@ class _Adjoint(torch.autograd.Function):
             grad_y0, grad_params = _backward_differentiable(problem, adjoint, ys, grad_ys)
             return (None, None, None, grad_y0.view(problem.y0.shape), *grad_params)
         stats = SolveStats()
-        grad_y0, grad_params, grad_t = _backward(
-            problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record, ctx.fwd_step
-        )
+        with _compiled_evals(problem, adjoint, ys, ctx.t_grad) as compiled:
+            grad_y0, grad_params, grad_t = _backward(
+                problem, adjoint, t, ys, grad_ys, ctx.t_grad, stats, ctx.record, ctx.fwd_step, compiled
+            )
         _report_backward(ctx.sinks, stats)
         return (None, None, grad_t, grad_y0.view(problem.y0.shape), *grad_params)
 
@@ -479,44 +481,25 @@ class _Layout:
         return torch.cat([tol, tol, rest] if self.with_y else [tol, rest])
 
 
-def _backward(
-    problem: Problem,
-    adj: _AdjointSetup,
-    t,
-    ys,
-    grad_ys,
-    t_grad: bool,
-    stats: SolveStats,
-    record,
-    fwd_step: float | None = None,
-):
-    """:func:`_backward_solve`, with the compiled backward evaluation of ``adjoint_options["compile"]``."""
-    args = (problem, adj, t, ys, grad_ys, t_grad, stats, record, fwd_step)
+def _compiled_evals(problem: Problem, adj: _AdjointSetup, ys: torch.Tensor, t_grad: bool):
+    """A context for the backward pass: ``None`` (eager), or with ``adjoint_options["compile"]`` the
+    compiled backward evaluation and its variant at the jumps (``compiled_eval.py``)."""
     if adj.compile is None:
-        return _backward_solve(*args)
-    from neuralode._gradients.compiled_eval import compiled_backward_eval, tracing_settings
+        return contextlib.nullcontext()
+    from neuralode._gradients.compiled_eval import compiled_evals
 
-    n = ys[0].numel()
-    with_y = adj.sensitivity == "backsolve"
-    layout = (
+    return compiled_evals(
+        adj.func,
         problem.shapes,
-        problem.y0.shape if problem.shapes is None else (n,),
-        with_y,
+        problem.y0.shape if problem.shapes is None else (ys[0].numel(),),
+        adj.sensitivity == "backsolve",
         t_grad,
         0 if adj.sensitivity == "quadrature" else len(adj.params),
         adj.compile,
     )
-    compiled, release = compiled_backward_eval(adj.func, *layout)
-    # interpolating/quadrature: the evaluation at the next jump's time with the jump's too, in one graph
-    compiled_jump = None if with_y else compiled_backward_eval(adj.func, *layout, jump=True)[0]
-    try:
-        with tracing_settings():
-            return _backward_solve(*args, (compiled, compiled_jump))
-    finally:
-        release()
 
 
-def _backward_solve(
+def _backward(
     problem: Problem,
     adj: _AdjointSetup,
     t,

@@ -27,7 +27,7 @@ import torch
 
 from neuralode._integrate.compiled_step import holder, own_code
 
-__all__ = ["compiled_available", "compiled_backward_eval", "tracing_settings"]
+__all__ = ["compiled_available", "compiled_backward_eval", "compiled_evals", "tracing_settings"]
 
 # Read by dynamo while it traces, which can happen on any call (a new shape, dtype or grad mode):
 # torch.autograd.grad traced into the graph, and integer attributes of modules (evaluation counters,
@@ -145,3 +145,20 @@ def compiled_backward_eval(
 
 def _release_nothing() -> None:
     pass
+
+
+@contextlib.contextmanager
+def compiled_evals(
+    func: Callable, shapes, y_shape, with_y: bool, t_grad: bool, n_params: int, compile_kwargs: dict
+) -> Iterator[tuple[Callable, Callable | None]]:
+    """For one backward pass (arguments as :func:`compiled_backward_eval`): ``(evaluate, at_jump)``, the
+    compiled evaluation and, where the dynamics are linear in the state (not ``with_y``), its variant at
+    the jumps (None for backsolve), called under :func:`tracing_settings`; released at the end."""
+    layout = (shapes, y_shape, with_y, t_grad, n_params, compile_kwargs)
+    evaluate, release = compiled_backward_eval(func, *layout)
+    at_jump = None if with_y else compiled_backward_eval(func, *layout, jump=True)[0]
+    try:
+        with tracing_settings():
+            yield evaluate, at_jump
+    finally:
+        release()
