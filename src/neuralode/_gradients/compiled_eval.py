@@ -13,8 +13,11 @@ The graph reaches ``func`` as the forward's compiled step does (``_integrate/com
 through its closure, plain functions through a per-code-object slot), so a new solve with the same
 ``func`` reuses it, and takes ``(t, y, a, *θ)`` as tensors: new times, states and parameter values never
 recompile; a new shape, dtype or device does (``torch.compile``'s own guards). Compiled evaluations are
-cached per ``func``, layout of the backward state and compile options. The first backward pass pays the
-compilation (seconds with Inductor on a CPU).
+cached per ``func``, layout of the backward state and compile options. Where the dynamics are linear in
+the adjoint (``"interpolating"``, ``"quadrature"``), a second graph serves the evaluations at an output
+time: it also returns the evaluation after the jump ``a += dL/dy(t_i)``, a second product of the same
+forward, so a jump costs no evaluation. The first backward pass pays the compilation (seconds with
+Inductor on a CPU, more with a cold cache).
 """
 
 from __future__ import annotations
