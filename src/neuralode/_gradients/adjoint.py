@@ -926,14 +926,14 @@ class _DensePoly:
         return torch.mm(K.T, p).mul_(h)
 
     def at(self, theta: float, y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``y + Σ_k θᵏ q_k``, a new flat tensor."""
+        """``y + Σ_k θᵏ q_k``, a new flat tensor (``y`` may be non-contiguous: ``y0`` as the caller passed it)."""
         powers = [theta]
         for _ in range(self.degree - 1):
             powers.append(powers[-1] * theta)
         w = torch.tensor(powers, dtype=y.dtype)
         if not y.is_cpu:
             w = w.to(y.device, non_blocking=True)
-        return torch.addmv(y.view(-1), q, w)
+        return torch.addmv(y.reshape(-1), q, w)
 
 
 class _DenseRecorder:
