@@ -85,6 +85,31 @@ def test_compiled_backward_equals_eager_adjoint_and_direct():
 
 
 W = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+# Module-level tensors read by a plain function (torch.compile guards no aliasing of an argument with them).
+A = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+B = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+
+
+def _field_of_globals(t, y):
+    return torch.tanh(y @ A) @ B
+
+
+def test_compiled_backward_other_adjoint_params_of_the_same_func():
+    """A compiled evaluation cached for ``adjoint_params=(A,)`` must not serve ``(B,)`` (the same count, the
+    same ``func``): its graph would differentiate ``A`` again."""
+    y0 = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for params in ((A,), (B,)):
+        got, ref = (
+            torch.autograd.grad(
+                odeint_adjoint(_field_of_globals, y0, t, **TOL, adjoint_params=params, adjoint_options=o)
+                .square()
+                .sum(),
+                params,
+            )
+            for o in ({"compile": AOT}, None)
+        )
+        _assert_equal_to_rounding(got, ref)
 
 
 @pytest.mark.parametrize(

@@ -494,7 +494,7 @@ def _compiled_evals(problem: Problem, adj: _AdjointSetup, ys: torch.Tensor, t_gr
         problem.y0.shape if problem.shapes is None else (ys[0].numel(),),
         adj.sensitivity == "backsolve",
         t_grad,
-        0 if adj.sensitivity == "quadrature" else len(adj.params),
+        () if adj.sensitivity == "quadrature" else adj.params,
         adj.compile,
     )
 

@@ -13,7 +13,10 @@ The graph reaches ``func`` as the forward's compiled step does (``_integrate/com
 through its closure, plain functions through a per-code-object slot), so a new solve with the same
 ``func`` reuses it, and takes ``(t, y, a, *θ)`` as tensors: new times, states and parameter values never
 recompile; a new shape, dtype or device does (``torch.compile``'s own guards). Compiled evaluations are
-cached per ``func``, layout of the backward state and compile options. Where the dynamics are linear in
+cached per ``func``, layout of the backward state and compile options, and hold for the parameter
+tensors they were compiled with: other ``θ`` (``adjoint_params`` another subset or order of the tensors
+``func`` reads) compile afresh, as ``torch.compile`` does not guard how an argument aliases a global
+tensor ``func`` reads (the graph would keep differentiating the first ones). Where the dynamics are linear in
 the adjoint (``"interpolating"``, ``"quadrature"``), a second graph serves the evaluations at an output
 time: it also returns the evaluation after the jump ``a += dL/dy(t_i)``, a second product of the same
 forward, so a jump costs no evaluation. The first backward pass pays the compilation (seconds with
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -110,6 +114,7 @@ def compiled_backward_eval(
     n_params: int,
     compile_kwargs: dict,
     jump: bool = False,
+    params: tuple[torch.Tensor, ...] = (),
 ) -> tuple[Callable, Callable[[], None]]:
     """``(evaluate, release)``: the compiled ``evaluate(t, y, a, *θ) -> (out, f or None, None)`` of the
     backward dynamics of ``func`` (see ``backward_eval`` above; ``shapes``: a tuple state's part shapes or
@@ -117,7 +122,8 @@ def compiled_backward_eval(
     first, ``t_grad``: the product with respect to ``t`` too, ``n_params``: how many ``θ``), and the
     function to call when the backward solve is over. ``jump`` (not with ``with_y``): ``evaluate(t, y, a,
     g, *θ) -> (out, f or None, out at a + g)``, for an evaluation at an output time where ``a`` jumps by
-    ``g``. Call ``evaluate`` inside :func:`tracing_settings`."""
+    ``g``. ``params``: the ``θ`` it will be called with (``n_params`` of them); a cached evaluation
+    compiled for other tensors is compiled afresh. Call ``evaluate`` inside :func:`tracing_settings`."""
     if jump and with_y:
         raise ValueError("the jump evaluation needs dynamics linear in the state (not backsolve's)")
     key = (
@@ -140,10 +146,10 @@ def compiled_backward_eval(
     if held is None:  # e.g. a builtin: compiled afresh for this backward pass
         return make(lambda: func), _release_nothing
     cache, get_func, release = held
-    fn = cache.get(key)
-    if fn is None:
-        fn = cache[key] = make(get_func)
-    return fn, release
+    entry = cache.get(key)
+    if entry is None or len(entry[1]) != len(params) or any(r() is not p for r, p in zip(entry[1], params)):
+        entry = cache[key] = (make(get_func), tuple(weakref.ref(p) for p in params))
+    return entry[0], release
 
 
 def _release_nothing() -> None:
@@ -152,14 +158,21 @@ def _release_nothing() -> None:
 
 @contextlib.contextmanager
 def compiled_evals(
-    func: Callable, shapes, y_shape, with_y: bool, t_grad: bool, n_params: int, compile_kwargs: dict
+    func: Callable,
+    shapes,
+    y_shape,
+    with_y: bool,
+    t_grad: bool,
+    params: tuple[torch.Tensor, ...],
+    compile_kwargs: dict,
 ) -> Iterator[tuple[Callable, Callable | None]]:
-    """For one backward pass (arguments as :func:`compiled_backward_eval`): ``(evaluate, at_jump)``, the
-    compiled evaluation and, where the dynamics are linear in the state (not ``with_y``), its variant at
-    the jumps (None for backsolve), called under :func:`tracing_settings`; released at the end."""
-    layout = (shapes, y_shape, with_y, t_grad, n_params, compile_kwargs)
-    evaluate, release = compiled_backward_eval(func, *layout)
-    at_jump = None if with_y else compiled_backward_eval(func, *layout, jump=True)[0]
+    """For one backward pass (arguments as :func:`compiled_backward_eval`, ``params`` the ``θ``):
+    ``(evaluate, at_jump)``, the compiled evaluation and, where the dynamics are linear in the state (not
+    ``with_y``), its variant at the jumps (None for backsolve), called under :func:`tracing_settings`;
+    released at the end."""
+    layout = (shapes, y_shape, with_y, t_grad, len(params), compile_kwargs)
+    evaluate, release = compiled_backward_eval(func, *layout, params=params)
+    at_jump = None if with_y else compiled_backward_eval(func, *layout, jump=True, params=params)[0]
     try:
         with tracing_settings():
             yield evaluate, at_jump
