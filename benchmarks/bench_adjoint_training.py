@@ -195,7 +195,9 @@ def eval_costs(func, params, y0: torch.Tensor, reps: int, rounds: int, compiled:
     if compiled:
         from neuralode._gradients.compiled_eval import compiled_backward_eval, tracing_settings
 
-        evaluate, _ = compiled_backward_eval(func, None, y0.shape, False, False, len(ps), {}, params=tuple(ps))
+        evaluate, _ = compiled_backward_eval(
+            func, None, y0.shape, False, False, len(ps), {}, params=tuple(ps)
+        )
         y_flat, v_flat = y0.reshape(-1), v.reshape(-1)
 
         def compiled_eval():

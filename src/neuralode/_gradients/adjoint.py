@@ -926,7 +926,7 @@ class _DensePoly:
         return torch.mm(K.T, p).mul_(h)
 
     def at(self, theta: float, y: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``y + Σ_k θᵏ q_k``, a new flat tensor (``y`` may be non-contiguous: ``y0`` as the caller passed it)."""
+        """``y + Σ_k θᵏ q_k``, a new flat tensor (``y`` may be non-contiguous: ``y0`` as passed)."""
         powers = [theta]
         for _ in range(self.degree - 1):
             powers.append(powers[-1] * theta)

@@ -5,10 +5,11 @@ kernel launch of its own (about 7 per function evaluation for dopri5), each cost
 Python and dispatcher time: on small networks that is as much as the network itself. Compiled, the
 whole step (every ``func`` call, the stage combinations and the error ratio) is one graph; Inductor fuses
 the combinations into the network's kernels. The loop around it (accept/reject, step-size control, dense
-output, events, ``step_t``/``jump_t``, callbacks) is the ordinary one in ``_integrate/joint.py``, so everything
-``odeint`` does still works; steps that must evaluate ``func`` as a one-sided limit at a ``jump_t`` run
-eagerly. On a fixed grid the step of a non-FSAL method also evaluates its first stage inside the graph
-(so only ``interp="linear"`` without ``perturb`` is offered: neither needs that stage afterwards).
+output, events, ``step_t``/``jump_t``, callbacks) is the ordinary one in ``_integrate/adaptive.py``, so
+everything ``odeint`` does still works; steps that must evaluate ``func`` as a one-sided limit at a
+``jump_t`` run eagerly. On a fixed grid the step of a non-FSAL method also evaluates its first stage
+inside the graph (so only ``interp="linear"`` without ``perturb`` is offered: neither needs that stage
+afterwards).
 
 The step takes the time and step size as one float64 tensor ``[t, h]``, so a new step size never
 recompiles (as 0-d tensors or floats they would be guarded as Python scalars, through a slower Python
