@@ -443,6 +443,29 @@ def test_step_landing_exactly_on_a_stop_ends_on_it():
     assert propose_step(0.75, 0.5, 0.0, -1.0, stops, 0, 0.0) == (-0.25, False, (0.5, False))
 
 
+def test_jump_at_the_end_time_is_no_stop():
+    """``jump_t`` exactly at ``t[-1]``: the solve ends there, so the last step is a plain step (no
+    one-sided evaluation past the end of the span): the same evaluations and result as without it."""
+    from neuralode._step_size import propose_step
+
+    assert propose_step(0.75, 0.25, 1.0, 1.0, [(1.0, True)], 0, 0.0) == (0.25, True, None)
+    assert propose_step(0.75, 0.5, 1.0, 1.0, [(0.9, True)], 0, 0.0)[2] == (0.9, True)
+    y0 = torch.tensor([1.0, -0.5], dtype=DT)
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    seen = []
+
+    def f(tt, y):
+        seen.append(float(tt))
+        return -y
+
+    plain = odeint(f, y0, t, rtol=1e-8, atol=1e-10)
+    n_plain = len(seen)
+    seen.clear()
+    jumped = odeint(f, y0, t, rtol=1e-8, atol=1e-10, options={"jump_t": torch.tensor([1.0], dtype=DT)})
+    assert len(seen) == n_plain and max(seen) <= 1.0
+    torch.testing.assert_close(jumped, plain, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("checkpoints", [None, 2])
 @pytest.mark.parametrize("sensitivity", ["interpolating", "quadrature"])
 def test_non_contiguous_y0(sensitivity, checkpoints):

@@ -54,14 +54,17 @@ def propose_step(
     The step is at least ``min_step``, ends exactly on ``t_end`` when it would reach it (``last``), and is
     shortened to end on the next entry of ``stops`` (``(time, is_jump)`` pairs in the direction of
     integration, from index ``i_stop``) that it would cross; a step landing exactly on it ends on it too
-    (so the caller moves past it). Returns ``(h_signed, last, stop)``.
+    (so the caller moves past it), unless that stop is ``t_end``. Returns ``(h_signed, last, stop)``.
     """
     h = max(h, min_step)
     last = h >= abs(t_end - t)
     h_signed = (t_end - t) if last else direction * h
-    if i_stop < len(stops) and direction * (stops[i_stop][0] - (t + h_signed)) <= 0:
-        stop = stops[i_stop]
-        return stop[0] - t, False, stop
+    if i_stop < len(stops):
+        past = direction * (stops[i_stop][0] - (t + h_signed))
+        # A stop on t_end itself is no stop: the solve ends there (nothing past it is evaluated).
+        if past < 0 or (past == 0 and not last):
+            stop = stops[i_stop]
+            return stop[0] - t, False, stop
     return h_signed, last, None
 
 
