@@ -549,36 +549,44 @@ def _backward(
     next_jump = [math.nan, None]  # the time of the next jump and dL/dy there
     jump_slack = 16 * math.ulp(max(abs(x) for x in problem.t))  # the last stage's time t + 1·h, rounded
 
-    def aug_f_general(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
+    def aug_f_eager(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         # ``s`` requires grad only when an implicit backward method (kvaerno*) takes the Jacobian of these
         # dynamics: then the result must stay differentiable in ``s`` (``y`` kept attached, the
         # vector-Jacobian products built with a graph), or that Jacobian would be zero.
         jac = s.requires_grad
         y = s[:n] if lay.with_y else traj(tt)
-        a = s[lay.a]
+        tt_ = _time(tt, dtype, device, perturb)
+        if t_grad:
+            tt_.requires_grad_(True)
         with torch.enable_grad():
+            # detached otherwise: y(t0) may be y0 itself, with the caller's graph
             y_ = y.view(y_shape) if jac and lay.with_y else y.detach().view(y_shape).requires_grad_(True)
-            tt_ = _time(tt, dtype, device, perturb).requires_grad_(t_grad)
-            fy = f_flat(tt_, y_)
+            fy_g = f_flat(tt_, y_)
             inputs = (y_, *state_params, tt_) if t_grad else (y_, *state_params)
-            if not fy.requires_grad:  # f does not depend on anything differentiable
+            keep = False
+            if not fy_g.requires_grad:  # f does not depend on anything differentiable
                 vjps = tuple(torch.zeros_like(x) for x in inputs)
             elif jac:
                 vjps = torch.autograd.grad(
-                    fy, inputs, -a.view_as(fy), create_graph=True, allow_unused=True, materialize_grads=True
+                    fy_g,
+                    inputs,
+                    torch.neg(s[a_slice]).view_as(fy_g),
+                    create_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
                 )
             else:
-                vjps = _vjp(fy, inputs, -a.view_as(fy))
-        fy = (fy if jac else fy.detach()).reshape(-1)
+                keep = linear and not cast_params and not perturb and abs(tt - next_jump[0]) <= jump_slack
+                vjps = _vjp(fy_g, inputs, torch.neg(s[a_slice]).view_as(fy_g), retain=keep)
+        fy = (fy_g if jac else fy_g.detach()).reshape(-1) if lay.with_y or t_grad else None
         last_fy[0] = fy
-        parts = [fy, vjps[0].reshape(-1)] if lay.with_y else [vjps[0].reshape(-1)]
-        if cast_params:
-            parts.extend(v.reshape(-1).to(dtype) for v in vjps[1 : 1 + len(state_params)])
-        else:
-            parts.extend(v.reshape(-1) for v in vjps[1 : 1 + len(state_params)])
-        if t_grad:
-            parts.append(vjps[-1].reshape(1).to(dtype))
-        return torch.cat(parts)
+        if cast_params:  # parameters in another dtype than the state
+            vjps = (vjps[0], *(v.to(dtype) for v in vjps[1:]))
+        parts = (fy, *vjps) if lay.with_y else vjps
+        out = torch.cat([x.reshape(-1) for x in parts]) if jac else _flatten(parts)
+        if keep:
+            held[0] = (s, out, fy_g, fy, inputs)
+        return out
 
     def aug_f_compiled(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         # adjoint_options["compile"]: the evaluation is one compiled graph (``compiled_eval.py``). At the
@@ -595,31 +603,10 @@ def _backward(
 
     def aug_f(tt: float, s: torch.Tensor, perturb: int = 0) -> torch.Tensor:
         """``[f?, −aᵀ∂f/∂y, −aᵀ∂f/∂θ, −aᵀ∂f/∂t?]`` at ``(tt, s)``, flat: one evaluation of ``func`` and one
-        vector-Jacobian product (the common case of :func:`aug_f_general`, with fewer tensor operations)."""
+        vector-Jacobian product, eager or as one compiled graph."""
         if compiled is not None:
             return aug_f_compiled(tt, s, perturb)
-        if cast_params or s.requires_grad:
-            return aug_f_general(tt, s, perturb)
-        y = s[:n] if lay.with_y else traj(tt)
-        tt_ = _time(tt, dtype, device, perturb)
-        if t_grad:
-            tt_.requires_grad_(True)
-        with torch.enable_grad():
-            y_ = y.detach().view(y_shape).requires_grad_(True)  # y(t0) may be y0 itself, with its graph
-            fy_g = f_flat(tt_, y_)
-        inputs = (y_, *state_params, tt_) if t_grad else (y_, *state_params)
-        keep = False
-        if not fy_g.requires_grad:  # f does not depend on anything differentiable
-            vjps = tuple(torch.zeros_like(x) for x in inputs)
-        else:
-            keep = linear and not perturb and abs(tt - next_jump[0]) <= jump_slack
-            vjps = _vjp(fy_g, inputs, torch.neg(s[a_slice]).view_as(fy_g), retain=keep)
-        fy = fy_g.detach().reshape(-1) if lay.with_y or t_grad else None
-        last_fy[0] = fy
-        out = _flatten((fy, *vjps) if lay.with_y else vjps)
-        if keep:
-            held[0] = (s, out, fy_g, fy, inputs)
-        return out
+        return aug_f_eager(tt, s, perturb)
 
     time_vjps = torch.zeros(n_out, dtype=dtype, device=device) if t_grad else None
 
